@@ -1,0 +1,126 @@
+//! The flat, ragged batch of one forward pass, and the KV cache interface attention reads through.
+
+use crate::error::{ModelError, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// One sequence's slice of the step: rows `start..start+len` of the flat batch, holding the
+/// tokens at absolute positions `pos..pos+len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// Identifies the sequence to the KV cache and to hook handlers.
+    pub key: u64,
+    pub start: usize,
+    pub len: usize,
+    pub pos: usize,
+}
+
+impl SeqSpan {
+    /// Context length after this step: every position this step's rows attend to.
+    pub fn ctx_len(&self) -> usize {
+        self.pos + self.len
+    }
+}
+
+/// Which rows of a sequence need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    None,
+    Last,
+    All,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub seqs: Vec<SeqSpan>,
+    /// Absolute position of every row.
+    pub positions: Vec<u32>,
+    /// Rows whose logits are computed, in order (a subset of `0..n_tokens`).
+    pub logit_rows: Vec<usize>,
+}
+
+impl BatchLayout {
+    /// Append a sequence of `len` tokens starting at absolute position `pos`.
+    pub fn push(&mut self, key: u64, len: usize, pos: usize, logits: LogitRows) {
+        let start = self.positions.len();
+        self.seqs.push(SeqSpan { key, start, len, pos });
+        self.positions.extend((pos..pos + len).map(|p| p as u32));
+        match logits {
+            LogitRows::None => {}
+            LogitRows::Last if len > 0 => self.logit_rows.push(start + len - 1),
+            LogitRows::Last => {}
+            LogitRows::All => self.logit_rows.extend(start..start + len),
+        }
+    }
+
+    pub fn single(len: usize, pos: usize, logits: LogitRows) -> Self {
+        let mut b = BatchLayout::default();
+        b.push(0, len, pos, logits);
+        b
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// For sequence `i`: where its rows start in the logits tensor, and which batch rows they are.
+    pub fn logit_range(&self, i: usize) -> (usize, Range<usize>) {
+        let seq = &self.seqs[i];
+        let first = self.logit_rows.partition_point(|&r| r < seq.start);
+        let end = self.logit_rows.partition_point(|&r| r < seq.start + seq.len);
+        let rows = if first < end { self.logit_rows[first]..self.logit_rows[end - 1] + 1 } else { 0..0 };
+        (first, rows)
+    }
+}
+
+/// Where attention keeps keys and values. Implementations: [`ContiguousKvCache`] here, the
+/// paged cache in the engine.
+pub trait KvCache {
+    /// Store one step's keys and values (`[len, kv_heads, head_dim]`) at `seq.pos..`.
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &Tensor, v: &Tensor) -> Result<()>;
+    /// Keys and values for positions `0..seq.ctx_len()`, as `[ctx, kv_heads, head_dim]`.
+    fn read(&self, layer: usize, seq: &SeqSpan) -> Result<(Tensor, Tensor)>;
+}
+
+/// A growable per-sequence cache: simple, for single-sequence use and tests.
+#[derive(Default)]
+pub struct ContiguousKvCache {
+    /// (key, layer) -> (k rows, v rows, row width)
+    data: HashMap<(u64, usize), (Vec<f32>, Vec<f32>, Vec<usize>)>,
+}
+
+impl ContiguousKvCache {
+    pub fn remove(&mut self, key: u64) {
+        self.data.retain(|(k, _), _| *k != key);
+    }
+}
+
+impl KvCache for ContiguousKvCache {
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &Tensor, v: &Tensor) -> Result<()> {
+        let dims = k.dims()[1..].to_vec();
+        let width: usize = dims.iter().product();
+        let entry = self.data.entry((seq.key, layer)).or_insert_with(|| (Vec::new(), Vec::new(), dims));
+        if entry.0.len() < seq.pos * width {
+            return Err(ModelError::BadConfig(format!("kv cache gap: writing position {} after {}", seq.pos, entry.0.len() / width)));
+        }
+        entry.0.truncate(seq.pos * width);
+        entry.1.truncate(seq.pos * width);
+        entry.0.extend(k.flatten_all()?.to_vec1::<f32>()?);
+        entry.1.extend(v.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    fn read(&self, layer: usize, seq: &SeqSpan) -> Result<(Tensor, Tensor)> {
+        let (k, v, dims) = self
+            .data
+            .get(&(seq.key, layer))
+            .ok_or_else(|| ModelError::BadConfig(format!("kv cache has no sequence {}", seq.key)))?;
+        let ctx = seq.ctx_len();
+        let width: usize = dims.iter().product();
+        let shape = (ctx, dims[0], dims[1]);
+        let k = Tensor::from_slice(&k[..ctx * width], shape, &Device::Cpu)?;
+        let v = Tensor::from_slice(&v[..ctx * width], shape, &Device::Cpu)?;
+        Ok((k, v))
+    }
+}

@@ -1,0 +1,373 @@
+//! One small config drives the generic decoder: each architecture is a set of switches.
+
+use crate::error::{ModelError, Result};
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 2/3, Mistral, TinyLlama, SmolLM.
+    Llama,
+    /// Llama plus q/k/v bias.
+    Qwen2,
+    /// Llama plus per-head q/k RMS norms.
+    Qwen3,
+    /// Sandwich norms, q/k norms, sqrt(d) embedding scale, sliding-window layers, GeGLU.
+    Gemma3,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Result<Arch> {
+        Ok(match name {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" | "gemma3_text" => Arch::Gemma3,
+            other => return Err(ModelError::UnknownArchitecture(other.to_string())),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// How rotary frequencies are adjusted for long context.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1's smooth frequency-dependent scaling.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    /// YaRN: blend of interpolation and extrapolation, with an attention factor on cos/sin.
+    Yarn { factor: f32, original_max_position: f32, beta_fast: f32, beta_slow: f32, attention_factor: Option<f32> },
+    /// Per-dimension divisors of the inverse frequencies (GGUF's `rope_freqs.weight`).
+    FreqFactors(Vec<f32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    /// Gemma 3: RoPE base of the sliding-window layers.
+    pub rope_local_theta: Option<f32>,
+    pub sliding_window: Option<usize>,
+    /// Per layer: true where attention is limited to `sliding_window`.
+    pub sliding_layers: Vec<bool>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub activation: Activation,
+    /// Attention scores are multiplied by this (1/sqrt(head_dim) unless the model says otherwise).
+    pub attn_scale: f32,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    pub fn qkv_bias(&self) -> bool {
+        self.arch == Arch::Qwen2
+    }
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
+    }
+    pub fn sandwich_norms(&self) -> bool {
+        self.arch == Arch::Gemma3
+    }
+    /// Gemma scales embeddings by sqrt(d) (rounded to the weights' dtype, as transformers does).
+    pub fn embed_scale(&self) -> Option<f32> {
+        (self.arch == Arch::Gemma3).then(|| (self.hidden_size as f32).sqrt())
+    }
+
+    /// Parse a Hugging Face `config.json`.
+    pub fn from_hf_json(json: &Value) -> Result<ModelConfig> {
+        // Multimodal Gemma 3 nests the language model's config.
+        let text = json.get("text_config").filter(|v| v.is_object());
+        let c = Cfg { root: json, text };
+        let model_type = c.str("model_type")?;
+        let arch = Arch::parse(&model_type)?;
+        let hidden_size = c.usize("hidden_size")?;
+        let num_heads = c.usize("num_attention_heads")?;
+        let num_layers = c.usize("num_hidden_layers")?;
+        let head_dim = c.opt_usize("head_dim").unwrap_or(hidden_size / num_heads.max(1));
+        let sliding_window = c.opt_usize("sliding_window");
+        let sliding_layers = match (arch, c.get("layer_types")) {
+            (_, Some(Value::Array(types))) => {
+                types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
+            }
+            (Arch::Gemma3, _) => {
+                let pattern = c.opt_usize("sliding_window_pattern").unwrap_or(6);
+                gemma_sliding_layers(num_layers, pattern)
+            }
+            // Mistral-style: every layer uses the window when one is set.
+            _ => vec![sliding_window.is_some(); num_layers],
+        };
+        let activation = match c.opt_str("hidden_activation").or_else(|| c.opt_str("hidden_act")).as_deref() {
+            None | Some("silu") | Some("swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") | Some("gelu") | Some("gelu_new") => Activation::GeluTanh,
+            Some(other) => return Err(ModelError::BadConfig(format!("unsupported activation `{other}`"))),
+        };
+        let attn_scale = match c.opt_f64("query_pre_attn_scalar") {
+            Some(s) => (1.0 / s.sqrt()) as f32,
+            None => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let eos_token_ids = match c.get("eos_token_id") {
+            Some(Value::Array(ids)) => ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads: c.opt_usize("num_key_value_heads").unwrap_or(num_heads),
+            head_dim,
+            vocab_size: c.usize("vocab_size")?,
+            rms_norm_eps: c.opt_f64("rms_norm_eps").unwrap_or(1e-6),
+            rope_theta: c.opt_f64("rope_theta").unwrap_or(10_000.0) as f32,
+            rope_scaling: hf_rope_scaling(c.get("rope_scaling"))?,
+            rope_local_theta: c.opt_f64("rope_local_base_freq").map(|v| v as f32),
+            sliding_window,
+            sliding_layers,
+            max_position_embeddings: c.opt_usize("max_position_embeddings").unwrap_or(4096),
+            tie_word_embeddings: c
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(arch == Arch::Gemma3),
+            activation,
+            attn_scale,
+            bos_token_id: c.opt_usize("bos_token_id").map(|v| v as u32),
+            eos_token_ids,
+        };
+        cfg.validate()
+    }
+
+    /// Read the config from GGUF metadata (`{arch}.block_count` and friends).
+    pub fn from_gguf(meta: &std::collections::HashMap<String, gguf_file::Value>) -> Result<ModelConfig> {
+        let g = GgufMeta(meta);
+        let arch_name = g.str("general.architecture")?;
+        let arch = Arch::parse(&arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = g.usize(&key("embedding_length"))?;
+        let num_heads = g.usize(&key("attention.head_count"))?;
+        let num_layers = g.usize(&key("block_count"))?;
+        let head_dim = g
+            .opt_usize(&key("attention.key_length"))
+            .or_else(|| g.opt_usize(&key("rope.dimension_count")).filter(|_| arch != Arch::Gemma3))
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match g.opt_usize(&key("vocab_size")) {
+            Some(v) => v,
+            None => match meta.get("tokenizer.ggml.tokens") {
+                Some(gguf_file::Value::Array(a)) => a.len(),
+                _ => return Err(ModelError::MissingConfig(key("vocab_size"))),
+            },
+        };
+        let sliding_window = g.opt_usize(&key("attention.sliding_window"));
+        let sliding_layers = match arch {
+            Arch::Gemma3 => gemma_sliding_layers(num_layers, 6),
+            _ => vec![sliding_window.is_some(); num_layers],
+        };
+        let rope_scaling = match g.opt_str(&key("rope.scaling.type")).as_deref() {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear { factor: g.f32(&key("rope.scaling.factor"))? },
+            Some("yarn") => RopeScaling::Yarn {
+                factor: g.f32(&key("rope.scaling.factor"))?,
+                original_max_position: g.f32(&key("rope.scaling.original_context_length"))?,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: None,
+            },
+            Some(other) => return Err(ModelError::BadConfig(format!("unsupported rope scaling `{other}`"))),
+        };
+        let (rope_theta, rope_local_theta) = match arch {
+            // llama.cpp stores the global base; local layers use 10k.
+            Arch::Gemma3 => (g.opt_f32(&key("rope.freq_base")).unwrap_or(1_000_000.0), Some(10_000.0)),
+            _ => (g.opt_f32(&key("rope.freq_base")).unwrap_or(10_000.0), None),
+        };
+        let eps = g
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))
+            .ok_or_else(|| ModelError::MissingConfig(key("attention.layer_norm_rms_epsilon")))?;
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: g.usize(&key("feed_forward_length"))?,
+            num_layers,
+            num_heads,
+            num_kv_heads: g.opt_usize(&key("attention.head_count_kv")).unwrap_or(num_heads),
+            head_dim,
+            vocab_size,
+            rms_norm_eps: eps as f64,
+            rope_theta,
+            rope_scaling,
+            rope_local_theta,
+            sliding_window,
+            sliding_layers,
+            max_position_embeddings: g.opt_usize(&key("context_length")).unwrap_or(4096),
+            // Decided by the loader: tied when the file has no `output.weight`.
+            tie_word_embeddings: false,
+            activation: if arch == Arch::Gemma3 { Activation::GeluTanh } else { Activation::Silu },
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            bos_token_id: g.opt_usize("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            eos_token_ids: g.opt_usize("tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
+        };
+        cfg.validate()
+    }
+
+    fn validate(self) -> Result<Self> {
+        let bad = |m: String| Err(ModelError::BadConfig(m));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!("{} heads cannot share {} kv heads", self.num_heads, self.num_kv_heads));
+        }
+        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        }
+        if self.sliding_layers.len() != self.num_layers {
+            return bad(format!("{} layer types for {} layers", self.sliding_layers.len(), self.num_layers));
+        }
+        if self.hidden_size == 0 || self.vocab_size == 0 || self.num_layers == 0 {
+            return bad("hidden_size, vocab_size and num_hidden_layers must be positive".into());
+        }
+        Ok(self)
+    }
+}
+
+/// Gemma 3: every `pattern`-th layer is global, the rest slide.
+fn gemma_sliding_layers(n: usize, pattern: usize) -> Vec<bool> {
+    (0..n).map(|i| pattern == 0 || (i + 1) % pattern != 0).collect()
+}
+
+fn hf_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
+    let Some(v) = v.filter(|v| v.is_object()) else { return Ok(RopeScaling::None) };
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
+    let need = |k: &str| f(k).ok_or_else(|| ModelError::MissingConfig(format!("rope_scaling.{k}")));
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position: need("original_max_position_embeddings")?,
+        },
+        "yarn" => RopeScaling::Yarn {
+            factor: need("factor")?,
+            original_max_position: need("original_max_position_embeddings")?,
+            beta_fast: f("beta_fast").unwrap_or(32.0),
+            beta_slow: f("beta_slow").unwrap_or(1.0),
+            attention_factor: f("attention_factor"),
+        },
+        other => return Err(ModelError::BadConfig(format!("unsupported rope_scaling type `{other}`"))),
+    })
+}
+
+struct Cfg<'a> {
+    root: &'a Value,
+    text: Option<&'a Value>,
+}
+
+impl Cfg<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.text.and_then(|t| t.get(k)).or_else(|| self.root.get(k)).filter(|v| !v.is_null())
+    }
+    fn str(&self, k: &str) -> Result<String> {
+        self.opt_str(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
+    }
+    fn opt_str(&self, k: &str) -> Option<String> {
+        self.get(k).and_then(Value::as_str).map(str::to_string)
+    }
+    fn usize(&self, k: &str) -> Result<usize> {
+        self.opt_usize(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
+    }
+    fn opt_usize(&self, k: &str) -> Option<usize> {
+        self.get(k).and_then(Value::as_u64).map(|v| v as usize)
+    }
+    fn opt_f64(&self, k: &str) -> Option<f64> {
+        self.get(k).and_then(Value::as_f64)
+    }
+}
+
+struct GgufMeta<'a>(&'a std::collections::HashMap<String, gguf_file::Value>);
+
+impl GgufMeta<'_> {
+    fn str(&self, k: &str) -> Result<String> {
+        self.opt_str(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
+    }
+    fn opt_str(&self, k: &str) -> Option<String> {
+        self.0.get(k).and_then(|v| v.to_string().ok()).cloned()
+    }
+    fn usize(&self, k: &str) -> Result<usize> {
+        self.opt_usize(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
+    }
+    fn opt_usize(&self, k: &str) -> Option<usize> {
+        use gguf_file::Value as V;
+        match self.0.get(k)? {
+            V::U8(v) => Some(*v as usize),
+            V::U16(v) => Some(*v as usize),
+            V::U32(v) => Some(*v as usize),
+            V::U64(v) => Some(*v as usize),
+            V::I8(v) if *v >= 0 => Some(*v as usize),
+            V::I16(v) if *v >= 0 => Some(*v as usize),
+            V::I32(v) if *v >= 0 => Some(*v as usize),
+            V::I64(v) if *v >= 0 => Some(*v as usize),
+            _ => None,
+        }
+    }
+    fn f32(&self, k: &str) -> Result<f32> {
+        self.opt_f32(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
+    }
+    fn opt_f32(&self, k: &str) -> Option<f32> {
+        use gguf_file::Value as V;
+        match self.0.get(k)? {
+            V::F32(v) => Some(*v),
+            V::F64(v) => Some(*v as f32),
+            _ => self.opt_usize(k).map(|v| v as f32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(json: &str, expect: &str) {
+        let v: Value = serde_json::from_str(json).unwrap();
+        let got = match ModelConfig::from_hf_json(&v) {
+            Ok(c) => format!("{:?} layers={} heads={}/{} dh={} sliding={:?}", c.arch, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_layers),
+            Err(e) => format!("error: {e}"),
+        };
+        assert_eq!(got, expect);
+    }
+
+    const BASE: &str = r#""hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10"#;
+
+    #[test]
+    fn hf_configs() {
+        check(&format!(r#"{{"model_type": "llama", {BASE}}}"#), "Llama layers=2 heads=4/4 dh=16 sliding=[false, false]");
+        check(&format!(r#"{{"model_type": "gpt_neox", {BASE}}}"#), "error: unsupported architecture `gpt_neox` (glassbox runs llama, mistral, qwen2, qwen3 and gemma3)");
+        check(r#"{"model_type": "llama", "hidden_size": 64}"#, "error: config is missing `intermediate_size`");
+        check(&format!(r#"{{"model_type": "qwen2", {BASE}, "num_key_value_heads": 3}}"#), "error: invalid config: 4 heads cannot share 3 kv heads");
+        check(
+            &format!(r#"{{"model_type": "gemma3_text", {BASE}, "head_dim": 32, "num_hidden_layers": 6, "num_key_value_heads": 1}}"#),
+            "Gemma3 layers=6 heads=4/1 dh=32 sliding=[true, true, true, true, true, false]",
+        );
+        check(
+            &format!(r#"{{"model_type": "gemma3", "text_config": {{"model_type": "gemma3_text", {BASE}, "layer_types": ["sliding_attention", "full_attention"]}}}}"#),
+            "Gemma3 layers=2 heads=4/4 dh=16 sliding=[true, false]",
+        );
+    }
+}

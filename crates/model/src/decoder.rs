@@ -1,0 +1,269 @@
+//! One generic decoder for every supported architecture; [`ModelConfig`] switches the parts.
+//!
+//! Architecture invariant: every activation named in HOOKS.md passes through exactly one
+//! `hooks.hook(..)` call here, and a hook that nobody asked for returns its input untouched.
+
+use crate::batch::{BatchLayout, KvCache};
+use crate::config::{Activation, Arch, ModelConfig};
+use crate::error::Result;
+use crate::hooks::Hooks;
+use crate::layers::{activate, RmsNorm, Rope};
+use crate::weights::{Linear, LinearWeight, Vb};
+use candle_core::{Device, Tensor};
+use glassbox_protocol::{HookName, Site};
+
+pub struct DecoderModel {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope_global: Rope,
+    rope_local: Rope,
+}
+
+struct Block {
+    ln1: RmsNorm,
+    attn: Attention,
+    ln1_post: Option<RmsNorm>,
+    ln2: RmsNorm,
+    mlp: Mlp,
+    ln2_post: Option<RmsNorm>,
+    sliding: bool,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl DecoderModel {
+    /// `vb` is the root of the weight names (`model.layers.0...`, `lm_head`).
+    pub fn load(vb: &Vb, cfg: ModelConfig, is_gguf: bool) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        // Gemma stores norms as `w` for `(1 + w)`; llama.cpp's converter already added the 1.
+        let norm_offset = if cfg.arch == Arch::Gemma3 && !is_gguf { 1.0 } else { 0.0 };
+        let m = vb.pp("model");
+        let embed = m.pp("embed_tokens").tensor("weight", &[cfg.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = m.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+            let bias = cfg.qkv_bias();
+            let attn = Attention {
+                q: a.linear_rope("q_proj", d, h * dh, bias, h)?,
+                k: a.linear_rope("k_proj", d, kv * dh, bias, kv)?,
+                v: a.linear("v_proj", d, kv * dh, bias)?,
+                o: a.linear("o_proj", h * dh, d, false)?,
+                q_norm: cfg.qk_norm().then(|| RmsNorm::load(&a.pp("q_norm"), dh, eps, norm_offset)).transpose()?,
+                k_norm: cfg.qk_norm().then(|| RmsNorm::load(&a.pp("k_norm"), dh, eps, norm_offset)).transpose()?,
+            };
+            let mp = l.pp("mlp");
+            let mlp = Mlp {
+                gate: mp.linear("gate_proj", d, cfg.intermediate_size, false)?,
+                up: mp.linear("up_proj", d, cfg.intermediate_size, false)?,
+                down: mp.linear("down_proj", cfg.intermediate_size, d, false)?,
+                act: cfg.activation,
+            };
+            let sandwich = cfg.sandwich_norms();
+            let norm = |name: &str| RmsNorm::load(&l.pp(name), d, eps, norm_offset);
+            layers.push(Block {
+                ln1: norm("input_layernorm")?,
+                attn,
+                ln1_post: sandwich.then(|| norm("post_attention_layernorm")).transpose()?,
+                ln2: norm(if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" })?,
+                mlp,
+                ln2_post: sandwich.then(|| norm("post_feedforward_layernorm")).transpose()?,
+                sliding: cfg.sliding_layers[i],
+            });
+        }
+        let norm = RmsNorm::load(&m.pp("norm"), d, eps, norm_offset)?;
+        let has_head = vb.pp("lm_head").contains("weight");
+        let lm_head = if has_head && !cfg.tie_word_embeddings {
+            vb.linear("lm_head", d, cfg.vocab_size, false)?
+        } else if is_gguf {
+            // Tied: the quantized embedding table doubles as the output projection.
+            m.linear("embed_tokens", d, cfg.vocab_size, false)?
+        } else {
+            Linear { weight: LinearWeight::Dense(embed.clone()), bias: None }
+        };
+        let embed = match cfg.embed_scale() {
+            Some(s) => (embed * s as f64)?,
+            None => embed,
+        };
+        let rope_global = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
+        let rope_local = match cfg.rope_local_theta {
+            Some(theta) => Rope::new(cfg.head_dim, theta, &crate::config::RopeScaling::None),
+            None => rope_global.clone(),
+        };
+        Ok(DecoderModel { cfg, embed, layers, norm, lm_head, rope_global, rope_local })
+    }
+
+    /// Every hook point this model has, in forward order.
+    pub fn hook_names(&self) -> Vec<HookName> {
+        let mut names = vec![HookName::global(Site::Embed)];
+        for (i, b) in self.layers.iter().enumerate() {
+            for site in Site::ALL.iter().copied().filter(|s| !s.is_global()) {
+                let present = match site {
+                    Site::QNormed | Site::KNormed => b.attn.q_norm.is_some(),
+                    Site::Ln1Post => b.ln1_post.is_some(),
+                    Site::Ln2Post => b.ln2_post.is_some(),
+                    _ => true,
+                };
+                if present {
+                    names.push(HookName::block(i, site));
+                }
+            }
+        }
+        names.push(HookName::global(Site::LnFinal));
+        names.push(HookName::global(Site::Logits));
+        names
+    }
+
+    /// One forward pass over a flat batch. Returns logits for `layout.logit_rows`, `[rows, vocab]`.
+    pub fn forward(&self, tokens: &[u32], layout: &BatchLayout, cache: &mut dyn KvCache, hooks: &mut Hooks) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let x = self.embed.index_select(&ids, 0)?;
+        let mut x = hooks.hook(HookName::global(Site::Embed), x, layout)?;
+        let (cos_g, sin_g) = self.rope_global.cos_sin(&layout.positions)?;
+        let (cos_l, sin_l) = self.rope_local.cos_sin(&layout.positions)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let rope = if block.sliding { (&cos_l, &sin_l) } else { (&cos_g, &sin_g) };
+            x = block.forward(x, i, &self.cfg, rope, layout, cache, hooks)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let x = hooks.hook(HookName::global(Site::LnFinal), x, layout)?;
+        let x = if layout.logit_rows.len() == layout.n_tokens() {
+            x
+        } else {
+            let rows = Tensor::new(layout.logit_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+            x.index_select(&rows, 0)?
+        };
+        let logits = self.lm_head.forward(&x)?;
+        hooks.hook(HookName::global(Site::Logits), logits, layout)
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor,
+        layer: usize,
+        cfg: &ModelConfig,
+        rope: (&Tensor, &Tensor),
+        layout: &BatchLayout,
+        cache: &mut dyn KvCache,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let name = |site| HookName::block(layer, site);
+        let x = hooks.hook(name(Site::ResidPre), x, layout)?;
+        let h = hooks.hook(name(Site::Ln1), self.ln1.forward(&x)?, layout)?;
+        let mut a = self.attn.forward(&h, layer, cfg, self.sliding, rope, layout, cache, hooks)?;
+        if let Some(n) = &self.ln1_post {
+            a = hooks.hook(name(Site::Ln1Post), n.forward(&a)?, layout)?;
+        }
+        let a = hooks.hook(name(Site::AttnOut), a, layout)?;
+        let x = hooks.hook(name(Site::ResidMid), (x + a)?, layout)?;
+        let h = hooks.hook(name(Site::Ln2), self.ln2.forward(&x)?, layout)?;
+        let mut m = self.mlp.forward(&h, layer, layout, hooks)?;
+        if let Some(n) = &self.ln2_post {
+            m = hooks.hook(name(Site::Ln2Post), n.forward(&m)?, layout)?;
+        }
+        let m = hooks.hook(name(Site::MlpOut), m, layout)?;
+        hooks.hook(name(Site::ResidPost), (x + m)?, layout)
+    }
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cfg: &ModelConfig,
+        sliding: bool,
+        (cos, sin): (&Tensor, &Tensor),
+        layout: &BatchLayout,
+        cache: &mut dyn KvCache,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let name = |site| HookName::block(layer, site);
+        let n = layout.n_tokens();
+        let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let q = hooks.hook(name(Site::Q), self.q.forward(x)?.reshape((n, h, dh))?, layout)?;
+        let k = hooks.hook(name(Site::K), self.k.forward(x)?.reshape((n, kvh, dh))?, layout)?;
+        let v = hooks.hook(name(Site::V), self.v.forward(x)?.reshape((n, kvh, dh))?, layout)?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                hooks.hook(name(Site::QNormed), qn.forward(&q)?, layout)?,
+                hooks.hook(name(Site::KNormed), kn.forward(&k)?, layout)?,
+            ),
+            _ => (q, k),
+        };
+        let q = hooks.hook(name(Site::RotQ), Rope::apply(&q, cos, sin)?, layout)?;
+        let k = hooks.hook(name(Site::RotK), Rope::apply(&k, cos, sin)?, layout)?;
+        let window = if sliding { cfg.sliding_window } else { None };
+        let mut zs = Vec::with_capacity(layout.seqs.len());
+        for (s, seq) in layout.seqs.iter().enumerate() {
+            if seq.len == 0 {
+                continue;
+            }
+            cache.write(layer, seq, &k.narrow(0, seq.start, seq.len)?, &v.narrow(0, seq.start, seq.len)?)?;
+            let (keys, values) = cache.read(layer, seq)?;
+            let ctx = seq.ctx_len();
+            // [H, t, dh] x [H, dh, ctx]: query heads share kv heads in groups.
+            let qs = q.narrow(0, seq.start, seq.len)?.transpose(0, 1)?.contiguous()?;
+            let expand = |t: Tensor| -> Result<Tensor> {
+                let t = t.transpose(0, 1)?; // [kvh, ctx, dh]
+                Ok(t.unsqueeze(1)?.expand((kvh, h / kvh, ctx, dh))?.reshape((h, ctx, dh))?)
+            };
+            let (keys, values) = (expand(keys)?, expand(values)?);
+            let scores = (qs.matmul(&keys.t()?)? * cfg.attn_scale as f64)?;
+            let mask = causal_mask(seq.pos, seq.len, ctx, window)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let probs = hooks.hook_seq(name(Site::Pattern), s, probs, layout)?;
+            zs.push(probs.matmul(&values)?.transpose(0, 1)?); // [t, H, dh]
+        }
+        let z = Tensor::cat(&zs, 0)?;
+        let z = hooks.hook(name(Site::Z), z, layout)?;
+        self.o.forward(&z.reshape((n, h * dh))?)
+    }
+}
+
+/// 0 where row `r` (position `pos + r`) may see key `j`, -inf elsewhere.
+fn causal_mask(pos: usize, len: usize, ctx: usize, window: Option<usize>) -> Result<Tensor> {
+    let mut m = vec![0f32; len * ctx];
+    for r in 0..len {
+        let p = pos + r;
+        for (j, v) in m[r * ctx..(r + 1) * ctx].iter_mut().enumerate() {
+            let visible = j <= p && window.is_none_or(|w| p - j < w);
+            if !visible {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (len, ctx), &Device::Cpu)?)
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, layer: usize, layout: &BatchLayout, hooks: &mut Hooks) -> Result<Tensor> {
+        let name = |site| HookName::block(layer, site);
+        let gate = hooks.hook(name(Site::MlpPre), self.gate.forward(x)?, layout)?;
+        let up = hooks.hook(name(Site::MlpPreLinear), self.up.forward(x)?, layout)?;
+        let post = hooks.hook(name(Site::MlpPost), (activate(self.act, &gate)? * up)?, layout)?;
+        self.down.forward(&post)
+    }
+}

@@ -1,0 +1,246 @@
+//! Hook points: one call per site in model code, one branch when nobody asked.
+//!
+//! Capture, steering and dumping are all [`HookHandler`]s: a handler sees the flat, ragged
+//! batch tensor (rows of every sequence in the step) plus the [`BatchLayout`], and may return a
+//! replacement tensor. The model never looks at names as strings.
+
+use crate::batch::BatchLayout;
+use crate::error::Result;
+use candle_core::{DType, Tensor};
+use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, HookName, Site};
+use std::collections::HashMap;
+
+/// Which hook points someone wants this step: a bitset over [`HookName::index`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HookSet {
+    bits: Vec<u64>,
+}
+
+impl HookSet {
+    pub fn insert(&mut self, name: HookName) {
+        let i = name.index();
+        if self.bits.len() <= i / 64 {
+            self.bits.resize(i / 64 + 1, 0);
+        }
+        self.bits[i / 64] |= 1 << (i % 64);
+    }
+
+    #[inline]
+    pub fn contains(&self, name: HookName) -> bool {
+        let i = name.index();
+        self.bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|&w| w == 0)
+    }
+
+    pub fn union(&mut self, other: &HookSet) {
+        if self.bits.len() < other.bits.len() {
+            self.bits.resize(other.bits.len(), 0);
+        }
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+    }
+}
+
+impl FromIterator<HookName> for HookSet {
+    fn from_iter<I: IntoIterator<Item = HookName>>(iter: I) -> Self {
+        let mut s = HookSet::default();
+        for n in iter {
+            s.insert(n);
+        }
+        s
+    }
+}
+
+/// What a hook call hands over.
+pub enum HookRows {
+    /// `x` holds every row of the step (`[n_tokens, ...]`), ordered as the layout's sequences;
+    /// for [`Site::Logits`] only the rows in `layout.logit_rows`.
+    Batch,
+    /// `x` belongs to one sequence of the layout (attention patterns: `[H, t, ctx]`).
+    Seq(usize),
+}
+
+pub trait HookHandler {
+    /// Called only for names in the step's [`HookSet`]. Return `Some` to replace the activation.
+    fn on_hook(&mut self, name: HookName, x: &Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Option<Tensor>>;
+}
+
+/// The model's view of hooks during one forward pass.
+pub struct Hooks<'a> {
+    active: &'a HookSet,
+    handler: Option<&'a mut dyn HookHandler>,
+}
+
+static NO_HOOKS: HookSet = HookSet { bits: Vec::new() };
+
+impl<'a> Hooks<'a> {
+    pub fn none() -> Hooks<'static> {
+        Hooks { active: &NO_HOOKS, handler: None }
+    }
+
+    pub fn new(active: &'a HookSet, handler: &'a mut dyn HookHandler) -> Self {
+        Hooks { active, handler: Some(handler) }
+    }
+
+    #[inline]
+    pub fn wants(&self, name: HookName) -> bool {
+        self.active.contains(name)
+    }
+
+    /// A hook over the step's rows.
+    #[inline]
+    pub fn hook(&mut self, name: HookName, x: Tensor, layout: &BatchLayout) -> Result<Tensor> {
+        if !self.active.contains(name) {
+            return Ok(x);
+        }
+        self.call(name, x, HookRows::Batch, layout)
+    }
+
+    /// A hook over one sequence's tensor (attention patterns).
+    #[inline]
+    pub fn hook_seq(&mut self, name: HookName, seq: usize, x: Tensor, layout: &BatchLayout) -> Result<Tensor> {
+        if !self.active.contains(name) {
+            return Ok(x);
+        }
+        self.call(name, x, HookRows::Seq(seq), layout)
+    }
+
+    #[cold]
+    fn call(&mut self, name: HookName, x: Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Tensor> {
+        match &mut self.handler {
+            Some(h) => Ok(h.on_hook(name, &x, rows, layout)?.unwrap_or(x)),
+            None => Ok(x),
+        }
+    }
+}
+
+/// Collects captures for sequences of the batch, keyed by the layout's sequence `key`
+/// (the engine uses request slots; a single-sequence caller uses 0).
+#[derive(Default)]
+pub struct CaptureCollector {
+    wanted: HashMap<u64, (HookSet, CaptureSpec)>,
+    chunks: HashMap<(u64, HookName), Vec<Chunk>>,
+}
+
+struct Chunk {
+    /// Absolute positions of the rows.
+    positions: Vec<usize>,
+    /// `[t, ...]`, or `[H, t, ctx]` for patterns.
+    data: Tensor,
+}
+
+impl CaptureCollector {
+    pub fn want(&mut self, key: u64, spec: CaptureSpec) {
+        let set = spec.hooks.iter().copied().collect();
+        self.wanted.insert(key, (set, spec));
+    }
+
+    /// The union of what every registered sequence wants.
+    pub fn hook_set(&self) -> HookSet {
+        let mut s = HookSet::default();
+        for (set, _) in self.wanted.values() {
+            s.union(set);
+        }
+        s
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wanted.is_empty()
+    }
+
+    /// Assemble one sequence's captures and forget it. `prompt_len` decides the
+    /// prompt/generated split for the positions filter.
+    pub fn finish(&mut self, key: u64, prompt_len: usize) -> Result<Vec<Capture>> {
+        let Some((_, spec)) = self.wanted.remove(&key) else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(spec.hooks.len());
+        for hook in spec.hooks {
+            let chunks = self.chunks.remove(&(key, hook)).unwrap_or_default();
+            out.push(assemble(hook, chunks, spec.positions, prompt_len)?);
+        }
+        Ok(out)
+    }
+}
+
+impl HookHandler for CaptureCollector {
+    fn on_hook(&mut self, name: HookName, x: &Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Option<Tensor>> {
+        match rows {
+            HookRows::Seq(i) => {
+                let seq = &layout.seqs[i];
+                if self.wanted.get(&seq.key).is_some_and(|(set, _)| set.contains(name)) {
+                    let positions = (seq.pos..seq.pos + seq.len).collect();
+                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { positions, data: x.copy()? });
+                }
+            }
+            HookRows::Batch => {
+                for (i, seq) in layout.seqs.iter().enumerate() {
+                    if !self.wanted.get(&seq.key).is_some_and(|(set, _)| set.contains(name)) {
+                        continue;
+                    }
+                    let (start, positions): (usize, Vec<usize>) = if name.site == Site::Logits {
+                        let (start, rows) = layout.logit_range(i);
+                        (start, rows.map(|r| seq.pos + (r - seq.start)).collect())
+                    } else {
+                        (seq.start, (seq.pos..seq.pos + seq.len).collect())
+                    };
+                    if positions.is_empty() {
+                        continue;
+                    }
+                    let data = x.narrow(0, start, positions.len())?.copy()?;
+                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { positions, data });
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn assemble(hook: HookName, chunks: Vec<Chunk>, which: CapturePositions, prompt_len: usize) -> Result<Capture> {
+    let is_pattern = hook.site == Site::Pattern;
+    let row_dim = if is_pattern { 1 } else { 0 };
+    // Patterns grow along the key axis as the context grows: pad every chunk to the widest.
+    let ctx = chunks.iter().filter_map(|c| c.data.dims().last().copied()).max().unwrap_or(0);
+    let mut parts = Vec::with_capacity(chunks.len());
+    let mut positions = Vec::new();
+    for c in chunks {
+        let data = if is_pattern && c.data.dim(2)? < ctx {
+            c.data.pad_with_zeros(2, 0, ctx - c.data.dim(2)?)?
+        } else {
+            c.data
+        };
+        positions.extend(c.positions);
+        parts.push(data);
+    }
+    let total_last = positions.iter().copied().max();
+    let keep: Vec<usize> = positions
+        .iter()
+        .enumerate()
+        .filter(|(_, &p)| match which {
+            CapturePositions::All => true,
+            CapturePositions::Last => Some(p) == total_last,
+            CapturePositions::Prompt => p < prompt_len,
+            CapturePositions::Generated => p >= prompt_len,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let (data, shape) = if parts.is_empty() || keep.is_empty() {
+        (Vec::new(), vec![0])
+    } else {
+        let all = Tensor::cat(&parts, row_dim)?.contiguous()?;
+        let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), all.device())?;
+        let sel = all.index_select(&idx, row_dim)?.to_dtype(DType::F32)?;
+        let shape = sel.dims().to_vec();
+        let flat: Vec<f32> = sel.flatten_all()?.to_vec1()?;
+        (flat.iter().flat_map(|v| v.to_le_bytes()).collect(), shape)
+    };
+    Ok(Capture {
+        hook,
+        shape,
+        dtype: glassbox_protocol::DType::F32,
+        data,
+        positions: keep.iter().map(|&i| positions[i]).collect(),
+    })
+}

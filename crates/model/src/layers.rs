@@ -1,0 +1,123 @@
+//! Small building blocks: RMS norm, rotary embeddings, activations.
+
+use crate::config::{Activation, RopeScaling};
+use crate::error::Result;
+use crate::weights::Vb;
+use candle_core::{Device, Tensor, D};
+
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// `offset` is 1.0 for Gemma's `(1 + w)` norms stored as `w` (Hugging Face files);
+    /// llama.cpp's converter already adds it, so GGUF files pass 0.0.
+    pub fn load(vb: &Vb, size: usize, eps: f64, offset: f32) -> Result<Self> {
+        let w = vb.tensor("weight", &[size])?;
+        let weight = if offset != 0.0 { (w + offset as f64)? } else { w };
+        Ok(RmsNorm { weight, eps: eps as f32 })
+    }
+
+    /// Normalizes over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::GeluTanh => x.gelu()?,
+    })
+}
+
+/// Rotary position embedding in Hugging Face's half-split ("rotate_half") layout.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    /// YaRN scales cos and sin.
+    attention_factor: f32,
+    /// Linear scaling divides positions.
+    position_scale: f32,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Rope {
+        let half = head_dim / 2;
+        let base: Vec<f64> = (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let (mut attention_factor, mut position_scale) = (1.0f32, 1.0f32);
+        let inv_freq: Vec<f64> = match scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => {
+                position_scale = 1.0 / factor;
+                base
+            }
+            RopeScaling::FreqFactors(f) => base.iter().zip(f).map(|(b, f)| b / *f as f64).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let (factor, lo, hi, old) =
+                    (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64, *original_max_position as f64);
+                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            RopeScaling::Yarn { factor, original_max_position, beta_fast, beta_slow, attention_factor: af } => {
+                let (factor, old) = (*factor as f64, *original_max_position as f64);
+                let dim = head_dim as f64;
+                let correction = |rot: f64| dim * (old / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln() as f64);
+                let low = correction(*beta_fast as f64).floor().max(0.0);
+                let high = correction(*beta_slow as f64).ceil().min(dim - 1.0);
+                attention_factor = af.unwrap_or(if factor <= 1.0 { 1.0 } else { (0.1 * factor.ln() + 1.0) as f32 });
+                base.iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low).max(0.001)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        (f / factor) * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect()
+            }
+        };
+        Rope { inv_freq: inv_freq.iter().map(|&f| f as f32).collect(), attention_factor, position_scale }
+    }
+
+    /// cos and sin, `[n, head_dim/2]`, for the given absolute positions.
+    pub fn cos_sin(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let p = p as f32 * self.position_scale;
+            for &f in &self.inv_freq {
+                let a = p * f;
+                cos.push(a.cos() * self.attention_factor);
+                sin.push(a.sin() * self.attention_factor);
+            }
+        }
+        let n = positions.len();
+        Ok((Tensor::from_vec(cos, (n, half), &Device::Cpu)?, Tensor::from_vec(sin, (n, half), &Device::Cpu)?))
+    }
+
+    /// Rotate `x` (`[n, heads, head_dim]`) by per-row cos/sin (`[n, head_dim/2]`).
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[a, b], D::Minus1)?)
+    }
+}

@@ -1,0 +1,294 @@
+//! Finding and loading a model: a GGUF file, a Hugging Face directory, a hub id in the local
+//! hub cache, or (with nothing given) the default model.
+
+use crate::chat::ChatTemplate;
+use crate::config::{ModelConfig, RopeScaling};
+use crate::decoder::DecoderModel;
+use crate::error::{ModelError, Result};
+use crate::fetch;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LoadOptions, WeightFiles};
+use candle_core::quantized::gguf_file;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory with `config.json`, safetensors and `tokenizer.json`.
+    HfDir(PathBuf),
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::HfDir(p) | ModelSource::Gguf(p) => p,
+        }
+    }
+}
+
+/// Resolve what the user named. `None` is the default model (downloaded once, then cached).
+pub fn resolve(spec: Option<&str>) -> Result<ModelSource> {
+    let Some(spec) = spec else {
+        return Ok(ModelSource::Gguf(fetch::DEFAULT_MODEL.ensure()?));
+    };
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(ModelSource::Gguf(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        return source_in_dir(path).ok_or_else(|| {
+            ModelError::file(path, "no config.json or .gguf file in this directory")
+        });
+    }
+    if let Some(snapshot) = hub_snapshot(spec) {
+        return source_in_dir(&snapshot)
+            .ok_or_else(|| ModelError::file(&snapshot, "hub snapshot has no config.json or .gguf file"));
+    }
+    Err(ModelError::NotFound(spec.to_string()))
+}
+
+fn source_in_dir(dir: &Path) -> Option<ModelSource> {
+    if dir.join("config.json").is_file() {
+        return Some(ModelSource::HfDir(dir.to_path_buf()));
+    }
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    ggufs.sort();
+    ggufs.into_iter().next().map(ModelSource::Gguf)
+}
+
+/// The hub cache folder: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    dirs::home_dir().map(|h| h.join(".cache").join("huggingface").join("hub"))
+}
+
+/// `org/name[@revision]` in the hub cache layout: `models--org--name/snapshots/<commit>`,
+/// with `refs/<revision>` (default `main`) naming the commit.
+pub fn hub_snapshot(spec: &str) -> Option<PathBuf> {
+    let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    let (org, name) = id.split_once('/')?;
+    if org.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let repo = hub_cache_dir()?.join(format!("models--{org}--{name}"));
+    let commit = std::fs::read_to_string(repo.join("refs").join(revision))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
+    let snap = repo.join("snapshots").join(commit);
+    if snap.is_dir() {
+        return Some(snap);
+    }
+    // No ref: use the only snapshot there is.
+    let mut snaps = std::fs::read_dir(repo.join("snapshots")).ok()?.filter_map(|e| e.ok().map(|e| e.path()));
+    let first = snaps.next()?;
+    snaps.next().is_none().then_some(first)
+}
+
+/// A loaded model with everything a request needs around it.
+pub struct LoadedModel {
+    pub model: DecoderModel,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Every id that ends generation.
+    pub eos_token_ids: Vec<u32>,
+    pub source: ModelSource,
+    pub name: String,
+}
+
+impl LoadedModel {
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let src = self.chat_template.as_deref().ok_or_else(|| {
+            ModelError::ChatTemplate("this model has no chat template; pass one with --chat-template".into())
+        })?;
+        ChatTemplate::new(src)
+    }
+}
+
+/// Tokenizer and chat template only (works on vocab-only GGUF files).
+pub struct TokenizerBundle {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+struct GgufFile {
+    mmap: memmap2::Mmap,
+    content: gguf_file::Content,
+}
+
+fn open_gguf(path: &Path) -> Result<GgufFile> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::file(path, e))?;
+    // SAFETY: model files are not modified while mapped.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::file(path, e))?;
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+        .map_err(|e| ModelError::file(path, format!("not a readable GGUF file: {e}")))?;
+    // Every tensor must lie inside the file: a truncated download fails here, not mid-load.
+    for (name, info) in &content.tensor_infos {
+        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        if end > mmap.len() as u64 {
+            return Err(ModelError::file(
+                path,
+                format!("truncated GGUF file: tensor {name} ends at byte {end}, the file has {}", mmap.len()),
+            ));
+        }
+    }
+    Ok(GgufFile { mmap, content })
+}
+
+fn gguf_str(content: &gguf_file::Content, key: &str) -> Option<String> {
+    content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
+}
+
+pub fn load_tokenizer(source: &ModelSource) -> Result<TokenizerBundle> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let g = open_gguf(path)?;
+            gguf_tokenizer_bundle(&g.content)
+        }
+        ModelSource::HfDir(dir) => hf_tokenizer_bundle(dir),
+    }
+}
+
+fn gguf_tokenizer_bundle(content: &gguf_file::Content) -> Result<TokenizerBundle> {
+    let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
+    let name_of = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    Ok(TokenizerBundle {
+        bos_token: name_of(tokenizer.bos_token_id),
+        eos_token: name_of(tokenizer.eos_token_id),
+        chat_template: gguf_str(content, "tokenizer.chat_template"),
+        tokenizer,
+    })
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        o => o.get("content")?.as_str().map(str::to_string),
+    }
+}
+
+fn hf_tokenizer_bundle(dir: &Path) -> Result<TokenizerBundle> {
+    let mut tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = if tc_path.is_file() { read_json(&tc_path)? } else { serde_json::Value::Null };
+    let bos = token_text(tc.get("bos_token"));
+    let eos = token_text(tc.get("eos_token"));
+    tokenizer.set_special(bos.as_deref(), eos.as_deref());
+    let jinja = dir.join("chat_template.jinja");
+    let chat_template = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::file(&jinja, e))?)
+    } else {
+        match tc.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        }
+    };
+    Ok(TokenizerBundle { tokenizer, chat_template, bos_token: bos.unwrap_or_default(), eos_token: eos.unwrap_or_default() })
+}
+
+pub fn load(source: &ModelSource, opts: LoadOptions) -> Result<LoadedModel> {
+    let (model, bundle, extra_eos) = match source {
+        ModelSource::Gguf(path) => {
+            let g = open_gguf(path)?;
+            if g.content.tensor_infos.is_empty() {
+                return Err(ModelError::file(path, "this GGUF file has a vocabulary but no weights (vocab-only)"));
+            }
+            let mut cfg = ModelConfig::from_gguf(&g.content.metadata)?;
+            cfg.tie_word_embeddings = !g.content.tensor_infos.contains_key("output.weight");
+            if let Some(info) = g.content.tensor_infos.get("rope_freqs.weight") {
+                let q = info.read(&mut std::io::Cursor::new(&g.mmap[..]), g.content.tensor_data_offset, &candle_core::Device::Cpu)?;
+                let f: Vec<f32> = q.dequantize(&candle_core::Device::Cpu)?.to_vec1()?;
+                cfg.rope_scaling = RopeScaling::FreqFactors(f);
+            }
+            let bundle = gguf_tokenizer_bundle(&g.content)?;
+            let arch = cfg.arch;
+            let files = WeightFiles::gguf(path, g.mmap, g.content, arch);
+            let model = DecoderModel::load(&files.root(opts), cfg, true)?;
+            (model, bundle, vec![])
+        }
+        ModelSource::HfDir(dir) => {
+            let cfg = ModelConfig::from_hf_json(&read_json(&dir.join("config.json"))?)?;
+            let files = WeightFiles::safetensors(safetensors_files(dir)?)?;
+            let model = DecoderModel::load(&files.root(opts), cfg, false)?;
+            let bundle = hf_tokenizer_bundle(dir)?;
+            let gen = dir.join("generation_config.json");
+            let extra = if gen.is_file() {
+                match read_json(&gen)?.get("eos_token_id") {
+                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                    Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+                    None => vec![],
+                }
+            } else {
+                vec![]
+            };
+            (model, bundle, extra)
+        }
+    };
+    let mut eos_token_ids: Vec<u32> = model.cfg.eos_token_ids.clone();
+    eos_token_ids.extend(extra_eos);
+    eos_token_ids.extend(bundle.tokenizer.eos_token_id);
+    eos_token_ids.sort_unstable();
+    eos_token_ids.dedup();
+    let name = match source {
+        ModelSource::Gguf(p) => p.file_stem(),
+        ModelSource::HfDir(p) => p.file_name(),
+    }
+    .map(|s| s.to_string_lossy().into_owned())
+    .unwrap_or_else(|| "model".into());
+    Ok(LoadedModel {
+        model,
+        tokenizer: bundle.tokenizer,
+        chat_template: bundle.chat_template,
+        bos_token: bundle.bos_token,
+        eos_token: bundle.eos_token,
+        eos_token_ids,
+        source: source.clone(),
+        name,
+    })
+}
+
+/// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json["weight_map"].as_object().ok_or_else(|| ModelError::file(&index, "no weight_map"))?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(ModelError::file(missing, "shard named in model.safetensors.index.json is missing"));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::file(dir, "no model.safetensors or model.safetensors.index.json"))
+}

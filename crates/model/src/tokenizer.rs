@@ -1,0 +1,262 @@
+//! Tokenizers via the `tokenizers` crate. A GGUF vocabulary is converted into the same kind of
+//! tokenizer (a `tokenizer.json` document), following llama.cpp's pre-tokenizer rules.
+
+use crate::error::{ModelError, Result};
+use candle_core::quantized::gguf_file::Value as GValue;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::file(path, e))?;
+        Ok(Self::wrap(inner, None, None))
+    }
+
+    pub fn from_json(json: &Value) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(tok_err)?;
+        Ok(Self::wrap(inner, None, None))
+    }
+
+    fn wrap(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>) -> Self {
+        Tokenizer { inner, bos_token_id: bos, eos_token_id: eos }
+    }
+
+    /// Set BOS/EOS ids from the tokenizer config (`bos_token` / `eos_token` strings).
+    pub fn set_special(&mut self, bos: Option<&str>, eos: Option<&str>) {
+        if let Some(b) = bos.and_then(|t| self.inner.token_to_id(t)) {
+            self.bos_token_id = Some(b);
+        }
+        if let Some(e) = eos.and_then(|t| self.inner.token_to_id(t)) {
+            self.eos_token_id = Some(e);
+        }
+    }
+
+    /// Build from GGUF metadata (`tokenizer.ggml.*`).
+    pub fn from_gguf(meta: &HashMap<String, GValue>) -> Result<Self> {
+        let json = gguf_tokenizer_json(meta)?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(tok_err)?;
+        let id = |k: &str| meta.get(k).and_then(|v| v.to_u32().ok());
+        let n = inner.get_vocab_size(true) as u32;
+        let valid = |v: Option<u32>| v.filter(|&i| i < n);
+        Ok(Self::wrap(inner, valid(id("tokenizer.ggml.bos_token_id")), valid(id("tokenizer.ggml.eos_token_id"))))
+    }
+
+    /// Token ids of `text`. Special-token text (`<|im_start|>`) becomes the special token;
+    /// `add_special` adds BOS/EOS as the model's rules say.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, add_special).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Is this id a special (control) token?
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner.get_added_vocabulary().get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+// GGUF token types (llama.cpp's llama_token_type).
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const BYTE: i32 = 6;
+
+fn strings(meta: &HashMap<String, GValue>, key: &str) -> Result<Vec<String>> {
+    let arr = meta
+        .get(key)
+        .ok_or_else(|| ModelError::Tokenizer(format!("GGUF has no `{key}`")))?
+        .to_vec()
+        .map_err(tok_err)?;
+    arr.iter().map(|v| v.to_string().cloned().map_err(tok_err)).collect()
+}
+
+fn numbers<T>(meta: &HashMap<String, GValue>, key: &str, f: impl Fn(&GValue) -> Option<T>) -> Option<Vec<T>> {
+    let arr = meta.get(key)?.to_vec().ok()?;
+    arr.iter().map(f).collect()
+}
+
+/// The pre-tokenizer regexes llama.cpp uses for each `tokenizer.ggml.pre` value.
+fn bpe_regexes(pre: &str) -> Result<Vec<&'static str>> {
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => vec![GPT2],
+        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" => vec![LLAMA3],
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" => vec![QWEN2],
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => vec![r"\p{N}", GPT2],
+        "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+        other => {
+            return Err(ModelError::Tokenizer(format!(
+                "unsupported BPE pre-tokenizer `{other}` (known: gpt-2, llama-bpe, qwen2, smollm, starcoder, default)"
+            )))
+        }
+    })
+}
+
+/// Convert GGUF tokenizer metadata into a `tokenizer.json` document.
+pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
+    let model = meta.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let tokens = strings(meta, "tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = numbers(meta, "tokenizer.ggml.token_type", |v| v.to_i32().ok())
+        .unwrap_or_else(|| vec![NORMAL; tokens.len()]);
+    if types.len() != tokens.len() {
+        return Err(ModelError::Tokenizer("token_type and tokens differ in length".into()));
+    }
+    let flag = |k: &str| meta.get(k).and_then(|v| v.to_bool().ok());
+    let id = |k: &str| meta.get(k).and_then(|v| v.to_u32().ok()).filter(|&i| (i as usize) < tokens.len());
+
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == CONTROL || t == USER_DEFINED || t == UNKNOWN)
+        .map(|(i, (content, &t))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": t != USER_DEFINED})
+        })
+        .collect();
+
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(json!(i));
+    }
+
+    let (normalizer, pre_tokenizer, decoder, bpe_model, add_bos_default) = match model.as_str() {
+        "llama" => {
+            let scores: Vec<f32> = numbers(meta, "tokenizer.ggml.scores", |v| v.to_f32().ok())
+                .ok_or_else(|| ModelError::Tokenizer("SentencePiece vocabulary without scores".into()))?;
+            let merges = spm_merges(&tokens, &types, &scores);
+            let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let mut norm = vec![];
+            if space_prefix {
+                norm.push(json!({"type": "Prepend", "prepend": "▁"}));
+            }
+            norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+            let mut dec = vec![
+                json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if space_prefix {
+                dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i as usize].clone());
+            let model = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": merges});
+            (json!({"type": "Sequence", "normalizers": norm}), Value::Null, json!({"type": "Sequence", "decoders": dec}), model, true)
+        }
+        "gpt2" => {
+            let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+            let mut pretok: Vec<Value> = bpe_regexes(&pre)?
+                .into_iter()
+                .map(|re| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false}))
+                .collect();
+            pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?
+                .iter()
+                .map(|m| {
+                    let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
+                    json!([a, b])
+                })
+                .collect();
+            let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges});
+            let dec = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+            (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, false)
+        }
+        other => {
+            return Err(ModelError::Tokenizer(format!(
+                "unsupported GGUF tokenizer model `{other}` (supported: llama (SentencePiece), gpt2 (BPE))"
+            )))
+        }
+    };
+
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
+    let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+    let mut single = vec![];
+    let mut special_tokens = serde_json::Map::new();
+    let mut special = |key: &str, on: bool, single: &mut Vec<Value>, at_end: bool| {
+        if let (true, Some(i)) = (on, id(key)) {
+            let t = tokens[i as usize].clone();
+            let entry = json!({"SpecialToken": {"id": t, "type_id": 0}});
+            if at_end {
+                single.push(entry)
+            } else {
+                single.insert(0, entry)
+            }
+            special_tokens.insert(t.clone(), json!({"id": t, "ids": [i], "tokens": [t]}));
+        }
+    };
+    single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+    special("tokenizer.ggml.bos_token_id", add_bos, &mut single, false);
+    special("tokenizer.ggml.eos_token_id", add_eos, &mut single, true);
+    let post = json!({"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": special_tokens});
+
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post,
+        "decoder": decoder,
+        "model": bpe_model,
+    }))
+}
+
+/// SentencePiece BPE merges from the scores: a piece that splits into two vocabulary pieces
+/// is a merge, and higher-scoring results merge first (what transformers' converter does).
+fn spm_merges(tokens: &[String], types: &[i32], scores: &[f32]) -> Vec<Value> {
+    let mergeable = |i: usize| types[i] == NORMAL || types[i] == USER_DEFINED;
+    let ids: HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|(i, _)| mergeable(*i)).map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if !mergeable(i) || types[i] == BYTE {
+            continue;
+        }
+        for (split, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(split);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r)) {
+                merges.push((scores.get(i).copied().unwrap_or(0.0), i, a, b));
+            }
+        }
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    merges.into_iter().map(|(_, _, a, b)| json!([tokens[a], tokens[b]])).collect()
+}

@@ -1,0 +1,311 @@
+//! Weight sources behind one builder: model code asks for `vb.pp("self_attn").linear("q_proj")`
+//! with Hugging Face's structural names, whatever the file format.
+
+use crate::config::Arch;
+use crate::error::{ModelError, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where tensors come from.
+pub enum WeightFiles {
+    Safetensors { paths: Vec<PathBuf>, st: candle_core::safetensors::MmapedSafetensors },
+    Gguf { path: PathBuf, mmap: memmap2::Mmap, content: gguf_file::Content, arch: Arch },
+}
+
+impl WeightFiles {
+    pub fn safetensors(paths: Vec<PathBuf>) -> Result<Self> {
+        for p in &paths {
+            check_safetensors_header(p)?;
+        }
+        // SAFETY: the files are not modified while mapped (the usual contract of model files).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
+            .map_err(|e| ModelError::file(&paths[0], e))?;
+        Ok(WeightFiles::Safetensors { paths, st })
+    }
+
+    pub fn gguf(path: &Path, mmap: memmap2::Mmap, content: gguf_file::Content, arch: Arch) -> Self {
+        WeightFiles::Gguf { path: path.to_path_buf(), mmap, content, arch }
+    }
+
+    pub fn root(&self, opts: LoadOptions) -> Vb<'_> {
+        Vb { files: self, path: String::new(), opts }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            WeightFiles::Safetensors { paths, .. } => paths[0].display().to_string(),
+            WeightFiles::Gguf { path, .. } => path.display().to_string(),
+        }
+    }
+}
+
+/// Safetensors files that are truncated fail with a clear message instead of a bad read later.
+fn check_safetensors_header(p: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).map_err(|e| ModelError::file(p, e))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| ModelError::file(p, "truncated safetensors file (no header)"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > len.saturating_sub(8) {
+        return Err(ModelError::file(p, "truncated safetensors file (header runs past the end)"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| ModelError::file(p, format!("corrupt safetensors header: {e}")))?;
+    let data_len = len - 8 - header_len;
+    let end = json
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if end > data_len {
+        return Err(ModelError::file(p, format!("truncated safetensors file: tensors need {end} bytes, {data_len} present")));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Dequantize GGUF weights to f32 (exact reference numerics, more memory, slower).
+    pub dequantize: bool,
+}
+
+/// A weight-path builder, like candle's `VarBuilder`: names come from nesting.
+#[derive(Clone)]
+pub struct Vb<'a> {
+    files: &'a WeightFiles,
+    path: String,
+    opts: LoadOptions,
+}
+
+impl<'a> Vb<'a> {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
+        let path = if self.path.is_empty() { name.to_string() } else { format!("{}.{name}", self.path) };
+        Vb { files: self.files, path, opts: self.opts }
+    }
+
+    fn full(&self, name: &str) -> String {
+        self.pp(name).path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        let full = self.full(name);
+        match self.files {
+            WeightFiles::Safetensors { st, .. } => st.get(&full).is_ok(),
+            WeightFiles::Gguf { content, arch, .. } => {
+                gguf_name(*arch, &full).is_some_and(|n| content.tensor_infos.contains_key(&n))
+            }
+        }
+    }
+
+    /// A dense f32 tensor with the expected shape.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.full(name);
+        let t = match self.files {
+            WeightFiles::Safetensors { st, .. } => st
+                .load(&full, &Device::Cpu)
+                .map_err(|_| ModelError::MissingWeight(full.clone()))?
+                .to_dtype(DType::F32)?,
+            WeightFiles::Gguf { .. } => self.qtensor(&full)?.dequantize(&Device::Cpu)?,
+        };
+        check_shape(&full, &t.dims().to_vec(), shape)?;
+        Ok(t)
+    }
+
+    fn qtensor(&self, full: &str) -> Result<QTensor> {
+        let WeightFiles::Gguf { mmap, content, arch, path } = self.files else {
+            unreachable!("qtensor is only called for GGUF files")
+        };
+        let name = gguf_name(*arch, full).ok_or_else(|| ModelError::MissingWeight(full.to_string()))?;
+        if !content.tensor_infos.contains_key(&name) {
+            return Err(ModelError::MissingWeight(format!("{name} (for {full})")));
+        }
+        let mut cursor = std::io::Cursor::new(&mmap[..]);
+        content.tensor(&mut cursor, &name, &Device::Cpu).map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")))
+    }
+
+    /// A linear layer `[out, inp]`, quantized when the file is and dequantization is off.
+    pub fn linear(&self, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+        self.linear_impl(name, inp, out, bias, None)
+    }
+
+    /// The q or k projection of `heads` heads. llama.cpp's converter permutes Llama's q/k rows
+    /// for interleaved RoPE; we undo it so activations keep Hugging Face's layout and hooks
+    /// match transformers.
+    pub fn linear_rope(&self, name: &str, inp: usize, out: usize, bias: bool, heads: usize) -> Result<Linear> {
+        self.linear_impl(name, inp, out, bias, Some(heads))
+    }
+
+    fn linear_impl(&self, name: &str, inp: usize, out: usize, bias: bool, heads: Option<usize>) -> Result<Linear> {
+        let lin = self.pp(name);
+        let bias = if bias { Some(lin.tensor("bias", &[out])?) } else { None };
+        let full = lin.full("weight");
+        let weight = match self.files {
+            WeightFiles::Safetensors { .. } => LinearWeight::Dense(lin.tensor("weight", &[out, inp])?),
+            WeightFiles::Gguf { arch, .. } => {
+                let q = self.qtensor(&full)?;
+                check_shape(&full, &q.shape().dims().to_vec(), &[out, inp])?;
+                let q = match heads {
+                    Some(heads) if *arch == Arch::Llama => unpermute_rows(&q, heads)?,
+                    _ => q,
+                };
+                if self.opts.dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    LinearWeight::Dense(q.dequantize(&Device::Cpu)?)
+                } else {
+                    LinearWeight::Quant(QMatMul::from_arc(Arc::new(q))?)
+                }
+            }
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn describe(&self) -> String {
+        self.files.describe()
+    }
+}
+
+fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+    if got != expected {
+        return Err(ModelError::WeightShape { name: name.to_string(), got: got.to_vec(), expected: expected.to_vec() });
+    }
+    Ok(())
+}
+
+/// Hugging Face structural names to llama.cpp's GGUF names. Load-time only.
+pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    let mapped = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let part = match part {
+                "input_layernorm" => "attn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "self_attn.q_norm" => "attn_q_norm",
+                "self_attn.k_norm" => "attn_k_norm",
+                "post_attention_layernorm" if arch == Arch::Gemma3 => "post_attention_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "pre_feedforward_layernorm" => "ffn_norm",
+                "post_feedforward_layernorm" => "post_ffw_norm",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{layer}.{part}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// Row `h*dh + 2i + j` of the GGUF tensor becomes row `h*dh + j*dh/2 + i`. Rows are quantized
+/// independently, so this moves whole rows of bytes and works for every quantized type.
+fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let (rows, cols) = (dims[0], dims[1]);
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(ModelError::BadConfig(format!("cannot un-permute {rows} rows over {heads} heads")));
+    }
+    let dh = rows / heads;
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..dh / 2 {
+            for j in 0..2 {
+                let src = h * dh + 2 * i + j;
+                let dst = h * dh + j * (dh / 2) + i;
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
+}
+
+/// A linear layer; `forward` maps `[n, inp]` to `[n, out]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: LinearWeight,
+    pub bias: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// f32 `[out, inp]`.
+    Dense(Tensor),
+    /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
+    Quant(QMatMul),
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The weight as dense f32 `[out, inp]` (for tied embeddings and inspection).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            LinearWeight::Quant(QMatMul::Tensor(w)) => w.clone(),
+            LinearWeight::Quant(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names() {
+        let check = |arch, hf: &str, expect: Option<&str>| assert_eq!(gguf_name(arch, hf).as_deref(), expect, "{hf}");
+        check(Arch::Llama, "model.layers.3.self_attn.q_proj.weight", Some("blk.3.attn_q.weight"));
+        check(Arch::Qwen2, "model.layers.0.self_attn.k_proj.bias", Some("blk.0.attn_k.bias"));
+        check(Arch::Llama, "model.layers.1.post_attention_layernorm.weight", Some("blk.1.ffn_norm.weight"));
+        check(Arch::Gemma3, "model.layers.1.post_attention_layernorm.weight", Some("blk.1.post_attention_norm.weight"));
+        check(Arch::Gemma3, "model.layers.1.pre_feedforward_layernorm.weight", Some("blk.1.ffn_norm.weight"));
+        check(Arch::Llama, "model.embed_tokens.weight", Some("token_embd.weight"));
+        check(Arch::Llama, "model.layers.1.nonsense.weight", None);
+    }
+
+    #[test]
+    fn unpermute_undoes_llama_cpp_permutation() {
+        // 2 heads of dh=4, 3 columns: GGUF rows are [h0: 0 2 1 3] order of HF rows.
+        let hf: Vec<f32> = (0..8 * 32).map(|v| v as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    let (g, f) = (h * 4 + 2 * i + j, h * 4 + j * 2 + i);
+                    gguf[g * 32..(g + 1) * 32].copy_from_slice(&hf[f * 32..(f + 1) * 32]);
+                }
+            }
+        }
+        let t = Tensor::from_vec(gguf, (8, 32), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let back = unpermute_rows(&q, 2).unwrap();
+        let back: Vec<f32> = back.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(back, hf);
+    }
+}

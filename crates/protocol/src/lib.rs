@@ -1,0 +1,139 @@
+//! Plain data that crosses the engine boundary.
+//!
+//! Architecture invariant: nothing here holds a tensor, a channel, a lock or a callback.
+//! Requests go in, per-step outputs come out, captures travel as bytes + shape + dtype, so
+//! the engine could live in another thread or process without change.
+
+pub mod hook;
+
+pub use hook::{HookError, HookName, HookPattern, Site};
+
+use serde::{Deserialize, Serialize};
+
+pub type RequestId = u64;
+
+/// How to pick the next token. Defaults are greedy with no limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// Return this many top alternatives with each token's logprob (`None`: no logprobs).
+    pub logprobs: Option<usize>,
+    /// Number of completions sharing the prompt.
+    pub n: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 16,
+            min_tokens: 0,
+            ignore_eos: false,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            n: 1,
+        }
+    }
+}
+
+/// Which token positions a capture keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapturePositions {
+    All,
+    Last,
+    Prompt,
+    Generated,
+}
+
+impl std::str::FromStr for CapturePositions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "last" => Ok(Self::Last),
+            "prompt" => Ok(Self::Prompt),
+            "generated" => Ok(Self::Generated),
+            _ => Err(format!("unknown capture positions `{s}` (expected all, last, prompt or generated)")),
+        }
+    }
+}
+
+/// What to capture for one request: resolved hook names (never globs) and positions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaptureSpec {
+    pub hooks: Vec<HookName>,
+    pub positions: CapturePositions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+}
+
+/// One captured activation as plain data: little-endian bytes, row-major `shape`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    pub hook: HookName,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub data: Vec<u8>,
+    /// Absolute token positions of the rows (the `T` axis).
+    pub positions: Vec<usize>,
+}
+
+impl Capture {
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+    Error(String),
+}
+
+impl FinishReason {
+    /// The OpenAI-style name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+            FinishReason::Error(_) => "error",
+        }
+    }
+}
+
+/// A token's log-probability and its top alternatives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
