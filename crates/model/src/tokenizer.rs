@@ -106,6 +106,11 @@ fn numbers<T>(meta: &HashMap<String, GValue>, key: &str, f: impl Fn(&GValue) -> 
     arr.iter().map(f).collect()
 }
 
+/// Llama 3's family takes a pre-token found whole in the vocabulary as is (`ignore_merges`).
+fn bpe_ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral")
+}
+
 /// The pre-tokenizer regexes llama.cpp uses for each `tokenizer.ggml.pre` value.
 fn bpe_regexes(pre: &str) -> Result<Vec<&'static str>> {
     const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -193,8 +198,8 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
                 })
                 .collect();
             let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges});
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": bpe_ignores_merges(&pre), "vocab": vocab, "merges": merges});
             let dec = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
             (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, false)
         }
