@@ -1,7 +1,7 @@
 //! The flat, ragged batch of one forward pass, and the KV cache interface attention reads through.
 
 use crate::error::{ModelError, Result};
-use candle_core::{Device, Tensor};
+pub use crate::kernels::KvView;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -77,18 +77,22 @@ impl BatchLayout {
 /// Where attention keeps keys and values. Implementations: [`ContiguousKvCache`] here, the
 /// paged cache in the engine.
 pub trait KvCache {
-    /// Store one step's keys and values (`[len, kv_heads, head_dim]`) at `seq.pos..`.
-    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &Tensor, v: &Tensor) -> Result<()>;
-    /// Keys and values for positions `0..seq.ctx_len()`, as `[ctx, kv_heads, head_dim]`.
-    fn read(&self, layer: usize, seq: &SeqSpan) -> Result<(Tensor, Tensor)>;
+    /// Store one step's keys and values (`[len, kv_heads * head_dim]`, row-major) at `seq.pos..`.
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &[f32], v: &[f32]) -> Result<()>;
+    /// The keys and values of positions `0..seq.ctx_len()`.
+    fn view(&self, layer: usize, seq: &SeqSpan) -> Result<KvView<'_>>;
 }
 
-/// A growable per-sequence cache: simple, for single-sequence use and tests.
+/// A growable per-sequence cache (one block as long as the sequence): for single-sequence use
+/// and tests.
 #[derive(Default)]
 pub struct ContiguousKvCache {
-    /// (key, layer) -> (k rows, v rows, row width)
-    data: HashMap<(u64, usize), (Vec<f32>, Vec<f32>, Vec<usize>)>,
+    /// (key, layer) -> (k rows, v rows)
+    data: HashMap<(u64, usize), (Vec<f32>, Vec<f32>)>,
 }
+
+/// The single "block" of a contiguous sequence.
+const WHOLE: [u32; 1] = [0];
 
 impl ContiguousKvCache {
     pub fn remove(&mut self, key: u64) {
@@ -97,30 +101,25 @@ impl ContiguousKvCache {
 }
 
 impl KvCache for ContiguousKvCache {
-    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &Tensor, v: &Tensor) -> Result<()> {
-        let dims = k.dims()[1..].to_vec();
-        let width: usize = dims.iter().product();
-        let entry = self.data.entry((seq.key, layer)).or_insert_with(|| (Vec::new(), Vec::new(), dims));
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &[f32], v: &[f32]) -> Result<()> {
+        let width = k.len() / seq.len.max(1);
+        let entry = self.data.entry((seq.key, layer)).or_default();
         if entry.0.len() < seq.pos * width {
             return Err(ModelError::BadConfig(format!("kv cache gap: writing position {} after {}", seq.pos, entry.0.len() / width)));
         }
         entry.0.truncate(seq.pos * width);
         entry.1.truncate(seq.pos * width);
-        entry.0.extend(k.flatten_all()?.to_vec1::<f32>()?);
-        entry.1.extend(v.flatten_all()?.to_vec1::<f32>()?);
+        entry.0.extend_from_slice(k);
+        entry.1.extend_from_slice(v);
         Ok(())
     }
 
-    fn read(&self, layer: usize, seq: &SeqSpan) -> Result<(Tensor, Tensor)> {
-        let (k, v, dims) = self
+    fn view(&self, layer: usize, seq: &SeqSpan) -> Result<KvView<'_>> {
+        let (k, v) = self
             .data
             .get(&(seq.key, layer))
             .ok_or_else(|| ModelError::BadConfig(format!("kv cache has no sequence {}", seq.key)))?;
-        let ctx = seq.ctx_len();
-        let width: usize = dims.iter().product();
-        let shape = (ctx, dims[0], dims[1]);
-        let k = Tensor::from_slice(&k[..ctx * width], shape, &Device::Cpu)?;
-        let v = Tensor::from_slice(&v[..ctx * width], shape, &Device::Cpu)?;
-        Ok((k, v))
+        let row = k.len() / seq.ctx_len().max(1);
+        Ok(KvView { k, v, block_table: &WHOLE, block_size: usize::MAX, row })
     }
 }

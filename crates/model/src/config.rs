@@ -359,7 +359,7 @@ mod tests {
     fn hf_configs() {
         check(&format!(r#"{{"model_type": "llama", {BASE}}}"#), "Llama layers=2 heads=4/4 dh=16 sliding=[false, false]");
         check(&format!(r#"{{"model_type": "gpt_neox", {BASE}}}"#), "error: unsupported architecture `gpt_neox` (glassbox runs llama, mistral, qwen2, qwen3 and gemma3)");
-        check(r#"{"model_type": "llama", "hidden_size": 64}"#, "error: config is missing `intermediate_size`");
+        check(r#"{"model_type": "llama", "hidden_size": 64}"#, "error: config is missing `num_attention_heads`");
         check(&format!(r#"{{"model_type": "qwen2", {BASE}, "num_key_value_heads": 3}}"#), "error: invalid config: 4 heads cannot share 3 kv heads");
         check(
             &format!(r#"{{"model_type": "gemma3_text", {BASE}, "head_dim": 32, "num_hidden_layers": 6, "num_key_value_heads": 1}}"#),

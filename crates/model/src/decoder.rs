@@ -5,16 +5,19 @@
 
 use crate::batch::{BatchLayout, KvCache};
 use crate::config::{Activation, Arch, ModelConfig};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::hooks::Hooks;
+use crate::kernels::{attention, AttnShape};
 use crate::layers::{activate, RmsNorm, Rope};
-use crate::weights::{Linear, LinearWeight, Vb};
+use crate::weights::{to_vec, Linear, Vb};
+use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use glassbox_protocol::{HookName, Site};
 
 pub struct DecoderModel {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    /// `[vocab, d]`, already scaled where the architecture scales embeddings.
+    embed: Arc<Vec<f32>>,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -55,7 +58,7 @@ impl DecoderModel {
         // Gemma stores norms as `w` for `(1 + w)`; llama.cpp's converter already added the 1.
         let norm_offset = if cfg.arch == Arch::Gemma3 && !is_gguf { 1.0 } else { 0.0 };
         let m = vb.pp("model");
-        let embed = m.pp("embed_tokens").tensor("weight", &[cfg.vocab_size, d])?;
+        let embed = Arc::new(to_vec(&m.pp("embed_tokens").tensor("weight", &[cfg.vocab_size, d])?)?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let l = m.pp("layers").pp(i);
@@ -97,10 +100,10 @@ impl DecoderModel {
             // Tied: the quantized embedding table doubles as the output projection.
             m.linear("embed_tokens", d, cfg.vocab_size, false)?
         } else {
-            Linear { weight: LinearWeight::Dense(embed.clone()), bias: None }
+            Linear::dense(embed.clone())
         };
         let embed = match cfg.embed_scale() {
-            Some(s) => (embed * s as f64)?,
+            Some(s) => Arc::new(embed.iter().map(|v| v * s).collect()),
             None => embed,
         };
         let rope_global = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
@@ -134,8 +137,16 @@ impl DecoderModel {
 
     /// One forward pass over a flat batch. Returns logits for `layout.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, tokens: &[u32], layout: &BatchLayout, cache: &mut dyn KvCache, hooks: &mut Hooks) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let d = self.cfg.hidden_size;
+        let mut rows = Vec::with_capacity(tokens.len() * d);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.cfg.vocab_size {
+                return Err(ModelError::BadConfig(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
+            }
+            rows.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
+        }
+        let x = Tensor::from_vec(rows, (tokens.len(), d), &Device::Cpu)?;
         let mut x = hooks.hook(HookName::global(Site::Embed), x, layout)?;
         let (cos_g, sin_g) = self.rope_global.cos_sin(&layout.positions)?;
         let (cos_l, sin_l) = self.rope_local.cos_sin(&layout.positions)?;
@@ -216,46 +227,31 @@ impl Attention {
         let q = hooks.hook(name(Site::RotQ), Rope::apply(&q, cos, sin)?, layout)?;
         let k = hooks.hook(name(Site::RotK), Rope::apply(&k, cos, sin)?, layout)?;
         let window = if sliding { cfg.sliding_window } else { None };
-        let mut zs = Vec::with_capacity(layout.seqs.len());
+        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window };
+        let want_pattern = hooks.wants(name(Site::Pattern));
+        let (qf, kf, vf) = (flat(&q)?, flat(&k)?, flat(&v)?);
+        let (qrow, kvrow) = (h * dh, kvh * dh);
+        let mut z = Vec::with_capacity(n * qrow);
         for (s, seq) in layout.seqs.iter().enumerate() {
-            if seq.len == 0 {
-                continue;
+            let rows = seq.start..seq.start + seq.len;
+            cache.write(layer, seq, &kf[rows.start * kvrow..rows.end * kvrow], &vf[rows.start * kvrow..rows.end * kvrow])?;
+            let view = cache.view(layer, seq)?;
+            let (zs, probs) = attention(&qf[rows.start * qrow..rows.end * qrow], seq.pos, seq.len, &view, &shape, want_pattern);
+            if let Some(p) = probs {
+                let p = Tensor::from_vec(p, (h, seq.len, seq.ctx_len()), &Device::Cpu)?;
+                // Attention patterns are observed, not replaced: the output is already computed.
+                hooks.hook_seq(name(Site::Pattern), s, p, layout)?;
             }
-            cache.write(layer, seq, &k.narrow(0, seq.start, seq.len)?, &v.narrow(0, seq.start, seq.len)?)?;
-            let (keys, values) = cache.read(layer, seq)?;
-            let ctx = seq.ctx_len();
-            // [H, t, dh] x [H, dh, ctx]: query heads share kv heads in groups.
-            let qs = q.narrow(0, seq.start, seq.len)?.transpose(0, 1)?.contiguous()?;
-            let expand = |t: Tensor| -> Result<Tensor> {
-                let t = t.transpose(0, 1)?; // [kvh, ctx, dh]
-                Ok(t.unsqueeze(1)?.expand((kvh, h / kvh, ctx, dh))?.reshape((h, ctx, dh))?)
-            };
-            let (keys, values) = (expand(keys)?, expand(values)?);
-            let scores = (qs.matmul(&keys.t()?)? * cfg.attn_scale as f64)?;
-            let mask = causal_mask(seq.pos, seq.len, ctx, window)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-            let probs = hooks.hook_seq(name(Site::Pattern), s, probs, layout)?;
-            zs.push(probs.matmul(&values)?.transpose(0, 1)?); // [t, H, dh]
+            z.extend(zs);
         }
-        let z = Tensor::cat(&zs, 0)?;
-        let z = hooks.hook(name(Site::Z), z, layout)?;
+        let z = hooks.hook(name(Site::Z), Tensor::from_vec(z, (n, h, dh), &Device::Cpu)?, layout)?;
         self.o.forward(&z.reshape((n, h * dh))?)
     }
 }
 
-/// 0 where row `r` (position `pos + r`) may see key `j`, -inf elsewhere.
-fn causal_mask(pos: usize, len: usize, ctx: usize, window: Option<usize>) -> Result<Tensor> {
-    let mut m = vec![0f32; len * ctx];
-    for r in 0..len {
-        let p = pos + r;
-        for (j, v) in m[r * ctx..(r + 1) * ctx].iter_mut().enumerate() {
-            let visible = j <= p && window.is_none_or(|w| p - j < w);
-            if !visible {
-                *v = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (len, ctx), &Device::Cpu)?)
+/// The tensor's elements in row-major order.
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Mlp {

@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod error;
 pub mod fetch;
 pub mod hooks;
+pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod tokenizer;

@@ -70,10 +70,19 @@ fn check_safetensors_header(p: &Path) -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     /// Dequantize GGUF weights to f32 (exact reference numerics, more memory, slower).
     pub dequantize: bool,
+    /// Keep every row's numbers independent of its batch (see `kernels`). Costs speed on
+    /// quantized types whose candle kernel changes strategy with the batch size.
+    pub batch_invariant: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dequantize: false, batch_invariant: true }
+    }
 }
 
 /// A weight-path builder, like candle's `VarBuilder`: names come from nesting.
@@ -147,7 +156,7 @@ impl<'a> Vb<'a> {
         let bias = if bias { Some(lin.tensor("bias", &[out])?) } else { None };
         let full = lin.full("weight");
         let weight = match self.files {
-            WeightFiles::Safetensors { .. } => LinearWeight::Dense(lin.tensor("weight", &[out, inp])?),
+            WeightFiles::Safetensors { .. } => LinearWeight::Dense(Arc::new(to_vec(&lin.tensor("weight", &[out, inp])?)?)),
             WeightFiles::Gguf { arch, .. } => {
                 let q = self.qtensor(&full)?;
                 check_shape(&full, &q.shape().dims().to_vec(), &[out, inp])?;
@@ -156,9 +165,10 @@ impl<'a> Vb<'a> {
                     _ => q,
                 };
                 if self.opts.dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    LinearWeight::Dense(q.dequantize(&Device::Cpu)?)
+                    LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
                 } else {
-                    LinearWeight::Quant(QMatMul::from_arc(Arc::new(q))?)
+                    let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
+                    LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise }
                 }
             }
         };
@@ -168,6 +178,11 @@ impl<'a> Vb<'a> {
     pub fn describe(&self) -> String {
         self.files.describe()
     }
+}
+
+/// A tensor's elements, row-major.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
 fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
@@ -235,6 +250,17 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
 }
 
+/// Candle computes every output of these types with one `vec_dot` per (row, column) whatever
+/// the batch; K-quants (and Q8_0 with k % 256 == 0) go through repacked kernels chosen by the
+/// batch size, so the engine feeds those one row at a time when invariance is on.
+fn batch_invariant_in_candle(dtype: GgmlDType, k: usize) -> bool {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
+        GgmlDType::Q8_0 => k % 256 != 0,
+        _ => false,
+    }
+}
+
 /// A linear layer; `forward` maps `[n, inp]` to `[n, out]`.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -244,17 +270,27 @@ pub struct Linear {
 
 #[derive(Clone, Debug)]
 pub enum LinearWeight {
-    /// f32 `[out, inp]`.
-    Dense(Tensor),
+    /// f32 `[out, inp]`, row-major, shared (tied embeddings use the same buffer).
+    Dense(Arc<Vec<f32>>),
     /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
-    Quant(QMatMul),
+    /// `rowwise`: call once per row, for batch invariance.
+    Quant { q: QMatMul, rowwise: bool },
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quant(q) => q.forward(x)?,
+            LinearWeight::Dense(w) => {
+                let (m, k) = x.dims2()?;
+                let n = w.len() / k;
+                let out = crate::kernels::matmul_bt(&x.flatten_all()?.to_vec1::<f32>()?, w, m, k, n);
+                Tensor::from_vec(out, (m, n), &Device::Cpu)?
+            }
+            LinearWeight::Quant { q, rowwise: false } => q.forward(x)?,
+            LinearWeight::Quant { q, rowwise: true } => {
+                let rows = (0..x.dim(0)?).map(|i| q.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -262,14 +298,8 @@ impl Linear {
         })
     }
 
-    /// The weight as dense f32 `[out, inp]` (for tied embeddings and inspection).
-    pub fn dense_weight(&self) -> Result<Tensor> {
-        Ok(match &self.weight {
-            LinearWeight::Dense(w) => w.clone(),
-            LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
-            LinearWeight::Quant(QMatMul::Tensor(w)) => w.clone(),
-            LinearWeight::Quant(QMatMul::TensorF16(w)) => w.to_dtype(DType::F32)?,
-        })
+    pub fn dense(data: Arc<Vec<f32>>) -> Self {
+        Linear { weight: LinearWeight::Dense(data), bias: None }
     }
 }
 

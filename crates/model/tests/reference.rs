@@ -60,7 +60,7 @@ fn oracle_layout_fix(name: &str, t: &Tensor) -> Tensor {
 
 /// Compare every hook and the logits of each case; then greedy decoding token for token.
 fn check_model(source: ModelSource, reference: &str) {
-    let m = load(&source, LoadOptions { dequantize: true }).unwrap();
+    let m = load(&source, LoadOptions { dequantize: true, ..Default::default() }).unwrap();
     let available = m.model.hook_names();
     let mut worst_overall = 0f32;
     for case in cases(reference) {
@@ -158,7 +158,7 @@ fn gemma3_dequantized_matches_reference() {
 /// and greedy decoding compared token for token (differences are printed, not failed: the
 /// reference was computed on dequantized weights with float activations).
 fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64) {
-    let m = load(&source, LoadOptions { dequantize: false }).unwrap();
+    let m = load(&source, LoadOptions::default()).unwrap();
     let mut kls = vec![];
     for case in cases(reference) {
         let input = ids(&case.tensors["input_ids"]);

@@ -1,0 +1,209 @@
+//! Our own CPU kernels, written where candle's cannot give what the engine needs:
+//! batch invariance. Each output element is reduced in one fixed order that depends only on
+//! the reduction length, never on how many rows share the call, how they are split across
+//! threads, or whether a prompt was chunked. (Candle's gemm picks blockings by matrix size,
+//! so a row's result can change with its neighbours.)
+
+use rayon::prelude::*;
+
+/// Lanes of the fixed-order dot product: element `i` goes to lane `i % LANES`; lanes are
+/// summed pairwise at the end. Wide enough for the compiler to vectorize.
+const LANES: usize = 16;
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ca, ra) = a.split_at(a.len() / LANES * LANES);
+    let (cb, rb) = b.split_at(ca.len());
+    for (x, y) in ca.chunks_exact(LANES).zip(cb.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`. Batch invariant: `y[i, j]` is `dot(x_i, w_j)` whatever `m`.
+/// Work is split over output columns, so the weights stream through each core once per call.
+pub fn matmul_bt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    // Column blocks: each task owns a contiguous range of output columns for every row.
+    const COLS: usize = 64;
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS))
+        .into_par_iter()
+        .map(|b| {
+            let (c0, c1) = (b * COLS, ((b + 1) * COLS).min(n));
+            let mut out = vec![0f32; m * (c1 - c0)];
+            for (i, row) in x.chunks_exact(k).enumerate() {
+                for j in c0..c1 {
+                    out[i * (c1 - c0) + (j - c0)] = dot(row, &w[j * k..(j + 1) * k]);
+                }
+            }
+            (c0, out)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (c0, out) in blocks {
+        let width = out.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + c0..i * n + c0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+/// Keys and values of one sequence for one layer, as stored by a KV cache: rows of
+/// `kv_heads * head_dim` floats, position `p` in block `block_table[p / block_size]`.
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub block_table: &'a [u32],
+    pub block_size: usize,
+    pub row: usize,
+}
+
+impl KvView<'_> {
+    #[inline]
+    fn offset(&self, pos: usize) -> usize {
+        let b = self.block_table[pos / self.block_size] as usize;
+        (b * self.block_size + pos % self.block_size) * self.row
+    }
+    #[inline]
+    pub fn k_row(&self, pos: usize) -> &[f32] {
+        let o = self.offset(pos);
+        &self.k[o..o + self.row]
+    }
+    #[inline]
+    pub fn v_row(&self, pos: usize) -> &[f32] {
+        let o = self.offset(pos);
+        &self.v[o..o + self.row]
+    }
+}
+
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Keys more than `window - 1` positions back are invisible.
+    pub window: Option<usize>,
+}
+
+/// Causal attention for `t` query rows at positions `pos..pos+t` of one sequence.
+/// `q` is `[t, heads, head_dim]`; returns `z` (`[t, heads, head_dim]`) and, when asked, the
+/// probabilities `[heads, t, ctx]` with zeros where a key is invisible.
+/// Each (row, head) is computed alone: scores in key order, max, exp, sum in key order,
+/// then the weighted sum of values in key order.
+pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, want_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (h, dh) = (s.heads, s.head_dim);
+    let group = h / s.kv_heads;
+    let ctx = pos + t;
+    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..t * h)
+        .into_par_iter()
+        .map(|rh| {
+            let (r, head) = (rh / h, rh % h);
+            let p = pos + r;
+            let lo = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let qv = &q[(r * h + head) * dh..(r * h + head + 1) * dh];
+            let kvh = head / group;
+            let mut probs: Vec<f32> = (lo..=p).map(|j| dot(qv, &kv.k_row(j)[kvh * dh..(kvh + 1) * dh]) * s.scale).collect();
+            let max = probs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for e in probs.iter_mut() {
+                *e = (*e - max).exp();
+                sum += *e;
+            }
+            let inv = 1.0 / sum;
+            let mut z = vec![0f32; dh];
+            for (e, j) in probs.iter_mut().zip(lo..=p) {
+                *e *= inv;
+                let vrow = &kv.v_row(j)[kvh * dh..(kvh + 1) * dh];
+                for (zi, vi) in z.iter_mut().zip(vrow) {
+                    *zi += *e * vi;
+                }
+            }
+            (z, probs)
+        })
+        .collect();
+    let mut z = vec![0f32; t * h * dh];
+    let mut probs = want_probs.then(|| vec![0f32; h * t * ctx]);
+    for (rh, (zr, pr)) in rows.into_iter().enumerate() {
+        let (r, head) = (rh / h, rh % h);
+        z[rh * dh..(rh + 1) * dh].copy_from_slice(&zr);
+        if let Some(all) = probs.as_mut() {
+            let p = pos + r;
+            let lo = p + 1 - pr.len();
+            let base = (head * t + r) * ctx;
+            all[base + lo..base + p + 1].copy_from_slice(&pr);
+        }
+    }
+    (z, probs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32) - 0.5).collect()
+    }
+
+    #[test]
+    fn matmul_rows_do_not_depend_on_batch() {
+        let (k, n) = (70, 130);
+        let x = data(9 * k, 1);
+        let w = data(n * k, 2);
+        let all = matmul_bt(&x, &w, 9, k, n);
+        for i in 0..9 {
+            let one = matmul_bt(&x[i * k..(i + 1) * k], &w, 1, k, n);
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+        // And it is a matmul.
+        let naive: f32 = (0..k).map(|c| x[k + c] * w[3 * k + c]).sum();
+        assert!((all[n + 3] - naive).abs() < 1e-5);
+    }
+
+    #[test]
+    fn attention_chunked_equals_whole() {
+        let (h, kvh, dh, t) = (4, 2, 8, 7);
+        let row = kvh * dh;
+        let k = data(t * row, 3);
+        let v = data(t * row, 4);
+        let q = data(t * h * dh, 5);
+        let table = [1u32, 0]; // two blocks of 4, stored out of order
+        let mut ks = vec![0f32; 8 * row];
+        let mut vs = vec![0f32; 8 * row];
+        for p in 0..t {
+            let o = (table[p / 4] as usize * 4 + p % 4) * row;
+            ks[o..o + row].copy_from_slice(&k[p * row..(p + 1) * row]);
+            vs[o..o + row].copy_from_slice(&v[p * row..(p + 1) * row]);
+        }
+        let view = KvView { k: &ks, v: &vs, block_table: &table, block_size: 4, row };
+        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None };
+        let (whole, probs) = attention(&q, 0, t, &view, &shape, true);
+        let probs = probs.unwrap();
+        // Rows sum to one; the future is masked.
+        let r0: f32 = probs[0..t].iter().sum();
+        assert!((r0 - 1.0).abs() < 1e-6 && probs[1] == 0.0);
+        let first = attention(&q[..3 * h * dh], 0, 3, &view, &shape, false).0;
+        let rest = attention(&q[3 * h * dh..], 3, t - 3, &view, &shape, false).0;
+        assert_eq!([first, rest].concat(), whole);
+        // A window of 2 sees only the last two keys.
+        let win = AttnShape { window: Some(2), ..shape };
+        let (_, p) = attention(&q, 0, t, &view, &win, true);
+        let p = p.unwrap();
+        assert_eq!(&p[6 * t..6 * t + 5], &[0.0; 5]);
+    }
+}
