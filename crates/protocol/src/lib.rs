@@ -137,3 +137,47 @@ pub struct TokenLogprob {
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
 }
+
+/// A request as the engine sees it: tokens, not text. Plain data; it carries no channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub capture: Option<CaptureSpec>,
+}
+
+/// What one step produced for one sequence (`index` tells the `n` > 1 completions apart).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineOutput {
+    pub id: RequestId,
+    pub index: usize,
+    pub new_tokens: Vec<u32>,
+    /// Newly final text (never a broken UTF-8 sequence, never part of a stop string).
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+    /// Filled on the finishing output of a sequence that asked for captures.
+    pub captures: Vec<Capture>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl EngineOutput {
+    pub fn error(id: RequestId, message: impl Into<String>) -> Self {
+        EngineOutput {
+            id,
+            index: 0,
+            new_tokens: vec![],
+            text: String::new(),
+            logprobs: vec![],
+            finish: Some(FinishReason::Error(message.into())),
+            captures: vec![],
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        }
+    }
+}
