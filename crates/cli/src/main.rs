@@ -1,1 +1,52 @@
-fn main() {}
+//! The `glassbox` command line.
+
+mod bench;
+mod capture_file;
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "glassbox", version, about = "An LLM inference engine you can see inside")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text, streaming it to stdout; optionally capture activations.
+    Generate(commands::GenerateArgs),
+    /// Serve the OpenAI-compatible API.
+    Serve(glassbox_server::ServeArgs),
+    /// Print the token ids of a text (or, with --decode, the text of token ids).
+    Tokenize(commands::TokenizeArgs),
+    /// Print exactly the prompt a chat template renders.
+    RenderChat(commands::RenderChatArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GLASSBOX_LOG").unwrap_or_else(|_| "warn,glassbox=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate(a),
+        Command::Serve(a) => glassbox_server::serve(a),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::RenderChat(a) => commands::render_chat(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

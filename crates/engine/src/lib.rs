@@ -1,2 +1,15 @@
+//! The engine: `EngineCore` (scheduler, paged KV cache, model runner, sampler) on one thread,
+//! a handle that runs it on its own thread, and the offline `LLM` API.
+
 pub mod block;
+pub mod core;
+pub mod detok;
+pub mod handle;
+pub mod kv_store;
+pub mod llm;
+pub mod sampler;
 pub mod scheduler;
+
+pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory};
+pub use handle::{EngineCommand, EngineHandle};
+pub use llm::{CompletionOutput, RequestOutput, LLM};

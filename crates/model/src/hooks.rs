@@ -152,6 +152,16 @@ impl CaptureCollector {
         self.wanted.is_empty()
     }
 
+    /// Does sequence `key` capture `name`?
+    pub fn wants(&self, key: u64, name: HookName) -> bool {
+        self.wanted.get(&key).is_some_and(|(set, _)| set.contains(name))
+    }
+
+    /// Drop what was captured for `key` so far (it will be recomputed), keep what it wants.
+    pub fn restart(&mut self, key: u64) {
+        self.chunks.retain(|(k, _), _| *k != key);
+    }
+
     /// Assemble one sequence's captures and forget it. `prompt_len` decides the
     /// prompt/generated split for the positions filter.
     pub fn finish(&mut self, key: u64, prompt_len: usize) -> Result<Vec<Capture>> {

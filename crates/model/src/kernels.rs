@@ -10,9 +10,72 @@ use rayon::prelude::*;
 /// summed pairwise at the end. Wide enough for the compiler to vectorize.
 const LANES: usize = 16;
 
+/// Fixed-order dot product; AVX2+FMA when the CPU has it (checked once), else portable.
+/// Either way the order depends only on the length, so every row of a batch gets the same
+/// arithmetic as it would alone.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `R` rows against one weight row, AVX2+FMA. Per row: element `i` of each 16-chunk
+/// accumulates in lane `i % 16` (two 8-lane registers), the tail in a scalar FMA chain, then a
+/// fixed reduction tree. A row's arithmetic is the same whatever `R` it is computed with, so
+/// grouping rows (batching) never changes a result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let chunks = n / 16;
+    let pw = w.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for c in 0..chunks {
+        let o = c * 16;
+        let w0 = _mm256_loadu_ps(pw.add(o));
+        let w1 = _mm256_loadu_ps(pw.add(o + 8));
+        for r in 0..R {
+            let px = xs[r].as_ptr();
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o)), w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o + 8)), w1, acc[r][1]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let s = _mm256_add_ps(acc[r][0], acc[r][1]);
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), s);
+        let mut tail = 0f32;
+        for i in chunks * 16..n {
+            tail = xs[r][i].mul_add(w[i], tail);
+        }
+        out[r] = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_rows_avx2::<1>([a], b)[0]
+}
+
+#[inline]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, ra) = a.split_at(a.len() / LANES * LANES);
     let (cb, rb) = b.split_at(ca.len());
@@ -34,6 +97,36 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0]
 }
 
+/// Up to 4 rows against one weight row; each result equals `dot(row, w)` exactly.
+#[inline]
+fn dot_group(rows: &[&[f32]], w: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: AVX2 and FMA are present (checked); rows have w's length.
+            unsafe {
+                return match rows.len() {
+                    4 => dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], w),
+                    3 => {
+                        let r = dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w);
+                        [r[0], r[1], r[2], 0.0]
+                    }
+                    2 => {
+                        let r = dot_rows_avx2::<2>([rows[0], rows[1]], w);
+                        [r[0], r[1], 0.0, 0.0]
+                    }
+                    _ => [dot_rows_avx2::<1>([rows[0]], w)[0], 0.0, 0.0, 0.0],
+                };
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for (o, r) in out.iter_mut().zip(rows) {
+        *o = dot_portable(r, w);
+    }
+    out
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`. Batch invariant: `y[i, j]` is `dot(x_i, w_j)` whatever `m`.
 /// Work is split over output columns, so the weights stream through each core once per call.
 pub fn matmul_bt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -45,11 +138,20 @@ pub fn matmul_bt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
         .into_par_iter()
         .map(|b| {
             let (c0, c1) = (b * COLS, ((b + 1) * COLS).min(n));
-            let mut out = vec![0f32; m * (c1 - c0)];
-            for (i, row) in x.chunks_exact(k).enumerate() {
+            let width = c1 - c0;
+            let mut out = vec![0f32; m * width];
+            let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+            let mut i = 0;
+            while i < m {
+                let group = (m - i).min(4);
                 for j in c0..c1 {
-                    out[i * (c1 - c0) + (j - c0)] = dot(row, &w[j * k..(j + 1) * k]);
+                    let wj = &w[j * k..(j + 1) * k];
+                    let vals = dot_group(&rows[i..i + group], wj);
+                    for (g, v) in vals.iter().take(group).enumerate() {
+                        out[(i + g) * width + (j - c0)] = *v;
+                    }
                 }
+                i += group;
             }
             (c0, out)
         })

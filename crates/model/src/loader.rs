@@ -48,7 +48,9 @@ pub fn resolve(spec: Option<&str>) -> Result<ModelSource> {
 }
 
 fn source_in_dir(dir: &Path) -> Option<ModelSource> {
-    if dir.join("config.json").is_file() {
+    // A tokenizer-only directory is enough for tokenize/render-chat; loading weights from it
+    // fails later with a message naming what is missing.
+    if dir.join("config.json").is_file() || dir.join("tokenizer.json").is_file() {
         return Some(ModelSource::HfDir(dir.to_path_buf()));
     }
     let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)

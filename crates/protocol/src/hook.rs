@@ -230,6 +230,16 @@ impl HookPattern {
     }
 }
 
+/// Resolve user patterns against a model's hook names: every pattern must match something;
+/// the result keeps forward order and has no duplicates.
+pub fn resolve_patterns<S: AsRef<str>>(patterns: &[S], available: &[HookName]) -> Result<Vec<HookName>, HookError> {
+    let mut picked = std::collections::BTreeSet::new();
+    for p in patterns {
+        picked.extend(HookPattern::parse(p.as_ref())?.select(available)?);
+    }
+    Ok(available.iter().copied().filter(|n| picked.contains(n)).collect())
+}
+
 fn expand_braces(p: &str) -> Option<Vec<String>> {
     let Some(open) = p.find('{') else {
         return (!p.contains('}')).then(|| vec![p.to_string()]);

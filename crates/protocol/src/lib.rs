@@ -6,7 +6,7 @@
 
 pub mod hook;
 
-pub use hook::{HookError, HookName, HookPattern, Site};
+pub use hook::{resolve_patterns, HookError, HookName, HookPattern, Site};
 
 use serde::{Deserialize, Serialize};
 

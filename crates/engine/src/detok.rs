@@ -1,0 +1,86 @@
+//! Incremental detokenization and stop strings.
+//!
+//! Text is released only when it is final: never half a UTF-8 character (a byte-fallback
+//! token may end mid-character) and never a prefix that a stop string might still complete.
+
+use glassbox_model::Tokenizer;
+
+pub struct Detokenizer {
+    /// Generated tokens.
+    tokens: Vec<u32>,
+    /// Decoding starts here (a little context before `read` for correct spacing).
+    prefix: usize,
+    read: usize,
+    /// All generated text so far.
+    text: String,
+    /// How much of `text` has been handed out.
+    emitted: usize,
+    stop: Vec<String>,
+    hold: usize,
+}
+
+pub enum StopMatch {
+    None,
+    /// A stop string matched; the text was cut before it.
+    Stop,
+}
+
+impl Detokenizer {
+    pub fn new(stop: Vec<String>) -> Self {
+        let hold = stop.iter().map(|s| s.chars().count()).max().unwrap_or(1).saturating_sub(1);
+        Detokenizer { tokens: vec![], prefix: 0, read: 0, text: String::new(), emitted: 0, stop, hold }
+    }
+
+    /// Add a token; returns whether a stop string now matches.
+    pub fn push(&mut self, tok: &Tokenizer, token: u32) -> StopMatch {
+        self.tokens.push(token);
+        let before = tok.decode(&self.tokens[self.prefix..self.read], true).unwrap_or_default();
+        let after = tok.decode(&self.tokens[self.prefix..], true).unwrap_or_default();
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before) {
+            let start = self.text.len();
+            self.text.push_str(&after[before.len()..]);
+            self.prefix = self.read;
+            self.read = self.tokens.len();
+            // Look for a stop string that may straddle the old and new text.
+            let longest = self.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+            let from = floor_char(&self.text, start.saturating_sub(longest));
+            let hit = self.stop.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+            if let Some(at) = hit {
+                self.text.truncate(at);
+                return StopMatch::Stop;
+            }
+        }
+        StopMatch::None
+    }
+
+    /// Text that is final now. With `finished`, everything left.
+    pub fn take(&mut self, finished: bool) -> String {
+        let end = if finished {
+            self.text.len()
+        } else {
+            // Hold back what a stop string could still claim.
+            let mut end = self.text.len();
+            for _ in 0..self.hold {
+                if end == self.emitted {
+                    break;
+                }
+                end = floor_char(&self.text, end - 1);
+            }
+            end.max(self.emitted)
+        };
+        let out = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        out
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

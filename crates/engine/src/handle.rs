@@ -1,0 +1,114 @@
+//! Running `EngineCore` on its own thread. Commands go in over a bounded channel; each step's
+//! outputs (plain data) go to a sink the caller supplies. No state is shared.
+
+use crate::core::{EngineCore, EngineStats};
+use glassbox_protocol::{EngineOutput, EngineRequest, FinishReason, RequestId};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+
+pub enum EngineCommand {
+    Add(EngineRequest),
+    Abort(RequestId),
+    /// Abort everything still running and stop the thread.
+    Shutdown,
+}
+
+pub struct EngineHandle {
+    tx: SyncSender<EngineCommand>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the engine's queue is full")]
+    Full,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl EngineHandle {
+    /// Start the engine thread. `sink` receives every step's outputs and a stats snapshot.
+    pub fn spawn(
+        mut core: EngineCore,
+        queue: usize,
+        mut sink: impl FnMut(Vec<EngineOutput>, EngineStats) + Send + 'static,
+    ) -> EngineHandle {
+        let (tx, rx) = sync_channel::<EngineCommand>(queue.max(1));
+        let thread = std::thread::Builder::new()
+            .name("glassbox-engine".into())
+            .spawn(move || run(&mut core, rx, &mut sink))
+            .expect("spawning the engine thread");
+        EngineHandle { tx, thread: Some(thread) }
+    }
+
+    pub fn submit(&self, req: EngineRequest) -> Result<(), SubmitError> {
+        self.tx.try_send(EngineCommand::Add(req)).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+
+    pub fn abort(&self, id: RequestId) {
+        // Aborts must not be lost to a full queue: wait for room.
+        let _ = self.tx.send(EngineCommand::Abort(id));
+    }
+
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(EngineCommand::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(Vec<EngineOutput>, EngineStats)) {
+    let mut ids_in_flight = std::collections::HashSet::new();
+    loop {
+        let first = if core.has_work() { rx.try_recv().ok() } else { rx.recv().ok().or(Some(EngineCommand::Shutdown)) };
+        let mut shutdown = false;
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match cmd {
+                EngineCommand::Add(r) => {
+                    ids_in_flight.insert(r.id);
+                    core.add_request(r)
+                }
+                EngineCommand::Abort(id) => core.abort(id),
+                EngineCommand::Shutdown => shutdown = true,
+            }
+        }
+        if shutdown {
+            for id in ids_in_flight.drain() {
+                core.abort(id);
+            }
+        }
+        // A bug in a step must not take the server down: fail the step's requests instead.
+        let outputs = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step())) {
+            Ok(o) => o,
+            Err(panic) => {
+                let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                let msg = format!("internal error in the engine step: {}", msg.unwrap_or_default());
+                tracing::error!("{msg}");
+                let ids: Vec<RequestId> = ids_in_flight.iter().copied().collect();
+                let mut outs = vec![];
+                for id in ids {
+                    core.abort(id);
+                    let mut o = EngineOutput::error(id, msg.clone());
+                    o.finish = Some(FinishReason::Error(msg.clone()));
+                    outs.push(o);
+                }
+                // The error outputs answer these requests, not the abort notices.
+                core.drain_pending();
+                outs
+            }
+        };
+        for o in &outputs {
+            if o.finish.is_some() && !core.has_request(o.id) {
+                ids_in_flight.remove(&o.id);
+            }
+        }
+        sink(outputs, core.stats());
+        if shutdown {
+            return;
+        }
+    }
+}
