@@ -201,7 +201,8 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                 "ignore_merges": bpe_ignores_merges(&pre), "vocab": vocab, "merges": merges});
             let dec = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
-            (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, false)
+            // llama.cpp adds BOS by default for the Llama 3 family only.
+            (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, bpe_ignores_merges(&pre))
         }
         other => {
             return Err(ModelError::Tokenizer(format!(
