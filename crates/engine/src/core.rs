@@ -108,6 +108,75 @@ impl EngineStats {
     }
 }
 
+/// What a request is checked against; plain data, shared with the API layer so it can answer
+/// bad requests before they reach the engine.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub kv_capacity_tokens: usize,
+    pub hook_names: Arc<Vec<glassbox_protocol::HookName>>,
+}
+
+impl Limits {
+    /// Why a request cannot run, if it cannot.
+    pub fn validate(&self, req: &EngineRequest) -> Result<(), String> {
+        let p = &req.sampling;
+        let vocab = self.vocab_size;
+        if req.prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {t} is outside the vocabulary (size {vocab})"));
+        }
+        if req.prompt.len() >= self.max_model_len {
+            return Err(format!(
+                "this model's maximum context length is {} tokens, but the prompt has {} tokens (leave room for at least one generated token)",
+                self.max_model_len,
+                req.prompt.len()
+            ));
+        }
+        if req.prompt.len() + 1 > self.kv_capacity_tokens {
+            return Err(format!(
+                "the prompt needs {} tokens of KV cache but only {} fit; start with more --kv-cache-memory",
+                req.prompt.len() + 1,
+                self.kv_capacity_tokens
+            ));
+        }
+        if p.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if p.n == 0 {
+            return Err("n must be at least 1".into());
+        }
+        if p.min_tokens > p.max_tokens {
+            return Err(format!("min_tokens ({}) must not exceed max_tokens ({})", p.min_tokens, p.max_tokens));
+        }
+        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+            return Err("temperature must be a finite number >= 0".into());
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err("top_p must be in (0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err("min_p must be in [0, 1]".into());
+        }
+        if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+            return Err("repetition_penalty must be a finite number > 0".into());
+        }
+        if !p.presence_penalty.is_finite() || !p.frequency_penalty.is_finite() {
+            return Err("presence_penalty and frequency_penalty must be finite".into());
+        }
+        if let Some(spec) = &req.capture {
+            if let Some(bad) = spec.hooks.iter().find(|h| !self.hook_names.contains(h)) {
+                return Err(format!("this model has no hook point `{bad}`"));
+            }
+        }
+        Ok(())
+    }
+
+}
+
 /// Per-sequence state that is not the scheduler's.
 struct SeqRuntime {
     request: RequestId,
@@ -121,6 +190,7 @@ struct SeqRuntime {
 pub struct EngineCore {
     model: Arc<LoadedModel>,
     pub max_model_len: usize,
+    limits: Limits,
     sched: Scheduler,
     kv: KvStore,
     seqs: HashMap<SeqId, SeqRuntime>,
@@ -165,12 +235,19 @@ impl EngineCore {
                 "KV cache memory {bytes} bytes holds no block ({per_block} bytes each); give --kv-cache-memory more"
             )));
         }
+        let limits = Limits {
+            max_model_len,
+            vocab_size: mc.vocab_size,
+            kv_capacity_tokens: num_blocks * cfg.block_size,
+            hook_names: Arc::new(model.model.hook_names()),
+        };
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         Ok(EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
             kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row),
             model,
             max_model_len,
+            limits,
             seqs: HashMap::new(),
             requests: HashMap::new(),
             collector: CaptureCollector::default(),
@@ -211,66 +288,14 @@ impl EngineCore {
         }
     }
 
-    /// Why a request cannot run, if it cannot. The server checks this before accepting.
-    pub fn validate(&self, req: &EngineRequest) -> Result<(), String> {
-        let p = &req.sampling;
-        let vocab = self.model.model.cfg.vocab_size;
-        if req.prompt.is_empty() {
-            return Err("the prompt is empty".into());
-        }
-        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!("token id {t} is outside the vocabulary (size {vocab})"));
-        }
-        if req.prompt.len() >= self.max_model_len {
-            return Err(format!(
-                "this model's maximum context length is {} tokens, but the prompt has {} tokens (leave room for at least one generated token)",
-                self.max_model_len,
-                req.prompt.len()
-            ));
-        }
-        if req.prompt.len() + 1 > self.kv_capacity_tokens() {
-            return Err(format!(
-                "the prompt needs {} tokens of KV cache but only {} fit; start with more --kv-cache-memory",
-                req.prompt.len() + 1,
-                self.kv_capacity_tokens()
-            ));
-        }
-        if p.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
-        }
-        if p.n == 0 {
-            return Err("n must be at least 1".into());
-        }
-        if p.min_tokens > p.max_tokens {
-            return Err(format!("min_tokens ({}) must not exceed max_tokens ({})", p.min_tokens, p.max_tokens));
-        }
-        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-            return Err("temperature must be a finite number >= 0".into());
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err("top_p must be in (0, 1]".into());
-        }
-        if !(0.0..=1.0).contains(&p.min_p) {
-            return Err("min_p must be in [0, 1]".into());
-        }
-        if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
-            return Err("repetition_penalty must be a finite number > 0".into());
-        }
-        if !p.presence_penalty.is_finite() || !p.frequency_penalty.is_finite() {
-            return Err("presence_penalty and frequency_penalty must be finite".into());
-        }
-        if let Some(spec) = &req.capture {
-            let names = self.model.model.hook_names();
-            if let Some(bad) = spec.hooks.iter().find(|h| !names.contains(h)) {
-                return Err(format!("this model has no hook point `{bad}`"));
-            }
-        }
-        Ok(())
+    /// The limits requests are checked against (a copy the API layer can use).
+    pub fn limits(&self) -> Limits {
+        self.limits.clone()
     }
 
     /// Queue a request. A request that cannot run is answered with an error output.
     pub fn add_request(&mut self, req: EngineRequest) {
-        if let Err(msg) = self.validate(&req) {
+        if let Err(msg) = self.limits.validate(&req) {
             self.pending.push(EngineOutput::error(req.id, msg));
             return;
         }

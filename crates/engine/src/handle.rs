@@ -1,9 +1,11 @@
-//! Running `EngineCore` on its own thread. Commands go in over a bounded channel; each step's
-//! outputs (plain data) go to a sink the caller supplies. No state is shared.
+//! Running `EngineCore` on its own thread. Commands go in over a channel; each step's outputs
+//! (plain data) go to a sink the caller supplies. No state is shared. The channel is unbounded
+//! so that neither a submit nor an abort ever blocks the caller (an async runtime, say):
+//! admission limits belong to the API layer, which answers overload with 503.
 
 use crate::core::{EngineCore, EngineStats};
 use glassbox_protocol::{EngineOutput, EngineRequest, FinishReason, RequestId};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 pub enum EngineCommand {
@@ -14,26 +16,20 @@ pub enum EngineCommand {
 }
 
 pub struct EngineHandle {
-    tx: SyncSender<EngineCommand>,
+    tx: Sender<EngineCommand>,
     thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("the engine's queue is full")]
-    Full,
     #[error("the engine has stopped")]
     Stopped,
 }
 
 impl EngineHandle {
     /// Start the engine thread. `sink` receives every step's outputs and a stats snapshot.
-    pub fn spawn(
-        mut core: EngineCore,
-        queue: usize,
-        mut sink: impl FnMut(Vec<EngineOutput>, EngineStats) + Send + 'static,
-    ) -> EngineHandle {
-        let (tx, rx) = sync_channel::<EngineCommand>(queue.max(1));
+    pub fn spawn(mut core: EngineCore, mut sink: impl FnMut(Vec<EngineOutput>, EngineStats) + Send + 'static) -> EngineHandle {
+        let (tx, rx) = channel::<EngineCommand>();
         let thread = std::thread::Builder::new()
             .name("glassbox-engine".into())
             .spawn(move || run(&mut core, rx, &mut sink))
@@ -42,18 +38,20 @@ impl EngineHandle {
     }
 
     pub fn submit(&self, req: EngineRequest) -> Result<(), SubmitError> {
-        self.tx.try_send(EngineCommand::Add(req)).map_err(|e| match e {
-            TrySendError::Full(_) => SubmitError::Full,
-            TrySendError::Disconnected(_) => SubmitError::Stopped,
-        })
+        self.tx.send(EngineCommand::Add(req)).map_err(|_| SubmitError::Stopped)
     }
 
     pub fn abort(&self, id: RequestId) {
-        // Aborts must not be lost to a full queue: wait for room.
         let _ = self.tx.send(EngineCommand::Abort(id));
     }
 
-    pub fn shutdown(mut self) {
+    /// Ask the thread to abort everything, answer it, and stop (without waiting).
+    pub fn stop(&self) {
+        let _ = self.tx.send(EngineCommand::Shutdown);
+    }
+
+    /// Abort what is still running, answer it, and stop the thread; waits for it.
+    pub fn shutdown(&mut self) {
         let _ = self.tx.send(EngineCommand::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -10,6 +10,6 @@ pub mod llm;
 pub mod sampler;
 pub mod scheduler;
 
-pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory};
-pub use handle::{EngineCommand, EngineHandle};
+pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits};
+pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

@@ -1,12 +1,218 @@
-//! The OpenAI-compatible server (issue: `glassbox serve`).
-use clap::Args;
+//! The OpenAI-compatible HTTP server: axum handlers in front of the engine thread.
+//!
+//! Architecture invariant: handlers never touch engine state. They tokenize, validate against
+//! a copy of the engine's [`Limits`], submit plain requests, and read plain outputs that the
+//! router delivers by request id.
 
-#[derive(Args)]
+mod error;
+mod handlers;
+mod metrics;
+mod openai;
+mod router;
+
+pub use error::ApiError;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use glassbox_engine::{EngineConfig, EngineCore, EngineHandle, EngineStats, KvMemory, Limits};
+use glassbox_model::{ChatTemplate, LoadOptions, LoadedModel};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Args, Clone)]
 pub struct ServeArgs {
+    /// A .gguf file, a Hugging Face model directory, or a hub id in the local hub cache.
+    /// Default: SmolLM2-135M-Instruct (downloaded once).
     #[arg(long)]
     pub model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients use (default: the model file's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer <key>` on /v1 routes.
+    #[arg(long, env = "GLASSBOX_API_KEY")]
+    pub api_key: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + completion (default: the model's context length).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// KV cache size: a fraction of free memory (0.25) or a size (512MiB, 2GB).
+    #[arg(long, default_value = "0.25")]
+    pub kv_cache_memory: KvMemory,
+    /// Requests allowed to wait beyond the running ones before answering 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting_requests: usize,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before aborting them.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_period: u64,
+    /// Run GGUF weights dequantized to f32.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
-pub fn serve(_a: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`glassbox serve` is not built yet")
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub router: mpsc::UnboundedSender<router::RouterMsg>,
+    pub model: Arc<LoadedModel>,
+    pub chat_template: Option<ChatTemplate>,
+    pub limits: Limits,
+    pub served_name: String,
+    pub api_key: Option<String>,
+    pub next_id: AtomicU64,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: usize,
+    pub metrics: metrics::Metrics,
+    pub stats: watch::Receiver<EngineStats>,
+    pub created: u64,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve_async(args))
+}
+
+async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+    let source = glassbox_model::resolve(args.model.as_deref())?;
+    let opts = LoadOptions { dequantize: args.dequantize, ..Default::default() };
+    let model = Arc::new(glassbox_model::load(&source, opts).with_context(|| format!("loading {}", source.path().display()))?);
+    let cfg = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len: args.max_model_len,
+        kv_cache_memory: args.kv_cache_memory,
+        ..Default::default()
+    };
+    let core = EngineCore::new(model.clone(), cfg)?;
+    let limits = core.limits();
+    let mc = &model.model.cfg;
+    eprintln!(
+        "glassbox {}: loaded {} ({:?}, {} layers, d={}, vocab {}) from {}",
+        env!("CARGO_PKG_VERSION"),
+        model.name,
+        mc.arch,
+        mc.num_layers,
+        mc.hidden_size,
+        mc.vocab_size,
+        source.path().display()
+    );
+    eprintln!(
+        "KV cache: {} tokens fit; max model length {}, max {} sequences",
+        limits.kv_capacity_tokens,
+        limits.max_model_len,
+        args.max_num_seqs
+    );
+
+    let (router_tx, router_rx) = mpsc::unbounded_channel();
+    let (stats_tx, stats_rx) = watch::channel(core.stats());
+    tokio::spawn(router::run(router_rx, stats_tx));
+    let sink_tx = router_tx.clone();
+    let engine = EngineHandle::spawn(core, move |outs, stats| {
+        let _ = sink_tx.send(router::RouterMsg::Outputs(outs, stats));
+    });
+    let chat_template = match &model.chat_template {
+        Some(src) => match ChatTemplate::new(src) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("warning: the model's chat template does not parse ({e}); /v1/chat/completions will answer 400");
+                None
+            }
+        },
+        None => None,
+    };
+    let state = Arc::new(AppState {
+        engine,
+        router: router_tx,
+        served_name: args.served_model_name.clone().unwrap_or_else(|| model.name.clone()),
+        chat_template,
+        model,
+        limits,
+        api_key: args.api_key.clone(),
+        next_id: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: args.max_num_seqs + args.max_waiting_requests,
+        metrics: metrics::Metrics::default(),
+        stats: stats_rx,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    });
+
+    let app = app(state.clone(), args.max_body_bytes);
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    eprintln!("ready: serving `{}` on http://{local} (OpenAI API under /v1)", state.served_name);
+
+    let grace = Duration::from_secs(args.shutdown_grace_period);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        eprintln!("shutting down: no new requests; in-flight requests get {}s", grace.as_secs());
+        let _ = stop_tx.send(true);
+    });
+    // After the grace period, abort whatever still runs so open streams end.
+    let aborter = {
+        let state = state.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+            handlers::abort_all(&state);
+        })
+    };
+    server.await?;
+    aborter.abort();
+    eprintln!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/models", get(handlers::models))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(handlers::health))
+        .route("/version", get(handlers::version))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
 }

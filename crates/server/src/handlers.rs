@@ -1,0 +1,565 @@
+//! Route handlers. Completions and chat share one path: build engine requests, submit, then
+//! answer as JSON or as a server-sent event stream.
+
+use crate::error::ApiError;
+use crate::metrics::RequestTiming;
+use crate::openai::{ChatRequest, Common, CompletionRequest, DetokenizeRequest, Prompt, TokenizeRequest};
+use crate::router::RouterMsg;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use glassbox_model::ChatContext;
+use glassbox_protocol::{EngineOutput, EngineRequest, FinishReason, RequestId, SamplingParams, TokenLogprob};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// The body as JSON of type `T`, with OpenAI-style errors for what is wrong with it.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> AppResult<T> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("request body is too large")
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(ApiError::bad_request("the request body is not valid UTF-8"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+pub async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.served_name, "object": "model", "created": st.created, "owned_by": "glassbox",
+            "root": st.model.source.path().display().to_string(), "max_model_len": st.limits.max_model_len,
+        }]
+    }))
+}
+
+pub async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let stats = st.stats.borrow().clone();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render(&stats, &st.served_name))
+}
+
+pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let req: TokenizeRequest = parse(body)?;
+    let tokens = match (req.prompt, req.messages) {
+        (Some(p), None) => st.model.tokenizer.encode(&p, req.add_special_tokens)?,
+        (None, Some(m)) => {
+            let text = render_chat(&st, m, req.add_generation_prompt, None)?;
+            st.model.tokenizer.encode(&text, false)?
+        }
+        _ => return Err(ApiError::bad_request("give exactly one of `prompt` or `messages`")),
+    };
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": st.limits.max_model_len, "tokens": tokens})))
+}
+
+pub async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let req: DetokenizeRequest = parse(body)?;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= st.model.tokenizer.vocab_size()) {
+        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary")).param("tokens"));
+    }
+    Ok(Json(json!({"prompt": st.model.tokenizer.decode(&req.tokens, false)?})))
+}
+
+pub fn abort_all(st: &AppState) {
+    st.engine.stop();
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// What one HTTP request asks of the engine.
+struct Job {
+    kind: Kind,
+    prompts: Vec<Vec<u32>>,
+    sampling: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    /// Chat: logprobs on. Completions: `sampling.logprobs` says it.
+    chat_logprobs: bool,
+    echo: Vec<String>,
+}
+
+pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let req: CompletionRequest = parse(body)?;
+    check_model(&st, &req.common)?;
+    let prompts: Vec<Vec<u32>> = match req.prompt {
+        Prompt::Text(t) => vec![encode(&st, &t)?],
+        Prompt::Texts(ts) if !ts.is_empty() => ts.iter().map(|t| encode(&st, t)).collect::<AppResult<_>>()?,
+        Prompt::Tokens(t) => vec![t],
+        Prompt::TokenLists(ls) if !ls.is_empty() => ls,
+        _ => return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt")),
+    };
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt"));
+    }
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(k @ 0..=20) => Some(k as usize),
+        Some(_) => return Err(ApiError::bad_request("`logprobs` must be between 0 and 20").param("logprobs")),
+    };
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let sampling = sampling(&st, &req.common, req.common.max_tokens, longest, logprobs)?;
+    let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
+    run(st, Job { kind: Kind::Completion, prompts, stream: req.common.stream, include_usage: include_usage(&req.common), sampling, chat_logprobs: false, echo }).await
+}
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let req: ChatRequest = parse(body)?;
+    check_model(&st, &req.common)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
+    }
+    let text = render_chat(&st, req.messages, req.add_generation_prompt, req.chat_template_kwargs)?;
+    let prompt = st.model.tokenizer.encode(&text, false)?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (false, Some(_)) => return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`").param("top_logprobs")),
+        (true, Some(k @ 0..=20)) => Some(k as usize),
+        (true, None) => Some(0),
+        (true, Some(_)) => return Err(ApiError::bad_request("`top_logprobs` must be between 0 and 20").param("top_logprobs")),
+        (false, None) => None,
+    };
+    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+    let sampling = sampling(&st, &req.common, max_tokens, prompt.len(), logprobs)?;
+    let job = Job {
+        kind: Kind::Chat,
+        prompts: vec![prompt],
+        stream: req.common.stream,
+        include_usage: include_usage(&req.common),
+        sampling,
+        chat_logprobs: req.logprobs,
+        echo: vec![],
+    };
+    run(st, job).await
+}
+
+fn include_usage(c: &Common) -> bool {
+    c.stream_options.as_ref().is_some_and(|o| o.include_usage)
+}
+
+fn check_model(st: &AppState, c: &Common) -> AppResult<()> {
+    match &c.model {
+        Some(m) if *m != st.served_name => Err(ApiError::not_found(format!("The model `{m}` does not exist. This server serves `{}`.", st.served_name)).param("model")),
+        _ => Ok(()),
+    }
+}
+
+fn encode(st: &AppState, text: &str) -> AppResult<Vec<u32>> {
+    if text.is_empty() {
+        return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt"));
+    }
+    Ok(st.model.tokenizer.encode(text, true)?)
+}
+
+fn render_chat(st: &AppState, mut messages: Vec<Value>, add_generation_prompt: bool, kwargs: Option<serde_json::Map<String, Value>>) -> AppResult<String> {
+    let tmpl = st.chat_template.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions"))?;
+    for m in messages.iter_mut() {
+        let obj = m.as_object_mut().ok_or_else(|| ApiError::bad_request("each message must be an object").param("messages"))?;
+        if !obj.get("role").is_some_and(Value::is_string) {
+            return Err(ApiError::bad_request("each message needs a string `role`").param("messages"));
+        }
+        // Content parts [{"type": "text", "text": ...}] become one string.
+        if let Some(Value::Array(parts)) = obj.get("content") {
+            let text: String = parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect();
+            obj.insert("content".into(), Value::String(text));
+        }
+    }
+    let ctx = ChatContext {
+        add_generation_prompt,
+        bos_token: st.model.bos_token.clone(),
+        eos_token: st.model.eos_token.clone(),
+        vars: kwargs.unwrap_or_default(),
+    };
+    Ok(tmpl.render(&Value::Array(messages), &ctx)?)
+}
+
+/// OpenAI/vLLM fields to engine sampling parameters, with the checks vLLM makes.
+fn sampling(st: &AppState, c: &Common, max_tokens: Option<i64>, prompt_len: usize, logprobs: Option<usize>) -> AppResult<SamplingParams> {
+    let ctx = st.limits.max_model_len;
+    let max_tokens = match max_tokens {
+        None => ctx.saturating_sub(prompt_len).max(1),
+        Some(m) if m < 1 => return Err(ApiError::bad_request(format!("`max_tokens` must be at least 1, got {m}")).param("max_tokens")),
+        Some(m) => m as usize,
+    };
+    if prompt_len + max_tokens > ctx {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or completion.",
+            prompt_len.saturating_add(max_tokens)
+        ))
+        .param("max_tokens"));
+    }
+    let n = c.n.unwrap_or(1);
+    if !(1..=128).contains(&n) {
+        return Err(ApiError::bad_request(format!("`n` must be between 1 and 128, got {n}")).param("n"));
+    }
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(ApiError::bad_request(format!("`top_k` must be -1 (off) or positive, got {k}")).param("top_k")),
+    };
+    let min_tokens = match c.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 => m as usize,
+        Some(m) => return Err(ApiError::bad_request(format!("`min_tokens` must be >= 0, got {m}")).param("min_tokens")),
+    };
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(format!("`temperature` must be between 0 and 2, got {temperature}")).param("temperature"));
+    }
+    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
+        if let Some(v) = v {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::bad_request(format!("`{name}` must be between -2 and 2, got {v}")).param(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" }));
+            }
+        }
+    }
+    let p = SamplingParams {
+        temperature,
+        top_p: c.top_p.unwrap_or(1.0),
+        top_k,
+        min_p: c.min_p.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        seed: c.seed,
+        max_tokens,
+        min_tokens,
+        ignore_eos: c.ignore_eos,
+        stop: c.stop.clone().map(|s| s.into_vec()).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
+        stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
+        logprobs,
+        n: n as usize,
+    };
+    // The engine's own checks, answered here as 400.
+    let probe = EngineRequest { id: 0, prompt: vec![0], sampling: p.clone(), capture: None };
+    st.limits.validate(&probe).map_err(ApiError::bad_request)?;
+    Ok(p)
+}
+
+/// Aborts the engine requests if the handler (or its stream) is dropped before they finish:
+/// a client that disconnects frees its KV blocks at once.
+struct Inflight {
+    st: Arc<AppState>,
+    ids: Vec<RequestId>,
+    finished: bool,
+    started: Instant,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        if !self.finished {
+            for &id in &self.ids {
+                self.st.engine.abort(id);
+            }
+            self.st.metrics.record(RequestTiming {
+                ttft: None,
+                itl: vec![],
+                e2e: self.started.elapsed().as_secs_f64(),
+                finish: "abort",
+                prompt_tokens: 0,
+                generation_tokens: 0,
+            });
+        }
+        self.st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Per-choice accumulation and timing.
+struct Progress {
+    n: usize,
+    ids: Vec<RequestId>,
+    texts: Vec<String>,
+    finish: Vec<Option<FinishReason>>,
+    logprobs: Vec<Vec<TokenLogprob>>,
+    completion_tokens: Vec<usize>,
+    prompt_tokens: usize,
+    started: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    itl: Vec<f64>,
+    sent_role: Vec<bool>,
+}
+
+impl Progress {
+    fn choice(&self, o: &EngineOutput) -> usize {
+        let prompt_idx = self.ids.iter().position(|&i| i == o.id).unwrap_or(0);
+        prompt_idx * self.n + o.index
+    }
+
+    fn absorb(&mut self, o: &EngineOutput) -> usize {
+        let c = self.choice(o);
+        let now = Instant::now();
+        if !o.new_tokens.is_empty() {
+            match self.last {
+                None => self.first = Some(now),
+                Some(prev) => self.itl.push((now - prev).as_secs_f64()),
+            }
+            self.last = Some(now);
+        }
+        self.texts[c].push_str(&o.text);
+        self.logprobs[c].extend(o.logprobs.iter().cloned());
+        self.completion_tokens[c] = self.completion_tokens[c].max(o.completion_tokens);
+        if let Some(f) = &o.finish {
+            self.finish[c] = Some(f.clone());
+        }
+        c
+    }
+
+    fn done(&self) -> bool {
+        self.finish.iter().all(Option::is_some)
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self.completion_tokens.iter().sum();
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    }
+
+    fn record(&self, st: &AppState) {
+        let finish = self.finish.iter().flatten().map(FinishReason::as_str).max_by_key(|r| match *r {
+            "error" => 3,
+            "abort" => 2,
+            "length" => 1,
+            _ => 0,
+        });
+        st.metrics.record(RequestTiming {
+            ttft: self.first.map(|f| (f - self.started).as_secs_f64()),
+            itl: self.itl.clone(),
+            e2e: self.started.elapsed().as_secs_f64(),
+            finish: finish.unwrap_or("abort"),
+            prompt_tokens: self.prompt_tokens,
+            generation_tokens: self.completion_tokens.iter().sum(),
+        });
+    }
+}
+
+async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
+    if st.in_flight.fetch_add(1, Ordering::SeqCst) >= st.max_in_flight {
+        st.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::overloaded(format!("the server is at capacity ({} requests in flight); retry shortly", st.max_in_flight)));
+    }
+    let n = job.sampling.n;
+    let ids: Vec<RequestId> = job.prompts.iter().map(|_| st.next_id.fetch_add(1, Ordering::SeqCst)).collect();
+    let mut guard = Inflight { st: st.clone(), ids: ids.clone(), finished: false, started: Instant::now() };
+    for p in &job.prompts {
+        let probe = EngineRequest { id: 0, prompt: p.clone(), sampling: job.sampling.clone(), capture: None };
+        st.limits.validate(&probe).map_err(|m| ApiError::bad_request(m).param("prompt"))?;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    st.router.send(RouterMsg::Register(ids.clone(), n, tx)).map_err(|_| ApiError::internal("the router has stopped"))?;
+    for (id, prompt) in ids.iter().zip(&job.prompts) {
+        let req = EngineRequest { id: *id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: None };
+        st.engine.submit(req).map_err(|_| ApiError::overloaded("the engine is shutting down"))?;
+    }
+    let choices = ids.len() * n;
+    let mut prog = Progress {
+        n,
+        ids: ids.clone(),
+        texts: vec![String::new(); choices],
+        finish: vec![None; choices],
+        logprobs: vec![vec![]; choices],
+        completion_tokens: vec![0; choices],
+        prompt_tokens: job.prompts.iter().map(Vec::len).sum(),
+        started: Instant::now(),
+        first: None,
+        last: None,
+        itl: vec![],
+        sent_role: vec![false; choices],
+    };
+    let rid = match job.kind {
+        Kind::Completion => format!("cmpl-{:016x}", ids[0]),
+        Kind::Chat => format!("chatcmpl-{:016x}", ids[0]),
+    };
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+
+    if !job.stream {
+        while !prog.done() {
+            let Some(o) = rx.recv().await else { return Err(ApiError::internal("the engine stopped before answering")) };
+            if let (Some(FinishReason::Error(m)), 0) = (&o.finish, o.prompt_tokens) {
+                // Rejected before running: a bad request the checks above did not foresee.
+                return Err(ApiError::bad_request(m.clone()));
+            }
+            prog.absorb(&o);
+        }
+        guard.finished = true;
+        prog.record(&st);
+        let choices: Vec<Value> = (0..choices)
+            .map(|c| {
+                let text = match job.echo.get(c / n) {
+                    Some(e) => format!("{e}{}", prog.texts[c]),
+                    None => prog.texts[c].clone(),
+                };
+                full_choice(&st, &job, c, text, &prog.logprobs[c], prog.finish[c].as_ref())
+            })
+            .collect();
+        let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        return Ok(Json(json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices, "usage": prog.usage()})).into_response());
+    }
+
+    // Streaming: one event per engine output, then usage (if asked) and [DONE].
+    let st2 = st.clone();
+    let object = if job.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    // Phases: 0 streaming tokens, 1 usage sent (only [DONE] left), 2 done.
+    let stream = futures_util::stream::unfold((rx, prog, guard, 0u8, job), move |(mut rx, mut prog, mut guard, phase, job)| {
+        let st = st2.clone();
+        let rid = rid.clone();
+        async move {
+            let chunk = |choices: Value| json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices});
+            match phase {
+                2 => return None,
+                1 => return Some((Ok::<_, std::convert::Infallible>(Event::default().data("[DONE]")), (rx, prog, guard, 2, job))),
+                _ => {}
+            }
+            if prog.done() {
+                guard.finished = true;
+                prog.record(&st);
+                if job.include_usage {
+                    let mut c = chunk(json!([]));
+                    c["usage"] = prog.usage();
+                    return Some((Ok(Event::default().data(c.to_string())), (rx, prog, guard, 1, job)));
+                }
+                return Some((Ok(Event::default().data("[DONE]")), (rx, prog, guard, 2, job)));
+            }
+            let Some(o) = rx.recv().await else {
+                let err = json!({"error": {"message": "the engine stopped", "type": "internal_error", "code": 500}});
+                return Some((Ok(Event::default().data(err.to_string())), (rx, prog, guard, 1, job)));
+            };
+            let c = prog.absorb(&o);
+            let mut choice = stream_choice(&st, &job, &mut prog, c, &o);
+            if let Some(FinishReason::Error(m)) = &o.finish {
+                choice["error"] = json!({"message": m});
+            }
+            let mut ev = chunk(json!([choice]));
+            if job.include_usage {
+                ev["usage"] = Value::Null;
+            }
+            Some((Ok(Event::default().data(ev.to_string())), (rx, prog, guard, 0, job)))
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn finish_str(f: Option<&FinishReason>) -> Value {
+    f.map(|f| Value::String(f.as_str().to_string())).unwrap_or(Value::Null)
+}
+
+fn full_choice(st: &AppState, job: &Job, c: usize, text: String, lps: &[TokenLogprob], finish: Option<&FinishReason>) -> Value {
+    let mut choice = match job.kind {
+        Kind::Completion => json!({"index": c, "text": text, "logprobs": completion_logprobs(st, job, lps), "finish_reason": finish_str(finish)}),
+        Kind::Chat => json!({
+            "index": c, "message": {"role": "assistant", "content": text},
+            "logprobs": chat_logprobs(st, job, lps), "finish_reason": finish_str(finish),
+        }),
+    };
+    if let Some(FinishReason::Error(m)) = finish {
+        choice["error"] = json!({"message": m});
+    }
+    choice
+}
+
+fn stream_choice(st: &AppState, job: &Job, prog: &mut Progress, c: usize, o: &EngineOutput) -> Value {
+    match job.kind {
+        Kind::Completion => {
+            let mut text = o.text.clone();
+            if !prog.sent_role[c] {
+                prog.sent_role[c] = true;
+                if let Some(e) = job.echo.get(c / prog.n) {
+                    text = format!("{e}{text}");
+                }
+            }
+            json!({"index": c, "text": text, "logprobs": completion_logprobs(st, job, &o.logprobs), "finish_reason": finish_str(o.finish.as_ref())})
+        }
+        Kind::Chat => {
+            let delta = if prog.sent_role[c] {
+                json!({"content": o.text})
+            } else {
+                prog.sent_role[c] = true;
+                json!({"role": "assistant", "content": o.text})
+            };
+            json!({"index": c, "delta": delta, "logprobs": chat_logprobs(st, job, &o.logprobs), "finish_reason": finish_str(o.finish.as_ref())})
+        }
+    }
+}
+
+fn token_text(st: &AppState, id: u32) -> String {
+    st.model.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn completion_logprobs(st: &AppState, job: &Job, lps: &[TokenLogprob]) -> Value {
+    if job.sampling.logprobs.is_none() || job.kind != Kind::Completion {
+        return Value::Null;
+    }
+    let tokens: Vec<String> = lps.iter().map(|l| token_text(st, l.token)).collect();
+    let mut offset = 0;
+    let offsets: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let o = offset;
+            offset += t.len();
+            o
+        })
+        .collect();
+    json!({
+        "tokens": tokens,
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, p)| (token_text(st, *t), json!(p))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn chat_logprobs(st: &AppState, job: &Job, lps: &[TokenLogprob]) -> Value {
+    if !job.chat_logprobs {
+        return Value::Null;
+    }
+    let entry = |t: u32, p: f32| {
+        let text = token_text(st, t);
+        json!({"token": text, "logprob": p, "bytes": text.as_bytes()})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(l.token, l.logprob);
+            e["top_logprobs"] = Value::Array(l.top.iter().map(|(t, p)| entry(*t, *p)).collect());
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
