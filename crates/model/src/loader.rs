@@ -76,12 +76,16 @@ pub fn hub_cache_dir() -> Option<PathBuf> {
 /// `org/name[@revision]` in the hub cache layout: `models--org--name/snapshots/<commit>`,
 /// with `refs/<revision>` (default `main`) naming the commit.
 pub fn hub_snapshot(spec: &str) -> Option<PathBuf> {
+    hub_snapshot_in(&hub_cache_dir()?, spec)
+}
+
+pub fn hub_snapshot_in(cache: &Path, spec: &str) -> Option<PathBuf> {
     let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
     let (org, name) = id.split_once('/')?;
     if org.is_empty() || name.is_empty() || name.contains('/') {
         return None;
     }
-    let repo = hub_cache_dir()?.join(format!("models--{org}--{name}"));
+    let repo = cache.join(format!("models--{org}--{name}"));
     let commit = std::fs::read_to_string(repo.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());

@@ -269,9 +269,6 @@ fn sampling(st: &AppState, c: &Common, max_tokens: Option<i64>, prompt_len: usiz
         logprobs,
         n: n as usize,
     };
-    // The engine's own checks, answered here as 400.
-    let probe = EngineRequest { id: 0, prompt: vec![0], sampling: p.clone(), capture: None };
-    st.limits.validate(&probe).map_err(ApiError::bad_request)?;
     Ok(p)
 }
 
@@ -379,9 +376,10 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let n = job.sampling.n;
     let ids: Vec<RequestId> = job.prompts.iter().map(|_| st.next_id.fetch_add(1, Ordering::SeqCst)).collect();
     let mut guard = Inflight { st: st.clone(), ids: ids.clone(), finished: false, started: Instant::now() };
+    // The engine's own checks (the same `Limits`), answered here as 400.
     for p in &job.prompts {
         let probe = EngineRequest { id: 0, prompt: p.clone(), sampling: job.sampling.clone(), capture: None };
-        st.limits.validate(&probe).map_err(|m| ApiError::bad_request(m).param("prompt"))?;
+        st.limits.validate(&probe).map_err(ApiError::bad_request)?;
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     st.router.send(RouterMsg::Register(ids.clone(), n, tx)).map_err(|_| ApiError::internal("the router has stopped"))?;
