@@ -44,6 +44,9 @@ pub struct ThroughputArgs {
     /// Run GGUF weights dequantized to f32.
     #[arg(long)]
     pub dequantize: bool,
+    /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub batch_invariant: bool,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -61,7 +64,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.range_ratio) {
         bail!("--range-ratio must be in [0, 1)");
     }
-    let model = Arc::new(crate::commands::load_model(a.model.as_deref(), a.dequantize)?);
+    let model = Arc::new(crate::commands::load_model(a.model.as_deref(), a.dequantize, a.batch_invariant)?);
     let vocab = model.model.cfg.vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let vary = |len: usize, rng: &mut rand_chacha::ChaCha8Rng| {
@@ -131,6 +134,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "max_num_seqs": a.max_num_seqs,
+        "batch_invariant": a.batch_invariant,
         "prefix_cache_hit_rate": stats.prefix_hit_rate(),
         "preemptions": stats.preemptions,
         "prompt_tokens_computed": stats.prompt_tokens_computed,

@@ -45,13 +45,13 @@ pub struct GenerateArgs {
     pub dequantize: bool,
 }
 
-pub fn load_model(model: Option<&str>, dequantize: bool) -> Result<LoadedModel> {
+pub fn load_model(model: Option<&str>, dequantize: bool, batch_invariant: bool) -> Result<LoadedModel> {
     let source = resolve(model)?;
-    load(&source, LoadOptions { dequantize, ..Default::default() }).with_context(|| format!("loading {}", source.path().display()))
+    load(&source, LoadOptions { dequantize, batch_invariant }).with_context(|| format!("loading {}", source.path().display()))
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let model = Arc::new(load_model(a.model.as_deref(), a.dequantize)?);
+    let model = Arc::new(load_model(a.model.as_deref(), a.dequantize, true)?);
     let capture = if a.capture.is_empty() {
         None
     } else {

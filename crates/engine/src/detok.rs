@@ -84,3 +84,51 @@ fn floor_char(s: &str, mut i: usize) -> usize {
     }
     i
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn stories_tokenizer() -> Tokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
+        Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+    }
+
+    #[test]
+    fn never_emits_half_a_character() {
+        // stories260K's 512-token vocabulary spells the llama with byte-fallback tokens.
+        let tok = stories_tokenizer();
+        let ids = tok.encode("a 🦙 b", false).unwrap();
+        assert!(ids.len() >= 6, "{ids:?}");
+        let mut d = Detokenizer::new(vec![]);
+        let mut pieces = vec![];
+        for &id in &ids {
+            d.push(&tok, id);
+            pieces.push(d.take(false));
+        }
+        pieces.push(d.take(true));
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        assert_eq!(pieces.concat(), "a 🦙 b");
+    }
+
+    #[test]
+    fn holds_back_what_a_stop_string_may_claim() {
+        let tok = stories_tokenizer();
+        let mut d = Detokenizer::new(vec!["girl named".into()]);
+        let mut out = String::new();
+        let mut stopped = false;
+        for id in tok.encode("there was a little girl named Lily", false).unwrap() {
+            if let StopMatch::Stop = d.push(&tok, id) {
+                stopped = true;
+                break;
+            }
+            out.push_str(&d.take(false));
+            // "girl" could still become "girl named": it must not have left yet.
+            assert!(!out.contains("gir"), "{out:?}");
+        }
+        out.push_str(&d.take(true));
+        assert!(stopped);
+        assert_eq!(out, "there was a little ");
+    }
+}

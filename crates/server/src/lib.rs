@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Run GGUF weights dequantized to f32.
     #[arg(long)]
     pub dequantize: bool,
+    /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub batch_invariant: bool,
 }
 
 pub struct AppState {
@@ -87,7 +90,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     let source = glassbox_model::resolve(args.model.as_deref())?;
-    let opts = LoadOptions { dequantize: args.dequantize, ..Default::default() };
+    let opts = LoadOptions { dequantize: args.dequantize, batch_invariant: args.batch_invariant };
     let model = Arc::new(glassbox_model::load(&source, opts).with_context(|| format!("loading {}", source.path().display()))?);
     let cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
