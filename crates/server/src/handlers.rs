@@ -335,8 +335,19 @@ impl Progress {
         self.texts[c].push_str(&o.text);
         self.logprobs[c].extend(o.logprobs.iter().cloned());
         self.completion_tokens[c] = self.completion_tokens[c].max(o.completion_tokens);
-        if let Some(f) = &o.finish {
-            self.finish[c] = Some(f.clone());
+        match &o.finish {
+            // The engine fails a whole request at once (and the router stops routing it):
+            // every choice of that prompt ends with the error.
+            Some(FinishReason::Error(_)) => {
+                let first = c - o.index;
+                for f in &mut self.finish[first..first + self.n] {
+                    if f.is_none() {
+                        *f = o.finish.clone();
+                    }
+                }
+            }
+            Some(f) => self.finish[c] = Some(f.clone()),
+            None => {}
         }
         c
     }
@@ -411,10 +422,6 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     if !job.stream {
         while !prog.done() {
             let Some(o) = rx.recv().await else { return Err(ApiError::internal("the engine stopped before answering")) };
-            if let (Some(FinishReason::Error(m)), 0) = (&o.finish, o.prompt_tokens) {
-                // Rejected before running: a bad request the checks above did not foresee.
-                return Err(ApiError::bad_request(m.clone()));
-            }
             prog.absorb(&o);
         }
         guard.finished = true;
