@@ -157,7 +157,7 @@ fn gemma3_dequantized_matches_reference() {
 /// llama.cpp does) against the reference logits: mean KL(reference || ours) over every position,
 /// and greedy decoding compared token for token (differences are printed, not failed: the
 /// reference was computed on dequantized weights with float activations).
-fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64) {
+fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64, greedy_must_agree: bool) {
     let m = load(&source, LoadOptions::default()).unwrap();
     let mut kls = vec![];
     for case in cases(reference) {
@@ -188,6 +188,9 @@ fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64) {
             expect.len(),
             m.tokenizer.decode(&got, false).unwrap()
         );
+        if greedy_must_agree {
+            assert_eq!(got, expect, "{reference}/{}: quantized greedy continuation", case.name);
+        }
     }
     let mean = kls.iter().sum::<f64>() / kls.len() as f64;
     let max = kls.iter().cloned().fold(0.0, f64::max);
@@ -195,12 +198,19 @@ fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64) {
     assert!(mean <= max_mean_kl, "{reference}: mean KL {mean:.3e} > {max_mean_kl:.0e}");
 }
 
+/// Measured: mean KL 5.5e-4 (max 3.6e-3); every greedy continuation identical. (Q4_1 runs
+/// dequantized, see weights.rs; the Q8_0 output projection quantizes activations.)
 #[test]
 fn smollm2_quantized_path_kl() {
-    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 1e-2);
+    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 2e-3, true);
 }
 
+/// Measured: mean KL 6.2e-3 (max 2.0e-2). `chat_capital` agrees on all 12 tokens; the
+/// open-ended `hello` ("Hello" -> ",") agrees on the first token and then picks another
+/// continuation: the Q4_K/Q6_K/Q8_0 matmuls quantize activations to 8 bits (as llama.cpp
+/// does), and after "Hello," the model's top choices are close. The dequantized path
+/// reproduces the reference exactly (gemma3_dequantized_matches_reference).
 #[test]
 fn gemma3_quantized_path_kl() {
-    check_quantized(ModelSource::Gguf(glassbox_model::fetch::GEMMA3_270M.ensure().unwrap()), "gemma-3-270m-it", 1e-2);
+    check_quantized(ModelSource::Gguf(glassbox_model::fetch::GEMMA3_270M.ensure().unwrap()), "gemma-3-270m-it", 1.5e-2, false);
 }
