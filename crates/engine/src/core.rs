@@ -447,7 +447,7 @@ impl EngineCore {
             let seq = &self.sched.seqs[&s.id];
             let (prompt_len, total) = (seq.prompt_len, seq.tokens.len());
             let cached = seq.cached_tokens;
-            let rt = self.seqs.get_mut(&s.id).expect("scheduled sequence has runtime state");
+            let Some(rt) = self.seqs.get_mut(&s.id) else { continue };
             let p = rt.sampler.params().clone();
             let mut banned = vec![];
             if rt.generated < p.min_tokens {

@@ -28,13 +28,10 @@ pub enum SubmitError {
 
 impl EngineHandle {
     /// Start the engine thread. `sink` receives every step's outputs and a stats snapshot.
-    pub fn spawn(mut core: EngineCore, mut sink: impl FnMut(Vec<EngineOutput>, EngineStats) + Send + 'static) -> EngineHandle {
+    pub fn spawn(mut core: EngineCore, mut sink: impl FnMut(Vec<EngineOutput>, EngineStats) + Send + 'static) -> std::io::Result<EngineHandle> {
         let (tx, rx) = channel::<EngineCommand>();
-        let thread = std::thread::Builder::new()
-            .name("glassbox-engine".into())
-            .spawn(move || run(&mut core, rx, &mut sink))
-            .expect("spawning the engine thread");
-        EngineHandle { tx, thread: Some(thread) }
+        let thread = std::thread::Builder::new().name("glassbox-engine".into()).spawn(move || run(&mut core, rx, &mut sink))?;
+        Ok(EngineHandle { tx, thread: Some(thread) })
     }
 
     pub fn submit(&self, req: EngineRequest) -> Result<(), SubmitError> {

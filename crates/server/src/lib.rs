@@ -125,7 +125,8 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     let sink_tx = router_tx.clone();
     let engine = EngineHandle::spawn(core, move |outs, stats| {
         let _ = sink_tx.send(router::RouterMsg::Outputs(outs, stats));
-    });
+    })
+    .context("starting the engine thread")?;
     let chat_template = match &model.chat_template {
         Some(src) => match ChatTemplate::new(src) {
             Ok(t) => Some(t),
