@@ -319,3 +319,47 @@ fn bad_requests_become_error_outputs() {
     assert!(reasons[4].contains("blocks.40.attn.hook_q"));
     assert_eq!(reasons[5], "Some(Length)");
 }
+
+#[test]
+fn engine_thread_answers_every_request_once() {
+    use glassbox_engine::{EngineCore, EngineHandle};
+    let model = stories();
+    // Request 3 asks for 40000 tokens: it cannot finish before the shutdown below.
+    let core = EngineCore::new(model.clone(), cfg(|c| c.max_model_len = Some(50_000))).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut handle = EngineHandle::spawn(core, move |outs, stats| {
+        let _ = tx.send((outs, stats));
+    })
+    .unwrap();
+    let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
+    for id in 0..4 {
+        let sampling = SamplingParams { ignore_eos: true, ..greedy(if id == 3 { 40_000 } else { 5 }) };
+        handle.submit(EngineRequest { id, prompt: prompt.clone(), sampling, capture: None }).unwrap();
+    }
+    handle.submit(EngineRequest { id: 9, prompt: vec![], sampling: greedy(5), capture: None }).unwrap();
+    let mut finished = std::collections::BTreeMap::new();
+    let mut last = None;
+    while finished.len() < 4 {
+        let (outs, stats) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("engine thread answers");
+        for o in outs {
+            if let Some(f) = o.finish {
+                assert!(finished.insert(o.id, f).is_none(), "request {} finished twice", o.id);
+            }
+        }
+        last = Some(stats);
+    }
+    // The long request is still running; shutting down aborts and answers it.
+    handle.shutdown();
+    for (outs, stats) in rx.try_iter() {
+        for o in outs {
+            if let Some(f) = o.finish {
+                assert!(finished.insert(o.id, f).is_none(), "request {} finished twice", o.id);
+            }
+        }
+        last = Some(stats);
+    }
+    assert_eq!(finished.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 9]);
+    assert_eq!(finished[&3], FinishReason::Abort);
+    assert!(matches!(finished[&9], FinishReason::Error(_)));
+    assert_eq!(last.unwrap().kv_blocks_used, 0);
+}
