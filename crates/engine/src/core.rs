@@ -267,6 +267,11 @@ impl EngineCore {
         self.sched.pool.num_blocks() * self.sched.block_size()
     }
 
+    /// Ids of the requests the engine holds.
+    pub fn request_ids(&self) -> Vec<RequestId> {
+        self.requests.keys().copied().collect()
+    }
+
     /// Is any sequence of this request still in the engine?
     pub fn has_request(&self, id: RequestId) -> bool {
         self.requests.contains_key(&id)

@@ -4,7 +4,7 @@
 //! admission limits belong to the API layer, which answers overload with 503.
 
 use crate::core::{EngineCore, EngineStats};
-use glassbox_protocol::{EngineOutput, EngineRequest, FinishReason, RequestId};
+use glassbox_protocol::{EngineOutput, EngineRequest, RequestId};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
@@ -57,22 +57,18 @@ impl EngineHandle {
 }
 
 fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(Vec<EngineOutput>, EngineStats)) {
-    let mut ids_in_flight = std::collections::HashSet::new();
     loop {
         let first = if core.has_work() { rx.try_recv().ok() } else { rx.recv().ok().or(Some(EngineCommand::Shutdown)) };
         let mut shutdown = false;
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
-                EngineCommand::Add(r) => {
-                    ids_in_flight.insert(r.id);
-                    core.add_request(r)
-                }
+                EngineCommand::Add(r) => core.add_request(r),
                 EngineCommand::Abort(id) => core.abort(id),
                 EngineCommand::Shutdown => shutdown = true,
             }
         }
         if shutdown {
-            for id in ids_in_flight.drain() {
+            for id in core.request_ids() {
                 core.abort(id);
             }
         }
@@ -83,24 +79,15 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                 let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
                 let msg = format!("internal error in the engine step: {}", msg.unwrap_or_default());
                 tracing::error!("{msg}");
-                let ids: Vec<RequestId> = ids_in_flight.iter().copied().collect();
-                let mut outs = vec![];
-                for id in ids {
+                let ids = core.request_ids();
+                for &id in &ids {
                     core.abort(id);
-                    let mut o = EngineOutput::error(id, msg.clone());
-                    o.finish = Some(FinishReason::Error(msg.clone()));
-                    outs.push(o);
                 }
                 // The error outputs answer these requests, not the abort notices.
                 core.drain_pending();
-                outs
+                ids.into_iter().map(|id| EngineOutput::error(id, msg.clone())).collect()
             }
         };
-        for o in &outputs {
-            if o.finish.is_some() && !core.has_request(o.id) {
-                ids_in_flight.remove(&o.id);
-            }
-        }
         sink(outputs, core.stats());
         if shutdown {
             return;
