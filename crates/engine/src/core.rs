@@ -465,9 +465,8 @@ impl EngineCore {
             let token = sampled.token;
             rt.generated += 1;
             let stop_hit = matches!(rt.detok.push(&self.model.tokenizer, token), StopMatch::Stop);
-            let finish = if !p.ignore_eos && eos.contains(&token) {
-                Some(FinishReason::Stop)
-            } else if p.stop_token_ids.contains(&token) || stop_hit {
+            let eos_hit = !p.ignore_eos && eos.contains(&token);
+            let finish = if eos_hit || p.stop_token_ids.contains(&token) || stop_hit {
                 Some(FinishReason::Stop)
             } else if rt.generated >= p.max_tokens || total + 1 >= self.max_model_len {
                 Some(FinishReason::Length)

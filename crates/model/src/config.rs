@@ -229,10 +229,10 @@ impl ModelConfig {
 
     fn validate(self) -> Result<Self> {
         let bad = |m: String| Err(ModelError::BadConfig(m));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!("{} heads cannot share {} kv heads", self.num_heads, self.num_kv_heads));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
         if self.sliding_layers.len() != self.num_layers {

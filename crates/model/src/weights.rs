@@ -123,7 +123,7 @@ impl<'a> Vb<'a> {
                 .to_dtype(DType::F32)?,
             WeightFiles::Gguf { .. } => self.qtensor(&full)?.dequantize(&Device::Cpu)?,
         };
-        check_shape(&full, &t.dims().to_vec(), shape)?;
+        check_shape(&full, t.dims(), shape)?;
         Ok(t)
     }
 
@@ -159,7 +159,7 @@ impl<'a> Vb<'a> {
             WeightFiles::Safetensors { .. } => LinearWeight::Dense(Arc::new(to_vec(&lin.tensor("weight", &[out, inp])?)?)),
             WeightFiles::Gguf { arch, .. } => {
                 let q = self.qtensor(&full)?;
-                check_shape(&full, &q.shape().dims().to_vec(), &[out, inp])?;
+                check_shape(&full, q.shape().dims(), &[out, inp])?;
                 let q = match heads {
                     Some(heads) if *arch == Arch::Llama => unpermute_rows(&q, heads)?,
                     _ => q,
@@ -230,7 +230,7 @@ pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
 fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     let dims = q.shape().dims().to_vec();
     let (rows, cols) = (dims[0], dims[1]);
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::BadConfig(format!("cannot un-permute {rows} rows over {heads} heads")));
     }
     let dh = rows / heads;
@@ -265,7 +265,7 @@ fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
 fn batch_invariant_in_candle(dtype: GgmlDType, k: usize) -> bool {
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
-        GgmlDType::Q8_0 => k % 256 != 0,
+        GgmlDType::Q8_0 => !k.is_multiple_of(256),
         _ => false,
     }
 }

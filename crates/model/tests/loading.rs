@@ -106,7 +106,7 @@ fn gguf_quantized_types_from_the_reference_model() {
             let t = content.tensor(&mut std::io::Cursor::new(&mmap[..]), name, &Device::Cpu).unwrap();
             let dense = t.dequantize(&Device::Cpu).unwrap();
             // Matrices whose rows fit the block size get the type; norms stay f32.
-            let q = if dense.rank() == 2 && dense.dim(1).unwrap() % dtype.block_size() == 0 {
+            let q = if dense.rank() == 2 && dense.dim(1).unwrap().is_multiple_of(dtype.block_size()) {
                 QTensor::quantize(&dense, dtype).unwrap()
             } else {
                 QTensor::quantize(&dense, GgmlDType::F32).unwrap()
