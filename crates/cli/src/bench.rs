@@ -87,7 +87,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     let input_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let cfg = EngineConfig {
         max_num_seqs: a.max_num_seqs,
-        max_num_batched_tokens: a.max_num_batched_tokens.max(a.input_len + a.prefix_len),
+        max_num_batched_tokens: a.max_num_batched_tokens,
         kv_cache_memory: a.kv_cache_memory,
         seed: a.seed,
         ..Default::default()

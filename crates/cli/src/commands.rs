@@ -60,8 +60,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let prompt = if a.chat {
         let messages = serde_json::json!([{"role": "user", "content": a.prompt}]);
-        let ctx = ChatContext { add_generation_prompt: true, bos_token: model.bos_token.clone(), eos_token: model.eos_token.clone(), ..Default::default() };
-        let text = model.chat_template()?.render(&messages, &ctx)?;
+        let text = model.chat_template()?.render(&messages, &model.chat_context(true))?;
         model.tokenizer.encode(&text, false)?
     } else {
         model.tokenizer.encode(&a.prompt, true)?

@@ -174,7 +174,6 @@ impl Limits {
         }
         Ok(())
     }
-
 }
 
 /// Per-sequence state that is not the scheduler's.
@@ -189,7 +188,6 @@ struct SeqRuntime {
 
 pub struct EngineCore {
     model: Arc<LoadedModel>,
-    pub max_model_len: usize,
     limits: Limits,
     sched: Scheduler,
     kv: KvStore,
@@ -246,7 +244,6 @@ impl EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
             kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row),
             model,
-            max_model_len,
             limits,
             seqs: HashMap::new(),
             requests: HashMap::new(),
@@ -264,7 +261,7 @@ impl EngineCore {
 
     /// Tokens the KV cache can hold.
     pub fn kv_capacity_tokens(&self) -> usize {
-        self.sched.pool.num_blocks() * self.sched.block_size()
+        self.limits.kv_capacity_tokens
     }
 
     /// Ids of the requests the engine holds.
@@ -468,7 +465,7 @@ impl EngineCore {
             let eos_hit = !p.ignore_eos && eos.contains(&token);
             let finish = if eos_hit || p.stop_token_ids.contains(&token) || stop_hit {
                 Some(FinishReason::Stop)
-            } else if rt.generated >= p.max_tokens || total + 1 >= self.max_model_len {
+            } else if rt.generated >= p.max_tokens || total + 1 >= self.limits.max_model_len {
                 Some(FinishReason::Length)
             } else {
                 None

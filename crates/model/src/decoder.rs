@@ -229,7 +229,7 @@ impl Attention {
         let window = if sliding { cfg.sliding_window } else { None };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window };
         let want_pattern = hooks.wants(name(Site::Pattern));
-        let (qf, kf, vf) = (flat(&q)?, flat(&k)?, flat(&v)?);
+        let (qf, kf, vf) = (to_vec(&q)?, to_vec(&k)?, to_vec(&v)?);
         let (qrow, kvrow) = (h * dh, kvh * dh);
         let mut z = Vec::with_capacity(n * qrow);
         for (s, seq) in layout.seqs.iter().enumerate() {
@@ -247,11 +247,6 @@ impl Attention {
         let z = hooks.hook(name(Site::Z), Tensor::from_vec(z, (n, h, dh), &Device::Cpu)?, layout)?;
         self.o.forward(&z.reshape((n, h * dh))?)
     }
-}
-
-/// The tensor's elements in row-major order.
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Mlp {

@@ -6,7 +6,7 @@
 
 use crate::batch::BatchLayout;
 use crate::error::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, HookName, Site};
 use std::collections::HashMap;
 
@@ -241,9 +241,9 @@ fn assemble(hook: HookName, chunks: Vec<Chunk>, which: CapturePositions, prompt_
     } else {
         let all = Tensor::cat(&parts, row_dim)?.contiguous()?;
         let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), all.device())?;
-        let sel = all.index_select(&idx, row_dim)?.to_dtype(DType::F32)?;
+        let sel = all.index_select(&idx, row_dim)?;
         let shape = sel.dims().to_vec();
-        let flat: Vec<f32> = sel.flatten_all()?.to_vec1()?;
+        let flat = crate::weights::to_vec(&sel)?;
         (flat.iter().flat_map(|v| v.to_le_bytes()).collect(), shape)
     };
     Ok(Capture {

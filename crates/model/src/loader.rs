@@ -113,6 +113,16 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The template variables this model supplies (its BOS/EOS tokens).
+    pub fn chat_context(&self, add_generation_prompt: bool) -> crate::chat::ChatContext {
+        crate::chat::ChatContext {
+            add_generation_prompt,
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+            vars: Default::default(),
+        }
+    }
+
     pub fn chat_template(&self) -> Result<ChatTemplate> {
         let src = self.chat_template.as_deref().ok_or_else(|| {
             ModelError::ChatTemplate("this model has no chat template; pass one with --chat-template".into())

@@ -292,7 +292,7 @@ impl Linear {
             LinearWeight::Dense(w) => {
                 let (m, k) = x.dims2()?;
                 let n = w.len() / k;
-                let out = crate::kernels::matmul_bt(&x.flatten_all()?.to_vec1::<f32>()?, w, m, k, n);
+                let out = crate::kernels::matmul_bt(&to_vec(x)?, w, m, k, n);
                 Tensor::from_vec(out, (m, n), &Device::Cpu)?
             }
             LinearWeight::Quant { q, rowwise: false } => q.forward(x)?,

@@ -203,12 +203,7 @@ fn render_chat(st: &AppState, mut messages: Vec<Value>, add_generation_prompt: b
             obj.insert("content".into(), Value::String(text));
         }
     }
-    let ctx = ChatContext {
-        add_generation_prompt,
-        bos_token: st.model.bos_token.clone(),
-        eos_token: st.model.eos_token.clone(),
-        vars: kwargs.unwrap_or_default(),
-    };
+    let ctx = ChatContext { vars: kwargs.unwrap_or_default(), ..st.model.chat_context(add_generation_prompt) };
     Ok(tmpl.render(&Value::Array(messages), &ctx)?)
 }
 
@@ -380,22 +375,25 @@ impl Progress {
 }
 
 async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
+    let n = job.sampling.n;
+    let ids: Vec<RequestId> = job.prompts.iter().map(|_| st.next_id.fetch_add(1, Ordering::SeqCst)).collect();
+    let requests: Vec<EngineRequest> = ids
+        .iter()
+        .zip(&job.prompts)
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: None })
+        .collect();
+    // The engine's own checks (the same `Limits`), answered here as 400.
+    for r in &requests {
+        st.limits.validate(r).map_err(ApiError::bad_request)?;
+    }
     if st.in_flight.fetch_add(1, Ordering::SeqCst) >= st.max_in_flight {
         st.in_flight.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::overloaded(format!("the server is at capacity ({} requests in flight); retry shortly", st.max_in_flight)));
     }
-    let n = job.sampling.n;
-    let ids: Vec<RequestId> = job.prompts.iter().map(|_| st.next_id.fetch_add(1, Ordering::SeqCst)).collect();
     let mut guard = Inflight { st: st.clone(), ids: ids.clone(), finished: false, started: Instant::now() };
-    // The engine's own checks (the same `Limits`), answered here as 400.
-    for p in &job.prompts {
-        let probe = EngineRequest { id: 0, prompt: p.clone(), sampling: job.sampling.clone(), capture: None };
-        st.limits.validate(&probe).map_err(ApiError::bad_request)?;
-    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     st.router.send(RouterMsg::Register(ids.clone(), n, tx)).map_err(|_| ApiError::internal("the router has stopped"))?;
-    for (id, prompt) in ids.iter().zip(&job.prompts) {
-        let req = EngineRequest { id: *id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: None };
+    for req in requests {
         st.engine.submit(req).map_err(|_| ApiError::overloaded("the engine is shutting down"))?;
     }
     let choices = ids.len() * n;
@@ -407,7 +405,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         logprobs: vec![vec![]; choices],
         completion_tokens: vec![0; choices],
         prompt_tokens: job.prompts.iter().map(Vec::len).sum(),
-        started: Instant::now(),
+        started: guard.started,
         first: None,
         last: None,
         itl: vec![],
