@@ -5,7 +5,9 @@
 //!
 //! Prefix caching as in vLLM v1: a full block is named by the hash of its tokens and its
 //! parent's hash. Blocks nobody references stay cached in an LRU free queue until the space is
-//! needed.
+//! needed. The 64-bit hash only finds a candidate: a hit is taken only if the block's tokens,
+//! salt and parent block are the ones asked for, so a crafted collision can never serve one
+//! prompt another prompt's KV.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -16,9 +18,19 @@ pub type BlockHash = u64;
 #[derive(Clone, Debug, Default)]
 struct Block {
     refs: u32,
-    hash: Option<BlockHash>,
+    /// What the block holds, once it is full and registered.
+    cached_as: Option<CachedKey>,
     /// Position in the free queue, while free.
     free_stamp: Option<u64>,
+}
+
+/// Exactly what a cached block holds: checked on every hit.
+#[derive(Clone, Debug, PartialEq)]
+struct CachedKey {
+    hash: BlockHash,
+    parent: Option<BlockId>,
+    salt: u64,
+    tokens: Vec<u32>,
 }
 
 /// All blocks of the cache.
@@ -87,9 +99,9 @@ impl BlockPool {
             let (_, b) = self.free.pop_first()?;
             let block = &mut self.blocks[b as usize];
             block.free_stamp = None;
-            if let Some(h) = block.hash.take() {
-                if self.cached.get(&h) == Some(&b) {
-                    self.cached.remove(&h);
+            if let Some(key) = block.cached_as.take() {
+                if self.cached.get(&key.hash) == Some(&b) {
+                    self.cached.remove(&key.hash);
                 }
             }
             block.refs = 1;
@@ -110,11 +122,20 @@ impl BlockPool {
         }
     }
 
-    /// The longest run of cached full blocks for these block hashes; each is referenced.
-    pub fn lookup_prefix(&mut self, hashes: &[BlockHash]) -> Vec<BlockId> {
-        let mut hit = Vec::new();
-        for h in hashes {
+    /// The longest run of cached full blocks for `tokens` (whose block hashes are `hashes`);
+    /// each block found is referenced. A block counts only if it holds exactly these tokens,
+    /// with this salt, after the block found before it.
+    pub fn lookup_prefix(&mut self, hashes: &[BlockHash], tokens: &[u32], salt: u64) -> Vec<BlockId> {
+        let mut hit: Vec<BlockId> = Vec::new();
+        for (h, chunk) in hashes.iter().zip(tokens.chunks_exact(self.block_size)) {
             let Some(&b) = self.cached.get(h) else { break };
+            let same = self.blocks[b as usize]
+                .cached_as
+                .as_ref()
+                .is_some_and(|k| k.parent == hit.last().copied() && k.salt == salt && k.tokens == chunk);
+            if !same {
+                break;
+            }
             self.take_from_free(b);
             self.blocks[b as usize].refs += 1;
             hit.push(b);
@@ -128,13 +149,14 @@ impl BlockPool {
         self.prefix_hits += found as u64;
     }
 
-    /// Record that block `b` now holds the full block named `hash`.
-    pub fn register(&mut self, b: BlockId, hash: BlockHash) {
+    /// Record that block `b` now holds the full block `tokens` (named `hash`), after block
+    /// `parent` of the same sequence.
+    pub fn register(&mut self, b: BlockId, hash: BlockHash, parent: Option<BlockId>, tokens: &[u32], salt: u64) {
         let block = &mut self.blocks[b as usize];
-        if block.hash.is_some() {
+        if block.cached_as.is_some() {
             return;
         }
-        block.hash = Some(hash);
+        block.cached_as = Some(CachedKey { hash, parent, salt, tokens: tokens.to_vec() });
         self.cached.entry(hash).or_insert(b);
     }
 
@@ -178,23 +200,44 @@ mod tests {
     #[test]
     fn cached_blocks_survive_until_space_is_needed() {
         let mut pool = BlockPool::new(4, 2);
-        let hashes = block_hashes(&[1, 2, 3, 4, 5], 2, 0);
+        let tokens = [1, 2, 3, 4, 5];
+        let hashes = block_hashes(&tokens, 2, 0);
         assert_eq!(hashes.len(), 2);
         let a = pool.allocate(3).unwrap();
-        pool.register(a[0], hashes[0]);
-        pool.register(a[1], hashes[1]);
+        pool.register(a[0], hashes[0], None, &tokens[0..2], 0);
+        pool.register(a[1], hashes[1], Some(a[0]), &tokens[2..4], 0);
         pool.free(&a);
         assert_eq!(pool.num_free(), 4);
         // Same prefix: both full blocks come back.
-        assert_eq!(pool.lookup_prefix(&hashes), vec![a[0], a[1]]);
+        assert_eq!(pool.lookup_prefix(&hashes, &tokens, 0), vec![a[0], a[1]]);
         assert_eq!(pool.num_free(), 2);
         pool.free(&[a[0], a[1]]);
         // Allocating everything evicts the cache.
         let all = pool.allocate(4).unwrap();
         assert_eq!(all.len(), 4);
         pool.free(&all);
-        assert!(pool.lookup_prefix(&hashes).is_empty());
+        assert!(pool.lookup_prefix(&hashes, &tokens, 0).is_empty());
         assert!(pool.allocate(5).is_none());
+    }
+
+    #[test]
+    fn a_hash_collision_is_never_a_hit() {
+        // Another prompt whose blocks (crafted, or by chance) hash like ours must not get our KV:
+        // same hashes, other tokens, other salt, or another parent are all misses.
+        let mut pool = BlockPool::new(4, 2);
+        let tokens = [1, 2, 3, 4];
+        let hashes = block_hashes(&tokens, 2, 0);
+        let a = pool.allocate(2).unwrap();
+        pool.register(a[0], hashes[0], None, &tokens[0..2], 0);
+        pool.register(a[1], hashes[1], Some(a[0]), &tokens[2..4], 0);
+        pool.free(&a);
+        assert!(pool.lookup_prefix(&hashes, &[9, 9, 3, 4], 0).is_empty(), "other tokens under the same hash");
+        assert!(pool.lookup_prefix(&hashes, &tokens, 7).is_empty(), "other salt under the same hash");
+        assert_eq!(pool.lookup_prefix(&hashes, &[1, 2, 9, 9], 0), vec![a[0]], "second block differs");
+        pool.free(&[a[0]]);
+        // The second block alone, asked for as a first block (no parent): a miss.
+        assert!(pool.lookup_prefix(&hashes[1..], &tokens[2..4], 0).is_empty());
+        assert_eq!(pool.lookup_prefix(&hashes, &tokens, 0), vec![a[0], a[1]]);
     }
 
     #[test]

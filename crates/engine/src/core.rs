@@ -1,18 +1,30 @@
 //! `EngineCore`: owns the model, the KV cache and the scheduler; `step()` is schedule,
 //! execute, update. It runs on one thread and talks in plain data only.
+//!
+//! Faults: every output goes to an outbox that outlives a panic, so nothing produced before a
+//! failure is lost. A failure that belongs to one request (its sampling, detokenization, a
+//! hook handler, its share of the step) fails that request only. A failed batched forward is
+//! rerun one sequence at a time to find the culprit (batch invariance makes the others'
+//! results the same as in the batch). Each failing step leaves a crash dump that
+//! `glassbox replay` reruns.
 
 use crate::block::BlockPool;
+use crate::crash::{self, CrashDump, DumpedRequest, DumpedSequence, FailedRequest, StepRecord, StepRows};
 use crate::detok::{Detokenizer, StopMatch};
+use crate::fault::{FaultPlan, Phase};
 use crate::kv_store::KvStore;
 use crate::sampler::Sampler;
-use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState};
-use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookSet, Hooks, LoadedModel, LogitRows};
-use glassbox_protocol::{CapturePositions, EngineOutput, EngineRequest, FinishReason, RequestId, Site};
-use std::collections::HashMap;
+use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
+use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
+use glassbox_protocol::{CapturePositions, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// KV cache size: bytes, or a fraction of the memory available at startup.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum KvMemory {
     Bytes(u64),
     Fraction(f64),
@@ -46,7 +58,7 @@ impl std::str::FromStr for KvMemory {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
@@ -56,6 +68,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Seeds the per-request generators of requests without a seed.
     pub seed: u64,
+    /// Where a failing step writes its crash dump (`None`: no dumps).
+    pub crash_dump_dir: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +81,7 @@ impl Default for EngineConfig {
             kv_cache_memory: KvMemory::Fraction(0.25),
             block_size: 16,
             seed: 0,
+            crash_dump_dir: None,
         }
     }
 }
@@ -136,15 +151,17 @@ impl Limits {
                 req.prompt.len()
             ));
         }
-        if req.prompt.len() + 1 > self.kv_capacity_tokens {
-            return Err(format!(
-                "the prompt needs {} tokens of KV cache but only {} fit; start with more --kv-cache-memory",
-                req.prompt.len() + 1,
-                self.kv_capacity_tokens
-            ));
-        }
         if p.max_tokens == 0 {
             return Err("max_tokens must be at least 1".into());
+        }
+        if req.prompt.len() + p.max_tokens > self.max_model_len {
+            return Err(format!(
+                "this model's maximum context length is {} tokens, but {} were requested ({} in the prompt, {} for the completion); reduce the prompt or max_tokens",
+                self.max_model_len,
+                req.prompt.len() + p.max_tokens,
+                req.prompt.len(),
+                p.max_tokens
+            ));
         }
         if p.n == 0 {
             return Err("n must be at least 1".into());
@@ -186,17 +203,40 @@ struct SeqRuntime {
     captures: bool,
 }
 
+/// A request in flight: its sequences and the request as submitted (seed resolved), which a
+/// crash dump needs to rerun it.
+struct RequestEntry {
+    seqs: Vec<SeqId>,
+    request: EngineRequest,
+    /// Arrival order, for dumps.
+    arrival: u64,
+}
+
+/// One sequence's result from the forward pass: its last logits row if it completes its known
+/// tokens this step, or why its share of the step failed.
+type RowResult = Result<Option<Vec<f32>>, String>;
+
 pub struct EngineCore {
     model: Arc<LoadedModel>,
+    cfg: EngineConfig,
     limits: Limits,
     sched: Scheduler,
     kv: KvStore,
     seqs: HashMap<SeqId, SeqRuntime>,
-    requests: HashMap<RequestId, Vec<SeqId>>,
+    requests: HashMap<RequestId, RequestEntry>,
     collector: CaptureCollector,
-    /// Outputs decided outside a step (rejections, aborts), sent with the next step.
-    pending: Vec<EngineOutput>,
+    /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
+    /// `step`) so that a panic never loses outputs decided before it.
+    outbox: Vec<EngineOutput>,
+    /// Requests whose share of this step failed, with why; answered at the end of the step.
+    step_failures: Vec<(RequestId, String)>,
+    /// The step being run (for crash dumps).
+    current_step: Option<StepRecord>,
+    /// The last step scheduled nothing although there was work.
+    stalled: bool,
+    fault: Option<FaultPlan>,
     next_seq: SeqId,
+    next_arrival: u64,
     seed_rng: u64,
     stats: EngineStats,
 }
@@ -214,49 +254,99 @@ fn available_memory() -> u64 {
         .unwrap_or(4 << 30)
 }
 
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Run `f`; a panic becomes an error with its message.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(format!("{what} panicked: {}", panic_message(p.as_ref()))),
+    }
+}
+
 impl EngineCore {
     pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig) -> Result<Self, EngineError> {
         let mc = &model.model.cfg;
         if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
             return Err(EngineError::Config("block size, max_num_seqs and max_num_batched_tokens must be positive".into()));
         }
-        let max_model_len = cfg.max_model_len.unwrap_or(mc.max_position_embeddings).max(1);
         let row = mc.num_kv_heads * mc.head_dim;
         let per_block = KvStore::bytes_per_block(mc.num_layers, cfg.block_size, row) as u64;
         let bytes = match cfg.kv_cache_memory {
             KvMemory::Bytes(b) => b,
             KvMemory::Fraction(f) => (available_memory() as f64 * f) as u64,
         };
-        let num_blocks = (bytes / per_block) as usize;
+        let num_blocks = usize::try_from(bytes / per_block.max(1)).unwrap_or(usize::MAX);
         if num_blocks == 0 {
             return Err(EngineError::Config(format!(
                 "KV cache memory {bytes} bytes holds no block ({per_block} bytes each); give --kv-cache-memory more"
             )));
         }
-        let limits = Limits {
-            max_model_len,
-            vocab_size: mc.vocab_size,
-            kv_capacity_tokens: num_blocks * cfg.block_size,
-            hook_names: Arc::new(model.model.hook_names()),
+        let kv_capacity_tokens = num_blocks.saturating_mul(cfg.block_size);
+        // As vLLM: a sequence of max_model_len tokens must fit in the KV cache alone, or a
+        // request could be admitted that can never finish.
+        let max_model_len = match cfg.max_model_len {
+            Some(m) if m > kv_capacity_tokens => {
+                return Err(EngineError::Config(format!(
+                    "--max-model-len {m} needs {m} tokens of KV cache, but --kv-cache-memory ({bytes} bytes) holds only {kv_capacity_tokens}; \
+                     raise --kv-cache-memory to at least {} bytes or lower --max-model-len",
+                    (m as u64).div_ceil(cfg.block_size as u64) * per_block
+                )))
+            }
+            Some(m) => m.max(1),
+            None => {
+                let model_len = mc.max_position_embeddings.max(1);
+                if model_len > kv_capacity_tokens {
+                    tracing::warn!(
+                        "the model's context length {model_len} does not fit in the KV cache ({kv_capacity_tokens} tokens): \
+                         max model length capped to {kv_capacity_tokens}; raise --kv-cache-memory for longer sequences"
+                    );
+                }
+                model_len.min(kv_capacity_tokens)
+            }
         };
+        let limits = Limits { max_model_len, vocab_size: mc.vocab_size, kv_capacity_tokens, hook_names: Arc::new(model.model.hook_names()) };
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         Ok(EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
             kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row),
+            seed_rng: cfg.seed,
+            cfg,
             model,
             limits,
             seqs: HashMap::new(),
             requests: HashMap::new(),
             collector: CaptureCollector::default(),
-            pending: vec![],
+            outbox: vec![],
+            step_failures: vec![],
+            current_step: None,
+            stalled: false,
+            fault: FaultPlan::from_env(),
             next_seq: 0,
-            seed_rng: cfg.seed,
+            next_arrival: 0,
             stats: EngineStats::default(),
         })
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
+    }
+
+    /// Test builds: make requests with the plan's seed fail (see `fault`).
+    #[cfg(feature = "fault-injection")]
+    pub fn set_fault(&mut self, plan: Option<FaultPlan>) {
+        self.fault = plan;
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// Tokens the KV cache can hold.
@@ -275,7 +365,13 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        self.sched.has_work() || !self.pending.is_empty()
+        self.sched.has_work() || !self.outbox.is_empty()
+    }
+
+    /// The last step could schedule nothing: stepping again before a command arrives (a new
+    /// request, an abort) would spin.
+    pub fn stalled(&self) -> bool {
+        self.stalled && self.outbox.is_empty()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -296,13 +392,13 @@ impl EngineCore {
     }
 
     /// Queue a request. A request that cannot run is answered with an error output.
-    pub fn add_request(&mut self, req: EngineRequest) {
+    pub fn add_request(&mut self, mut req: EngineRequest) {
         if let Err(msg) = self.limits.validate(&req) {
-            self.pending.push(EngineOutput::error(req.id, msg));
+            self.outbox.push(EngineOutput::error(req.id, msg));
             return;
         }
         if self.requests.contains_key(&req.id) {
-            self.pending.push(EngineOutput::error(req.id, format!("request id {} is already in use", req.id)));
+            self.outbox.push(EngineOutput::error(req.id, format!("request id {} is already in use", req.id)));
             return;
         }
         let captures = req.capture.is_some();
@@ -310,7 +406,7 @@ impl EngineCore {
         // includes prompt positions computes the whole prompt.
         let use_prefix_cache = req.capture.as_ref().is_none_or(|c| matches!(c.positions, CapturePositions::Generated | CapturePositions::Last));
         let mut ids = Vec::with_capacity(req.sampling.n);
-        let base_seed = req.sampling.seed.unwrap_or_else(|| {
+        let base_seed = *req.sampling.seed.get_or_insert_with(|| {
             self.seed_rng = self.seed_rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             self.seed_rng
         });
@@ -335,77 +431,179 @@ impl EngineCore {
             );
             ids.push(id);
         }
-        self.requests.insert(req.id, ids);
+        self.next_arrival += 1;
+        self.requests.insert(req.id, RequestEntry { seqs: ids, request: req, arrival: self.next_arrival });
+        self.stalled = false;
     }
 
     /// Abort a request at any point; its blocks are freed now and it is answered with `abort`.
     pub fn abort(&mut self, id: RequestId) {
-        let Some(seqs) = self.requests.remove(&id) else { return };
-        for s in seqs {
-            if let Some(rt) = self.seqs.remove(&s) {
-                let state = self.sched.remove(s);
-                let _ = self.collector.finish(s, 0);
-                let mut out = EngineOutput::error(id, "");
-                out.index = rt.index;
-                out.finish = Some(FinishReason::Abort);
-                out.prompt_tokens = state.as_ref().map_or(0, |st| st.prompt_len);
-                out.completion_tokens = rt.generated;
-                self.pending.push(out);
-            }
-        }
+        self.finish_request(id, FinishReason::Abort);
     }
 
-    /// Drop queued outputs (used after a failed step has answered everyone).
-    pub fn drain_pending(&mut self) {
-        self.pending.clear();
-    }
-
-    /// One engine step: schedule, execute, update.
+    /// One engine step: schedule, execute, update. Returns every output decided since the
+    /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
-        let mut outputs = std::mem::take(&mut self.pending);
         let plan = self.sched.schedule();
         for &p in &plan.preempted {
             // Recomputed later from scratch: its captured rows will come again.
             self.collector.restart(p);
             self.stats.preemptions += 1;
         }
-        if plan.is_empty() {
-            return outputs;
+        for &f in &plan.failed {
+            if let Some(req) = self.seqs.get(&f).map(|r| r.request) {
+                let msg = format!(
+                    "the sequence needs more KV cache than the whole cache holds ({} tokens); give the server more --kv-cache-memory or ask for fewer tokens",
+                    self.limits.kv_capacity_tokens
+                );
+                self.finish_request(req, FinishReason::Error(msg));
+            }
         }
-        self.stats.steps += 1;
-        match self.execute(&plan) {
-            Ok(logits) => self.update(&plan, logits, &mut outputs),
+        self.stalled = plan.is_empty() && self.sched.has_work();
+        if !plan.is_empty() {
+            self.stats.steps += 1;
+            self.current_step = Some(self.step_record(&plan));
+            let plan = self.prepare(plan);
+            let rows = self.execute(&plan);
+            self.update(&plan, rows);
+            self.answer_failures();
+            self.current_step = None;
+        }
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// After a panic escaped `step` (a bug outside any one request's work): answer every
+    /// request in flight with an error, keep what the step had already decided, write a crash
+    /// dump. The engine goes on with an empty queue.
+    pub fn recover(&mut self, panic: &str) -> Vec<EngineOutput> {
+        let msg = format!("internal error in the engine step: {panic}");
+        tracing::error!("{msg}");
+        let mut failures = std::mem::take(&mut self.step_failures);
+        let ids: Vec<RequestId> = self.requests_in_order();
+        failures.extend(ids.iter().map(|&id| (id, msg.clone())));
+        self.step_failures = failures;
+        self.answer_failures();
+        self.current_step = None;
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Write a dump of the engine's state now (SIGQUIT, `/debug/dump_state`).
+    pub fn dump_state(&self, reason: &str) -> Result<PathBuf, String> {
+        let dir = self.cfg.crash_dump_dir.as_ref().ok_or("no crash dump directory is configured")?;
+        crash::write(dir, "state", &self.crash_dump(reason, vec![])).map_err(|e| format!("cannot write the dump under {}: {e}", dir.display()))
+    }
+
+    /// Everything needed to rerun the requests in flight.
+    pub fn crash_dump(&self, reason: &str, failed: Vec<FailedRequest>) -> CrashDump {
+        let requests = self
+            .requests_in_order()
+            .into_iter()
+            .filter_map(|id| self.requests.get(&id))
+            .map(|e| DumpedRequest {
+                request: e.request.clone(),
+                sequences: e
+                    .seqs
+                    .iter()
+                    .filter_map(|s| {
+                        let st = self.sched.seqs.get(s)?;
+                        Some(DumpedSequence {
+                            index: self.seqs.get(s).map_or(0, |r| r.index),
+                            generated: st.tokens[st.prompt_len..].to_vec(),
+                            num_computed: st.num_computed,
+                            running: st.status == SeqStatus::Running,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        CrashDump {
+            reason: reason.to_string(),
+            time: chrono::Utc::now().to_rfc3339(),
+            build: crash::BuildInfo::current(),
+            model: crash::ModelInfo {
+                name: self.model.name.clone(),
+                path: self.model.source.path().to_path_buf(),
+                dequantize: self.model.options.dequantize,
+                batch_invariant: self.model.options.batch_invariant,
+            },
+            config: self.cfg.clone(),
+            step: self.current_step.clone(),
+            failed,
+            requests,
+            fault: self.fault,
+        }
+    }
+
+    fn requests_in_order(&self) -> Vec<RequestId> {
+        let by_arrival: BTreeMap<u64, RequestId> = self.requests.iter().map(|(&id, e)| (e.arrival, id)).collect();
+        by_arrival.into_values().collect()
+    }
+
+    fn step_record(&self, plan: &SchedulerOutput) -> StepRecord {
+        let mut row = 0;
+        let rows = plan
+            .scheduled
+            .iter()
+            .map(|s| {
+                let rt = self.seqs.get(&s.id);
+                let r = StepRows { request: rt.map_or(0, |r| r.request), index: rt.map_or(0, |r| r.index), row, start: s.start, len: s.len };
+                row += s.len;
+                r
+            })
+            .collect();
+        StepRecord { number: self.stats.steps, rows, preempted: plan.preempted.clone() }
+    }
+
+    /// Test builds: strike if the fault plan targets `phase` and this request.
+    fn fault(&self, phase: Phase, req: RequestId) -> Result<(), String> {
+        match (&self.fault, self.requests.get(&req)) {
+            (Some(f), Some(e)) => f.check(phase, e.request.sampling.seed, req),
+            _ => Ok(()),
+        }
+    }
+
+    /// Each sequence's own preparation for the step; a sequence that fails here leaves the
+    /// plan (its request is answered with the error at the end of the step).
+    fn prepare(&mut self, mut plan: SchedulerOutput) -> SchedulerOutput {
+        let reqs: Vec<RequestId> = plan.scheduled.iter().filter_map(|s| self.seqs.get(&s.id).map(|r| r.request)).collect();
+        for req in reqs {
+            if let Err(e) = guarded("preparing the step", || self.fault(Phase::Schedule, req)) {
+                self.step_failures.push((req, e));
+            }
+        }
+        let failed: Vec<RequestId> = self.step_failures.iter().map(|f| f.0).collect();
+        plan.scheduled.retain(|s| self.seqs.get(&s.id).is_some_and(|r| !failed.contains(&r.request)));
+        plan
+    }
+
+    /// The forward pass over the whole plan; if it fails, each sequence alone, so a failure
+    /// is pinned on the sequence that causes it and the others go on unchanged.
+    fn execute(&mut self, plan: &SchedulerOutput) -> Vec<RowResult> {
+        if plan.scheduled.is_empty() {
+            return vec![];
+        }
+        match self.forward(&plan.scheduled) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(e) if plan.scheduled.len() == 1 => vec![Err(e)],
             Err(e) => {
-                // The step failed: everyone in it gets the error, the engine goes on.
-                let msg = format!("engine step failed: {e}");
-                let failed: Vec<RequestId> = plan.scheduled.iter().filter_map(|s| self.seqs.get(&s.id).map(|r| r.request)).collect();
-                for req in failed {
-                    self.fail_request(req, &msg, &mut outputs);
-                }
-            }
-        }
-        outputs
-    }
-
-    fn fail_request(&mut self, req: RequestId, msg: &str, outputs: &mut Vec<EngineOutput>) {
-        for s in self.requests.remove(&req).unwrap_or_default() {
-            if let Some(rt) = self.seqs.remove(&s) {
-                self.sched.remove(s);
-                let _ = self.collector.finish(s, 0);
-                let mut out = EngineOutput::error(req, msg);
-                out.index = rt.index;
-                outputs.push(out);
+                tracing::warn!("a batched forward pass failed ({e}); rerunning its {} sequences one at a time", plan.scheduled.len());
+                plan.scheduled.iter().map(|s| self.forward(std::slice::from_ref(s)).map(|mut rows| rows.pop().flatten())).collect()
             }
         }
     }
 
-    /// Logits rows of each scheduled sequence that completes its known tokens this step.
-    fn execute(&mut self, plan: &SchedulerOutput) -> glassbox_model::Result<Vec<Option<Vec<f32>>>> {
+    /// One forward pass over these sequences' scheduled tokens. Returns, per sequence, the
+    /// last logits row of each that completes its known tokens. A failure (error or panic)
+    /// leaves no trace: KV rows written for these positions are rewritten by the retry, and
+    /// rows captured in this pass are dropped.
+    fn forward(&mut self, scheduled: &[ScheduledSeq]) -> Result<Vec<Option<Vec<f32>>>, String> {
         let mut layout = BatchLayout::default();
-        let mut tokens = Vec::with_capacity(plan.num_tokens());
-        let mut tables = HashMap::with_capacity(plan.scheduled.len());
-        let logits_hook = glassbox_protocol::HookName::global(Site::Logits);
-        for ScheduledSeq { id, start, len } in &plan.scheduled {
+        let mut tokens = Vec::with_capacity(scheduled.iter().map(|s| s.len).sum());
+        let mut tables = HashMap::with_capacity(scheduled.len());
+        let logits_hook = HookName::global(Site::Logits);
+        let mut hookset = HookSet::default();
+        let mut fault_key = None;
+        for ScheduledSeq { id, start, len } in scheduled {
             let seq = &self.sched.seqs[id];
             tokens.extend_from_slice(&seq.tokens[*start..start + len]);
             let completes = start + len == seq.tokens.len();
@@ -417,92 +615,232 @@ impl EngineCore {
             };
             layout.push(*id, *len, *start, rows);
             tables.insert(*id, seq.blocks.clone());
-            if *start < seq.prompt_len {
-                self.stats.prompt_tokens_computed += (*len).min(seq.prompt_len - start) as u64;
+            // Only sequences in this step decide which hooks run.
+            if let Some(set) = self.collector.hook_set_of(*id) {
+                hookset.union(set);
+            }
+            if let Some(f) = &self.fault {
+                let req = self.seqs[id].request;
+                if f.phase == Phase::Hook && self.requests.get(&req).is_some_and(|e| e.request.sampling.seed == Some(f.seed)) {
+                    fault_key = Some((*id, req, *f));
+                    hookset.insert(HookName::block(0, Site::ResidPost));
+                }
             }
         }
-        let hookset: HookSet = if self.collector.is_empty() { HookSet::default() } else { self.collector.hook_set() };
-        let mut cache = self.kv.with_tables(&tables);
-        let logits = if hookset.is_empty() {
-            self.model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())?
-        } else {
-            let handler: &mut dyn HookHandler = &mut self.collector;
-            self.model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, handler))?
+        // Test builds: the requests of this pass that a forward fault targets.
+        let forward_fault: Vec<(FaultPlan, RequestId)> = match self.fault {
+            Some(f) if f.phase == Phase::Forward => scheduled
+                .iter()
+                .map(|s| self.seqs[&s.id].request)
+                .filter(|r| self.requests.get(r).is_some_and(|e| e.request.sampling.seed == Some(f.seed)))
+                .map(|r| (f, r))
+                .collect(),
+            _ => vec![],
         };
-        let logits = logits.to_vec2::<f32>()?;
-        // The last logits row of each sequence that completes, in plan order.
-        let mut rows = Vec::with_capacity(plan.scheduled.len());
-        for (i, s) in plan.scheduled.iter().enumerate() {
-            let seq = &self.sched.seqs[&s.id];
-            let completes = s.start + s.len == seq.tokens.len();
-            let (first, range) = layout.logit_range(i);
-            rows.push((completes && !range.is_empty()).then(|| logits[first + range.len() - 1].clone()));
+        let completes: Vec<bool> = scheduled.iter().map(|s| s.start + s.len == self.sched.seqs[&s.id].tokens.len()).collect();
+        self.collector.begin_pass();
+        let model = self.model.clone();
+        let (kv, collector) = (&mut self.kv, &mut self.collector);
+        let result = guarded("the forward pass", || {
+            for (f, req) in &forward_fault {
+                f.check(Phase::Forward, Some(f.seed), *req)?;
+            }
+            let mut cache = kv.with_tables(&tables);
+            let logits = if hookset.is_empty() {
+                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())
+            } else if let Some((key, req, plan)) = fault_key {
+                let mut handler = FaultyHook { inner: collector, key, req, plan };
+                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
+            } else {
+                let handler: &mut dyn HookHandler = collector;
+                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, handler))
+            };
+            let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
+            // The last logits row of each sequence that completes, in plan order.
+            Ok(completes
+                .iter()
+                .enumerate()
+                .map(|(i, &done)| {
+                    let (first, range) = layout.logit_range(i);
+                    (done && !range.is_empty()).then(|| logits[first + range.len() - 1].clone())
+                })
+                .collect())
+        });
+        if result.is_err() {
+            self.collector.rollback_pass();
         }
-        Ok(rows)
+        result
     }
 
-    fn update(&mut self, plan: &SchedulerOutput, logits: Vec<Option<Vec<f32>>>, outputs: &mut Vec<EngineOutput>) {
-        let eos = self.model.eos_token_ids.clone();
-        for (s, row) in plan.scheduled.iter().zip(logits) {
+    fn update(&mut self, plan: &SchedulerOutput, rows: Vec<RowResult>) {
+        // Test builds: a fault here is outside every per-request guard (see `recover`).
+        let reqs: Vec<RequestId> = plan.scheduled.iter().filter_map(|s| self.seqs.get(&s.id).map(|r| r.request)).collect();
+        if let Err(e) = reqs.iter().try_for_each(|&r| self.fault(Phase::Step, r)) {
+            panic!("{e}");
+        }
+        for (s, row) in plan.scheduled.iter().zip(rows) {
+            let Some(req) = self.seqs.get(&s.id).map(|r| r.request) else { continue };
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    self.step_failures.push((req, format!("engine step failed: {e}")));
+                    continue;
+                }
+            };
+            let seq = &self.sched.seqs[&s.id];
+            if s.start < seq.prompt_len {
+                self.stats.prompt_tokens_computed += s.len.min(seq.prompt_len - s.start) as u64;
+            }
             self.sched.computed(s.id, s.len);
             let Some(row) = row else { continue };
-            let seq = &self.sched.seqs[&s.id];
-            let (prompt_len, total) = (seq.prompt_len, seq.tokens.len());
-            let cached = seq.cached_tokens;
-            let Some(rt) = self.seqs.get_mut(&s.id) else { continue };
-            let p = rt.sampler.params().clone();
-            let mut banned = vec![];
-            if rt.generated < p.min_tokens {
-                if !p.ignore_eos {
-                    banned.extend(&eos);
-                }
-                banned.extend(&p.stop_token_ids);
-            }
-            let sampled = rt.sampler.sample(&row, &seq.tokens, &banned);
-            let token = sampled.token;
-            rt.generated += 1;
-            let stop_hit = matches!(rt.detok.push(&self.model.tokenizer, token), StopMatch::Stop);
-            let eos_hit = !p.ignore_eos && eos.contains(&token);
-            let finish = if eos_hit || p.stop_token_ids.contains(&token) || stop_hit {
-                Some(FinishReason::Stop)
-            } else if rt.generated >= p.max_tokens || total + 1 >= self.limits.max_model_len {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let text = rt.detok.take(finish.is_some());
-            let mut out = EngineOutput {
-                id: rt.request,
-                index: rt.index,
-                new_tokens: vec![token],
-                text,
-                logprobs: sampled.logprob.into_iter().collect(),
-                finish: finish.clone(),
-                captures: vec![],
-                prompt_tokens: prompt_len,
-                completion_tokens: rt.generated,
-                cached_tokens: cached,
-            };
-            if finish.is_some() {
-                let (request, captures) = (rt.request, rt.captures);
-                if captures {
-                    match self.collector.finish(s.id, prompt_len) {
-                        Ok(c) => out.captures = c,
-                        Err(e) => out.finish = Some(FinishReason::Error(format!("assembling captures failed: {e}"))),
+            match guarded("sampling", || self.sample(s.id, req, &row)) {
+                Ok((out, finished)) => {
+                    let token = out.new_tokens[0];
+                    self.outbox.push(out);
+                    if finished {
+                        self.finish_seq(s.id);
+                    } else {
+                        self.sched.append_token(s.id, token);
                     }
                 }
-                self.seqs.remove(&s.id);
-                self.sched.remove(s.id);
-                if let Some(list) = self.requests.get_mut(&request) {
-                    list.retain(|&x| x != s.id);
-                    if list.is_empty() {
-                        self.requests.remove(&request);
-                    }
-                }
-            } else {
-                self.sched.append_token(s.id, token);
+                Err(e) => self.step_failures.push((req, e)),
             }
-            outputs.push(out);
         }
+    }
+
+    /// Sample the next token of sequence `id`, detokenize it and check stop conditions.
+    /// Returns its output and whether the sequence has finished (captures attached).
+    fn sample(&mut self, id: SeqId, req: RequestId, row: &[f32]) -> Result<(EngineOutput, bool), String> {
+        self.fault(Phase::Sample, req)?;
+        let eos = &self.model.eos_token_ids;
+        let seq = &self.sched.seqs[&id];
+        let (prompt_len, total, cached) = (seq.prompt_len, seq.tokens.len(), seq.cached_tokens);
+        let rt = self.seqs.get_mut(&id).ok_or("sequence vanished")?;
+        let p = rt.sampler.params().clone();
+        let mut banned = vec![];
+        if rt.generated < p.min_tokens {
+            if !p.ignore_eos {
+                banned.extend(eos);
+            }
+            banned.extend(&p.stop_token_ids);
+        }
+        let sampled = rt.sampler.sample(row, &seq.tokens, &banned);
+        let token = sampled.token;
+        rt.generated += 1;
+        if let Some(f) = &self.fault {
+            if let Some(e) = self.requests.get(&req) {
+                f.check(Phase::Detokenize, e.request.sampling.seed, req)?;
+            }
+        }
+        let stop_hit = matches!(rt.detok.push(&self.model.tokenizer, token)?, StopMatch::Stop);
+        let eos_hit = !p.ignore_eos && eos.contains(&token);
+        let finish = if eos_hit || p.stop_token_ids.contains(&token) || stop_hit {
+            Some(FinishReason::Stop)
+        } else if rt.generated >= p.max_tokens || total + 1 >= self.limits.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let mut out = EngineOutput {
+            id: rt.request,
+            index: rt.index,
+            new_tokens: vec![token],
+            text: rt.detok.take(finish.is_some()),
+            logprobs: sampled.logprob.into_iter().collect(),
+            finish: finish.clone(),
+            captures: vec![],
+            prompt_tokens: prompt_len,
+            completion_tokens: rt.generated,
+            cached_tokens: cached,
+        };
+        if finish.is_some() && rt.captures {
+            match self.collector.finish(id, prompt_len) {
+                Ok(c) => out.captures = c,
+                Err(e) => return Err(format!("assembling captures failed: {e}")),
+            }
+        }
+        Ok((out, finish.is_some()))
+    }
+
+    /// Forget a sequence that has sent its finishing output.
+    fn finish_seq(&mut self, id: SeqId) {
+        let Some(rt) = self.seqs.remove(&id) else { return };
+        self.sched.remove(id);
+        self.collector.discard(id);
+        if let Some(e) = self.requests.get_mut(&rt.request) {
+            e.seqs.retain(|&x| x != id);
+            if e.seqs.is_empty() {
+                self.requests.remove(&rt.request);
+            }
+        }
+    }
+
+    /// End every unfinished sequence of a request with `reason` (abort or error) and free its
+    /// blocks. Each sequence gets exactly one finishing output.
+    fn finish_request(&mut self, req: RequestId, reason: FinishReason) {
+        let Some(entry) = self.requests.remove(&req) else { return };
+        for s in entry.seqs {
+            let Some(rt) = self.seqs.remove(&s) else { continue };
+            let state = self.sched.remove(s);
+            self.collector.discard(s);
+            let mut out = EngineOutput::error(req, "");
+            out.index = rt.index;
+            out.finish = Some(reason.clone());
+            out.prompt_tokens = state.as_ref().map_or(0, |st| st.prompt_len);
+            out.completion_tokens = rt.generated;
+            self.outbox.push(out);
+        }
+    }
+
+    /// Answer the requests whose share of this step failed, after writing one crash dump
+    /// that holds them (and everything else in flight).
+    fn answer_failures(&mut self) {
+        if self.step_failures.is_empty() {
+            return;
+        }
+        let mut failures = std::mem::take(&mut self.step_failures);
+        let mut seen = vec![];
+        failures.retain(|(r, _)| !seen.contains(r) && self.requests.contains_key(r) && {
+            seen.push(*r);
+            true
+        });
+        let reason = failures.first().map(|f| f.1.clone()).unwrap_or_default();
+        let failed = failures.iter().map(|(r, m)| FailedRequest { request: *r, message: m.clone() }).collect();
+        let dump = self.cfg.crash_dump_dir.as_ref().map(|dir| crash::write(dir, "crash", &self.crash_dump(&reason, failed)));
+        let suffix = match dump {
+            Some(Ok(path)) => {
+                tracing::error!("step failed for {} request(s): {reason}; crash dump written to {}", failures.len(), path.display());
+                format!(" (crash dump: {})", path.display())
+            }
+            Some(Err(e)) => {
+                tracing::error!("step failed: {reason}; writing the crash dump failed: {e}");
+                String::new()
+            }
+            None => {
+                tracing::error!("step failed for {} request(s): {reason}", failures.len());
+                String::new()
+            }
+        };
+        for (req, msg) in failures {
+            self.finish_request(req, FinishReason::Error(format!("{msg}{suffix}")));
+        }
+    }
+}
+
+/// Test builds: a hook handler that fails on the rows of the chosen request, in front of the
+/// capture collector.
+struct FaultyHook<'a> {
+    inner: &'a mut CaptureCollector,
+    key: SeqId,
+    req: RequestId,
+    plan: FaultPlan,
+}
+
+impl HookHandler for FaultyHook<'_> {
+    fn on_hook(&mut self, name: HookName, x: &candle_core::Tensor, rows: HookRows, layout: &BatchLayout) -> glassbox_model::Result<Option<candle_core::Tensor>> {
+        if layout.seqs.iter().any(|s| s.key == self.key) {
+            self.plan.check(Phase::Hook, Some(self.plan.seed), self.req).map_err(ModelError::BadConfig)?;
+        }
+        self.inner.on_hook(name, x, rows, layout)
     }
 }

@@ -31,11 +31,16 @@ impl Detokenizer {
         Detokenizer { tokens: vec![], prefix: 0, read: 0, text: String::new(), emitted: 0, stop, hold }
     }
 
-    /// Add a token; returns whether a stop string now matches.
-    pub fn push(&mut self, tok: &Tokenizer, token: u32) -> StopMatch {
+    /// Add a token; returns whether a stop string now matches. A token the tokenizer cannot
+    /// decode (an id past its vocabulary, say) is an error for this sequence.
+    pub fn push(&mut self, tok: &Tokenizer, token: u32) -> Result<StopMatch, String> {
+        if token as usize >= tok.vocab_size() {
+            return Err(format!("token id {token} is outside the tokenizer's vocabulary ({})", tok.vocab_size()));
+        }
         self.tokens.push(token);
-        let before = tok.decode(&self.tokens[self.prefix..self.read], true).unwrap_or_default();
-        let after = tok.decode(&self.tokens[self.prefix..], true).unwrap_or_default();
+        let decode = |ids: &[u32]| tok.decode(ids, true).map_err(|e| format!("cannot detokenize token {token}: {e}"));
+        let before = decode(&self.tokens[self.prefix..self.read])?;
+        let after = decode(&self.tokens[self.prefix..])?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before) {
             let start = self.text.len();
             self.text.push_str(&after[before.len()..]);
@@ -47,10 +52,10 @@ impl Detokenizer {
             let hit = self.stop.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
             if let Some(at) = hit {
                 self.text.truncate(at);
-                return StopMatch::Stop;
+                return Ok(StopMatch::Stop);
             }
         }
-        StopMatch::None
+        Ok(StopMatch::None)
     }
 
     /// Text that is final now. With `finished`, everything left.
@@ -104,7 +109,7 @@ mod tests {
         let mut d = Detokenizer::new(vec![]);
         let mut pieces = vec![];
         for &id in &ids {
-            d.push(&tok, id);
+            d.push(&tok, id).unwrap();
             pieces.push(d.take(false));
         }
         pieces.push(d.take(true));
@@ -119,7 +124,7 @@ mod tests {
         let mut out = String::new();
         let mut stopped = false;
         for id in tok.encode("there was a little girl named Lily", false).unwrap() {
-            if let StopMatch::Stop = d.push(&tok, id) {
+            if let StopMatch::Stop = d.push(&tok, id).unwrap() {
                 stopped = true;
                 break;
             }

@@ -3,14 +3,21 @@
 //! so that neither a submit nor an abort ever blocks the caller (an async runtime, say):
 //! admission limits belong to the API layer, which answers overload with 503.
 
-use crate::core::{EngineCore, EngineStats};
+use crate::core::{panic_message, EngineCore, EngineStats};
 use glassbox_protocol::{EngineOutput, EngineRequest, RequestId};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Called with the path of a state dump, or why it could not be written.
+pub type DumpReply = Box<dyn FnOnce(Result<PathBuf, String>) + Send>;
 
 pub enum EngineCommand {
     Add(EngineRequest),
     Abort(RequestId),
+    /// Write a dump of every request in flight without stopping (SIGQUIT, /debug/dump_state).
+    DumpState(DumpReply),
     /// Abort everything still running and stop the thread.
     Shutdown,
 }
@@ -42,6 +49,11 @@ impl EngineHandle {
         let _ = self.tx.send(EngineCommand::Abort(id));
     }
 
+    /// Ask the engine thread to write a state dump; `reply` gets the file's path.
+    pub fn dump_state(&self, reply: DumpReply) -> Result<(), SubmitError> {
+        self.tx.send(EngineCommand::DumpState(reply)).map_err(|_| SubmitError::Stopped)
+    }
+
     /// Ask the thread to abort everything, answer it, and stop (without waiting).
     pub fn stop(&self) {
         let _ = self.tx.send(EngineCommand::Shutdown);
@@ -56,14 +68,37 @@ impl EngineHandle {
     }
 }
 
+/// How long a stalled engine (work it cannot schedule yet) waits for a command before it
+/// looks again. It never spins.
+const STALL_WAIT: Duration = Duration::from_millis(500);
+
 fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(Vec<EngineOutput>, EngineStats)) {
     loop {
-        let first = if core.has_work() { rx.try_recv().ok() } else { rx.recv().ok().or(Some(EngineCommand::Shutdown)) };
+        // Block when there is nothing to do; wait (bounded) when the work cannot move.
+        let first = if !core.has_work() {
+            Some(rx.recv().unwrap_or(EngineCommand::Shutdown))
+        } else if core.stalled() {
+            match rx.recv_timeout(STALL_WAIT) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(EngineCommand::Shutdown),
+            }
+        } else {
+            rx.try_recv().ok()
+        };
         let mut shutdown = false;
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
                 EngineCommand::Add(r) => core.add_request(r),
                 EngineCommand::Abort(id) => core.abort(id),
+                EngineCommand::DumpState(reply) => {
+                    let result = core.dump_state("on demand");
+                    match &result {
+                        Ok(p) => tracing::info!("engine state dumped to {}", p.display()),
+                        Err(e) => tracing::error!("engine state dump failed: {e}"),
+                    }
+                    reply(result);
+                }
                 EngineCommand::Shutdown => shutdown = true,
             }
         }
@@ -72,21 +107,11 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                 core.abort(id);
             }
         }
-        // A bug in a step must not take the server down: fail the step's requests instead.
+        // A bug in a step must not take the server down, nor lose an answer: what the step
+        // decided before the panic is kept, every request still in flight gets an error.
         let outputs = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step())) {
             Ok(o) => o,
-            Err(panic) => {
-                let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                let msg = format!("internal error in the engine step: {}", msg.unwrap_or_default());
-                tracing::error!("{msg}");
-                let ids = core.request_ids();
-                for &id in &ids {
-                    core.abort(id);
-                }
-                // The error outputs answer these requests, not the abort notices.
-                core.drain_pending();
-                ids.into_iter().map(|id| EngineOutput::error(id, msg.clone())).collect()
-            }
+            Err(panic) => core.recover(&panic_message(panic.as_ref())),
         };
         sink(outputs, core.stats());
         if shutdown {

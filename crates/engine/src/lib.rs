@@ -3,7 +3,9 @@
 
 pub mod block;
 pub mod core;
+pub mod crash;
 pub mod detok;
+pub mod fault;
 pub mod handle;
 pub mod kv_store;
 pub mod llm;
@@ -11,5 +13,6 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits};
+pub use crash::CrashDump;
 pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

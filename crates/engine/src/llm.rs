@@ -107,8 +107,18 @@ impl LLM {
     /// Step until every queued request has finished, handing each output to `f` as it comes.
     pub fn stream(&mut self, mut f: impl FnMut(EngineOutput)) {
         while self.core.has_work() {
-            for out in self.core.step() {
+            let outputs = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.core.step())) {
+                Ok(o) => o,
+                Err(panic) => self.core.recover(&crate::core::panic_message(panic.as_ref())),
+            };
+            for out in outputs {
                 f(out);
+            }
+            if self.core.stalled() {
+                // Nothing can arrive to unblock it here (no other caller): answer what is left.
+                for out in self.core.recover("the engine cannot schedule the remaining requests") {
+                    f(out);
+                }
             }
         }
     }

@@ -5,7 +5,9 @@
 //! missing tokens first, then admits waiting ones, within a token budget and a sequence limit.
 //! A long prompt simply takes several steps (chunked prefill). When KV blocks run out, the
 //! latest-arrived running sequence is preempted: its blocks are freed and it is recomputed
-//! later (its full blocks usually come back from the prefix cache).
+//! later (its full blocks usually come back from the prefix cache). A sequence that cannot
+//! run even with the whole cache to itself is handed back as `failed` (the engine answers it
+//! with an error), so nothing waits forever.
 //!
 //! Architecture invariant: no tensors here; this module is tested with scripts, no model.
 
@@ -78,6 +80,9 @@ pub struct ScheduledSeq {
 pub struct SchedulerOutput {
     pub scheduled: Vec<ScheduledSeq>,
     pub preempted: Vec<SeqId>,
+    /// Sequences that need more KV blocks than the whole cache holds: taken out of the
+    /// queues, blocks freed; the caller finishes them (and removes them).
+    pub failed: Vec<SeqId>,
 }
 
 impl SchedulerOutput {
@@ -151,6 +156,12 @@ impl Scheduler {
                     break;
                 }
                 let Some(victim) = self.running.pop() else { break };
+                if victim == id && self.running.is_empty() {
+                    // Alone and still out of blocks: waiting cannot help it.
+                    self.release_blocks(id);
+                    out.failed.push(id);
+                    break;
+                }
                 self.preempt(victim);
                 out.preempted.push(victim);
                 out.scheduled.retain(|s| s.id != victim);
@@ -174,6 +185,12 @@ impl Scheduler {
                 let len = (seq.tokens.len() - seq.num_computed).min(budget);
                 if !self.grow(id, len) {
                     self.release_blocks(id);
+                    if self.running.is_empty() {
+                        // Every block is free and it still does not fit: it never will.
+                        self.waiting.remove(k);
+                        out.failed.push(id);
+                        continue;
+                    }
                     break;
                 }
                 if let Some(asked) = asked {
@@ -209,8 +226,9 @@ impl Scheduler {
         if !seq.use_prefix_cache || seq.num_computed > 0 || !seq.blocks.is_empty() {
             return None;
         }
-        let hashes = block_hashes(&seq.tokens[..seq.tokens.len() - 1], bs, seq.salt);
-        let hit = self.pool.lookup_prefix(&hashes);
+        let known = &seq.tokens[..seq.tokens.len() - 1];
+        let hashes = block_hashes(known, bs, seq.salt);
+        let hit = self.pool.lookup_prefix(&hashes, known, seq.salt);
         let seq = self.seqs.get_mut(&id).expect("sequence exists");
         seq.num_computed = hit.len() * bs;
         seq.hashes = hashes[..hit.len()].to_vec();
@@ -262,9 +280,11 @@ impl Scheduler {
         let full = seq.num_computed / bs;
         while seq.hashes.len() < full {
             let i = seq.hashes.len();
-            let h = crate::block::block_hash(seq.hashes.last().copied(), &seq.tokens[i * bs..(i + 1) * bs], seq.salt);
+            let chunk = &seq.tokens[i * bs..(i + 1) * bs];
+            let h = crate::block::block_hash(seq.hashes.last().copied(), chunk, seq.salt);
             seq.hashes.push(h);
-            self.pool.register(seq.blocks[i], h);
+            let parent = i.checked_sub(1).map(|p| seq.blocks[p]);
+            self.pool.register(seq.blocks[i], h, parent, chunk, seq.salt);
         }
     }
 

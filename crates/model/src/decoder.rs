@@ -156,6 +156,10 @@ impl DecoderModel {
         }
         let x = self.norm.forward(&x)?;
         let x = hooks.hook(HookName::global(Site::LnFinal), x, layout)?;
+        if layout.logit_rows.is_empty() {
+            // A step of prompt chunks only: nothing to project.
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
+        }
         let x = if layout.logit_rows.len() == layout.n_tokens() {
             x
         } else {

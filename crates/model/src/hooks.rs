@@ -124,9 +124,13 @@ impl<'a> Hooks<'a> {
 pub struct CaptureCollector {
     wanted: HashMap<u64, (HookSet, CaptureSpec)>,
     chunks: HashMap<(u64, HookName), Vec<Chunk>>,
+    /// The forward pass chunks are being added in (see `begin_pass`/`rollback_pass`).
+    pass: u64,
 }
 
 struct Chunk {
+    /// The forward pass that captured it.
+    pass: u64,
     /// Absolute positions of the rows.
     positions: Vec<usize>,
     /// `[t, ...]`, or `[H, t, ctx]` for patterns.
@@ -137,6 +141,31 @@ impl CaptureCollector {
     pub fn want(&mut self, key: u64, spec: CaptureSpec) {
         let set = spec.hooks.iter().copied().collect();
         self.wanted.insert(key, (set, spec));
+    }
+
+    /// What sequence `key` wants, if it captures anything.
+    pub fn hook_set_of(&self, key: u64) -> Option<&HookSet> {
+        self.wanted.get(&key).map(|(set, _)| set)
+    }
+
+    /// Chunks captured from now on belong to a new forward pass.
+    pub fn begin_pass(&mut self) {
+        self.pass += 1;
+    }
+
+    /// Drop what the current forward pass captured (it failed and will be rerun).
+    pub fn rollback_pass(&mut self) {
+        let pass = self.pass;
+        for chunks in self.chunks.values_mut() {
+            chunks.retain(|c| c.pass != pass);
+        }
+    }
+
+    /// Forget sequence `key` and what it captured, without assembling anything.
+    pub fn discard(&mut self, key: u64) {
+        if self.wanted.remove(&key).is_some() {
+            self.chunks.retain(|(k, _), _| *k != key);
+        }
     }
 
     /// The union of what every registered sequence wants.
@@ -182,7 +211,7 @@ impl HookHandler for CaptureCollector {
                 let seq = &layout.seqs[i];
                 if self.wanted.get(&seq.key).is_some_and(|(set, _)| set.contains(name)) {
                     let positions = (seq.pos..seq.pos + seq.len).collect();
-                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { positions, data: x.copy()? });
+                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { pass: self.pass, positions, data: x.copy()? });
                 }
             }
             HookRows::Batch => {
@@ -200,7 +229,7 @@ impl HookHandler for CaptureCollector {
                         continue;
                     }
                     let data = x.narrow(0, start, positions.len())?.copy()?;
-                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { positions, data });
+                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { pass: self.pass, positions, data });
                 }
             }
         }

@@ -110,6 +110,8 @@ pub struct LoadedModel {
     pub eos_token_ids: Vec<u32>,
     pub source: ModelSource,
     pub name: String,
+    /// How it was loaded (a crash dump records it so a replay loads it the same way).
+    pub options: LoadOptions,
 }
 
 impl LoadedModel {
@@ -285,6 +287,7 @@ pub fn load(source: &ModelSource, opts: LoadOptions) -> Result<LoadedModel> {
         eos_token_ids,
         source: source.clone(),
         name,
+        options: opts,
     })
 }
 

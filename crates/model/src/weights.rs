@@ -168,7 +168,7 @@ impl<'a> Vb<'a> {
                     LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
                 } else {
                     let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
-                    LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise }
+                    LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
                 }
             }
         };
@@ -282,8 +282,8 @@ pub enum LinearWeight {
     /// f32 `[out, inp]`, row-major, shared (tied embeddings use the same buffer).
     Dense(Arc<Vec<f32>>),
     /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
-    /// `rowwise`: call once per row, for batch invariance.
-    Quant { q: QMatMul, rowwise: bool },
+    /// `rowwise`: call once per row, for batch invariance. `out`: output width.
+    Quant { q: QMatMul, rowwise: bool, out: usize },
 }
 
 impl Linear {
@@ -295,10 +295,15 @@ impl Linear {
                 let out = crate::kernels::matmul_bt(&to_vec(x)?, w, m, k, n);
                 Tensor::from_vec(out, (m, n), &Device::Cpu)?
             }
-            LinearWeight::Quant { q, rowwise: false } => q.forward(x)?,
-            LinearWeight::Quant { q, rowwise: true } => {
+            LinearWeight::Quant { q, rowwise: false, .. } => q.forward(x)?,
+            LinearWeight::Quant { q, rowwise: true, out } => {
                 let rows = (0..x.dim(0)?).map(|i| q.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&rows, 0)?
+                if rows.is_empty() {
+                    // `cat` of nothing is an error; zero rows in give zero rows out.
+                    Tensor::zeros((0, *out), DType::F32, &Device::Cpu)?
+                } else {
+                    Tensor::cat(&rows, 0)?
+                }
             }
         };
         Ok(match &self.bias {

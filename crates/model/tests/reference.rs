@@ -47,17 +47,6 @@ fn ids(t: &Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_dtype(candle_core::DType::I64).unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect()
 }
 
-/// The oracle wrote `attn.hook_q_normed` in `[H, T, dh]` memory order under a `[T, H, dh]`
-/// shape (transformers applies q_norm after the head transpose). Reinterpret that one tensor;
-/// `hook_k_normed` is unaffected for Gemma 3 270M, which has a single KV head.
-fn oracle_layout_fix(name: &str, t: &Tensor) -> Tensor {
-    if !name.ends_with("attn.hook_q_normed") {
-        return t.clone();
-    }
-    let (tt, h, dh) = t.dims3().unwrap();
-    t.reshape((h, tt, dh)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap()
-}
-
 /// Compare every hook and the logits of each case; then greedy decoding token for token.
 fn check_model(source: ModelSource, reference: &str) {
     let m = load(&source, LoadOptions { dequantize: true, ..Default::default() }).unwrap();
@@ -89,7 +78,7 @@ fn check_model(source: ModelSource, reference: &str) {
         let mut report = vec![];
         for cap in &captures {
             let name = cap.hook.to_string();
-            let want = oracle_layout_fix(&name, &case.tensors[&name]);
+            let want = &case.tensors[&name];
             assert_eq!(cap.shape, want.dims(), "{}/{name}: shape", case.name);
             let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
             let got = cap.to_f32();

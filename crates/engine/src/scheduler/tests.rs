@@ -31,6 +31,11 @@ impl Sim {
         for p in &out.preempted {
             line += &format!(" preempt:{}", self.names[*p as usize]);
         }
+        for f in &out.failed {
+            // The engine answers these with an error and removes them.
+            self.sched.remove(*f);
+            line += &format!(" failed:{}", self.names[*f as usize]);
+        }
         for s in &out.scheduled {
             let seq = &self.sched.seqs[&s.id];
             if s.start == seq.cached_tokens && seq.cached_tokens > 0 && seq.preemptions == 0 && seq.num_computed == s.start {
@@ -242,6 +247,37 @@ fn abort_mid_prefill_and_mid_decode() {
              #3 B[2..3] | free 15
              abort B
              #4 C[0..3] done:C | free 16",
+        ),
+    );
+}
+
+#[test]
+fn a_lone_sequence_that_outgrows_the_cache_fails_and_the_queue_moves_on() {
+    // 2 blocks of 2 tokens: A would need a third block to go on. Before, it preempted itself
+    // and could never be readmitted, and B waited behind it forever.
+    check(
+        "config blocks=2 block_size=2 budget=64 seqs=1
+         add A 0..3 max=10
+         add B 10..12 max=2
+         run",
+        &lines(
+            "#1 A[0..3] | free 0
+             #2 A[3..4] | free 0
+             #3 B[0..2] failed:A | free 1
+             #4 B[2..3] done:B | free 2",
+        ),
+    );
+}
+
+#[test]
+fn a_prompt_larger_than_the_whole_cache_fails_at_admission() {
+    check(
+        "config blocks=2 block_size=2 budget=64 seqs=8
+         add A 0..9 max=1
+         add B 10..12 max=1
+         run",
+        &lines(
+            "#1 B[0..2] failed:A done:B | free 2",
         ),
     );
 }
