@@ -3,6 +3,7 @@
 mod bench;
 mod capture_file;
 mod commands;
+mod replay;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,6 +25,9 @@ enum Command {
     Tokenize(commands::TokenizeArgs),
     /// Print exactly the prompt a chat template renders.
     RenderChat(commands::RenderChatArgs),
+    /// Rerun the requests of a crash dump (together, then each alone) and say whether the
+    /// failure reproduces, and for which request.
+    Replay(replay::ReplayArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => glassbox_server::serve(a),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::RenderChat(a) => commands::render_chat(a),
+        Command::Replay(a) => replay::replay(a),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -9,7 +9,7 @@ use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -53,8 +53,40 @@ pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
 }
 
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
+    if st.engine_alive.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// `POST /debug/dump_state`: write a dump of every request in flight (as SIGQUIT does) and
+/// name the file. The server keeps serving.
+pub async fn dump_state(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.engine
+        .dump_state(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))
+        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    match tokio::time::timeout(std::time::Duration::from_secs(60), rx).await {
+        Ok(Ok(Ok(path))) => Ok(Json(json!({"path": path.display().to_string()}))),
+        Ok(Ok(Err(e))) => Err(ApiError::internal(e)),
+        Ok(Err(_)) => Err(ApiError::internal("the engine stopped before writing the dump")),
+        Err(_) => Err(ApiError::internal("the engine did not answer within 60 s (a step may be running long)")),
+    }
+}
+
+/// The client's `X-Request-Id` (echoed back), or a fresh random id.
+fn request_id(headers: &HeaderMap) -> AppResult<String> {
+    match headers.get("x-request-id") {
+        None => Ok(format!("{:032x}", rand::random::<u128>())),
+        Some(v) => {
+            let id = v.to_str().ok().filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()));
+            id.map(str::to_string).ok_or_else(|| ApiError::bad_request("`X-Request-Id` must be 1 to 128 visible ASCII characters"))
+        }
+    }
 }
 
 pub async fn version() -> Json<Value> {
@@ -117,9 +149,12 @@ struct Job {
     /// Chat: logprobs on. Completions: `sampling.logprobs` says it.
     chat_logprobs: bool,
     echo: Vec<String>,
+    /// For tracing: the client's `X-Request-Id` or a random one; echoed in the response.
+    request_id: String,
 }
 
-pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let request_id = request_id(&headers)?;
     let req: CompletionRequest = parse(body)?;
     check_model(&st, &req.common)?;
     let prompts: Vec<Vec<u32>> = match req.prompt {
@@ -140,10 +175,12 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let sampling = sampling(&st, &req.common, req.common.max_tokens, longest, logprobs)?;
     let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
-    run(st, Job { kind: Kind::Completion, prompts, stream: req.common.stream, include_usage: include_usage(&req.common), sampling, chat_logprobs: false, echo }).await
+    let job = Job { kind: Kind::Completion, prompts, stream: req.common.stream, include_usage: include_usage(&req.common), sampling, chat_logprobs: false, echo, request_id };
+    run(st, job).await
 }
 
-pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let request_id = request_id(&headers)?;
     let req: ChatRequest = parse(body)?;
     check_model(&st, &req.common)?;
     if req.messages.is_empty() {
@@ -168,6 +205,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         sampling,
         chat_logprobs: req.logprobs,
         echo: vec![],
+        request_id,
     };
     run(st, job).await
 }
@@ -386,6 +424,9 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     for r in &requests {
         st.limits.validate(r).map_err(ApiError::bad_request)?;
     }
+    if !st.engine_alive.load(Ordering::SeqCst) {
+        return Err(ApiError::overloaded("the engine has stopped; restart the server"));
+    }
     if st.in_flight.fetch_add(1, Ordering::SeqCst) >= st.max_in_flight {
         st.in_flight.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::overloaded(format!("the server is at capacity ({} requests in flight); retry shortly", st.max_in_flight)));
@@ -411,10 +452,13 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         itl: vec![],
         sent_role: vec![false; choices],
     };
+    // Random, as vLLM's: ids never repeat across restarts or replicas.
     let rid = match job.kind {
-        Kind::Completion => format!("cmpl-{:016x}", ids[0]),
-        Kind::Chat => format!("chatcmpl-{:016x}", ids[0]),
+        Kind::Completion => format!("cmpl-{:032x}", rand::random::<u128>()),
+        Kind::Chat => format!("chatcmpl-{:032x}", rand::random::<u128>()),
     };
+    let id_header = HeaderValue::from_str(&job.request_id).map_err(|_| ApiError::internal("bad request id"))?;
+    tracing::debug!(request_id = %job.request_id, engine_ids = ?ids, "submitted");
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
 
     if !job.stream {
@@ -434,7 +478,9 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             })
             .collect();
         let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices, "usage": prog.usage()})).into_response());
+        let mut resp = Json(json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices, "usage": prog.usage()})).into_response();
+        resp.headers_mut().insert("x-request-id", id_header);
+        return Ok(resp);
     }
 
     // Streaming: one event per engine output, then usage (if asked) and [DONE].
@@ -477,7 +523,9 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             Some((Ok(Event::default().data(ev.to_string())), (rx, prog, guard, 0, job)))
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    resp.headers_mut().insert("x-request-id", id_header);
+    Ok(resp)
 }
 
 fn finish_str(f: Option<&FinishReason>) -> Value {

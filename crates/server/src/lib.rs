@@ -19,7 +19,7 @@ use axum::Router;
 use clap::Args;
 use glassbox_engine::{EngineConfig, EngineCore, EngineHandle, EngineStats, KvMemory, Limits};
 use glassbox_model::{ChatTemplate, LoadOptions, LoadedModel};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub batch_invariant: bool,
+    /// Where a failing engine step writes its crash dump (and SIGQUIT / POST
+    /// /debug/dump_state a state dump); `glassbox replay FILE` reruns one. Default: the
+    /// cache directory's `crash-dumps`.
+    #[arg(long)]
+    pub crash_dump_dir: Option<std::path::PathBuf>,
 }
 
 pub struct AppState {
@@ -81,6 +86,22 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub stats: watch::Receiver<EngineStats>,
     pub created: u64,
+    /// False once the engine thread has ended (health answers 503, requests 503).
+    pub engine_alive: Arc<AtomicBool>,
+}
+
+/// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
+/// hears of it and every waiting handler is answered.
+struct EngineLife {
+    router: mpsc::UnboundedSender<router::RouterMsg>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Drop for EngineLife {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
+        let _ = self.router.send(router::RouterMsg::EngineStopped);
+    }
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -97,6 +118,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len: args.max_model_len,
         kv_cache_memory: args.kv_cache_memory,
+        crash_dump_dir: Some(args.crash_dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("crash-dumps"))),
         ..Default::default()
     };
     let core = EngineCore::new(model.clone(), cfg)?;
@@ -122,9 +144,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     let (router_tx, router_rx) = mpsc::unbounded_channel();
     let (stats_tx, stats_rx) = watch::channel(core.stats());
     tokio::spawn(router::run(router_rx, stats_tx));
-    let sink_tx = router_tx.clone();
+    let engine_alive = Arc::new(AtomicBool::new(true));
+    let life = EngineLife { router: router_tx.clone(), alive: engine_alive.clone() };
     let engine = EngineHandle::spawn(core, move |outs, stats| {
-        let _ = sink_tx.send(router::RouterMsg::Outputs(outs, stats));
+        let _ = life.router.send(router::RouterMsg::Outputs(outs, stats));
     })
     .context("starting the engine thread")?;
     let chat_template = match &model.chat_template {
@@ -151,7 +174,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         metrics: metrics::Metrics::default(),
         stats: stats_rx,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        engine_alive,
     });
+    #[cfg(unix)]
+    tokio::spawn(dump_on_sigquit(state.clone()));
 
     let app = app(state.clone(), args.max_body_bytes);
     let addr = format!("{}:{}", args.host, args.port);
@@ -182,6 +208,21 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGQUIT writes a state dump of every request in flight; the server keeps serving.
+#[cfg(unix)]
+async fn dump_on_sigquit(state: Arc<AppState>) {
+    let Ok(mut quit) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()) else { return };
+    while quit.recv().await.is_some() {
+        let asked = state.engine.dump_state(Box::new(|r| match r {
+            Ok(p) => eprintln!("SIGQUIT: engine state dumped to {}", p.display()),
+            Err(e) => eprintln!("SIGQUIT: the state dump failed: {e}"),
+        }));
+        if asked.is_err() {
+            eprintln!("SIGQUIT: the engine has stopped; no dump");
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -208,6 +249,7 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(handlers::models))
+        .route("/debug/dump_state", post(handlers::dump_state))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
     Router::new()
         .merge(v1)

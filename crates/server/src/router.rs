@@ -12,6 +12,8 @@ pub enum RouterMsg {
     /// Deliver the outputs of these ids (each finishing after `n` finished sequences) to `tx`.
     Register(Vec<RequestId>, usize, mpsc::UnboundedSender<EngineOutput>),
     Outputs(Vec<EngineOutput>, EngineStats),
+    /// The engine thread has ended: nothing more will come for anyone.
+    EngineStopped,
 }
 
 pub async fn run(mut rx: mpsc::UnboundedReceiver<RouterMsg>, stats: watch::Sender<EngineStats>) {
@@ -41,6 +43,10 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<RouterMsg>, stats: watch::Sende
                     }
                 }
                 let _ = stats.send(snapshot);
+            }
+            RouterMsg::EngineStopped => {
+                // Dropping the senders ends every waiting handler with "the engine stopped".
+                routes.clear();
             }
         }
     }
