@@ -32,10 +32,11 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.port = free_port()
-        cmd = [BIN, "serve", "--port", str(self.port), "--kv-cache-memory", "256MiB", *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        kv = [] if "--kv-cache-memory" in args else ["--kv-cache-memory", "256MiB"]
+        cmd = [BIN, "serve", "--port", str(self.port), *kv, *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log = []
         deadline = time.time() + 120
         for line in self.proc.stderr:
