@@ -21,6 +21,9 @@ pub struct ChatContext {
     pub vars: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Template instructions one render may run (a long conversation takes well under 1%).
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
@@ -30,7 +33,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        // Bounded work per render: a template (from a model file) can never hang the server.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.add_function("strftime_now", |fmt: String| -> std::result::Result<String, Error> {
+            // `to_string` would panic on a bad format; writing reports it.
+            use std::fmt::Write;
+            let mut out = String::new();
+            write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("bad strftime format `{fmt}`")))?;
+            Ok(out)
+        });
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(format!("cannot parse template: {e}")))?;

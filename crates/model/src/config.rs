@@ -100,7 +100,7 @@ impl ModelConfig {
         let arch = Arch::parse(&model_type)?;
         let hidden_size = c.usize("hidden_size")?;
         let num_heads = c.usize("num_attention_heads")?;
-        let num_layers = c.usize("num_hidden_layers")?;
+        let num_layers = bounded("num_hidden_layers", c.usize("num_hidden_layers")?)?;
         let head_dim = c.opt_usize("head_dim").unwrap_or(hidden_size / num_heads.max(1));
         let sliding_window = c.opt_usize("sliding_window");
         let sliding_layers = match (arch, c.get("layer_types")) {
@@ -164,7 +164,7 @@ impl ModelConfig {
         let key = |k: &str| format!("{arch_name}.{k}");
         let hidden_size = g.usize(&key("embedding_length"))?;
         let num_heads = g.usize(&key("attention.head_count"))?;
-        let num_layers = g.usize(&key("block_count"))?;
+        let num_layers = bounded("block_count", g.usize(&key("block_count"))?)?;
         let head_dim = g
             .opt_usize(&key("attention.key_length"))
             .or_else(|| g.opt_usize(&key("rope.dimension_count")).filter(|_| arch != Arch::Gemma3))
@@ -229,6 +229,27 @@ impl ModelConfig {
 
     fn validate(self) -> Result<Self> {
         let bad = |m: String| Err(ModelError::BadConfig(m));
+        // A corrupt or hostile file must be an error here, not an overflow or a huge
+        // allocation later: every size is bounded, and the products the loader and the KV
+        // cache form from them fit comfortably in 64 bits.
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            bounded(name, v)?;
+        }
+        let q_width = self.num_heads.checked_mul(self.head_dim).filter(|&w| w <= MAX_DIM);
+        if q_width.is_none() || self.vocab_size.checked_mul(self.hidden_size).is_none_or(|n| n > MAX_ELEMENTS) {
+            return bad(format!(
+                "implausible sizes: {} heads x {} head_dim, vocabulary {} x hidden {}",
+                self.num_heads, self.head_dim, self.vocab_size, self.hidden_size
+            ));
+        }
         if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!("{} heads cannot share {} kv heads", self.num_heads, self.num_kv_heads));
         }
@@ -243,6 +264,19 @@ impl ModelConfig {
         }
         Ok(self)
     }
+}
+
+/// The largest single dimension a config may declare (16M: above every real model's
+/// vocabulary, width and context).
+const MAX_DIM: usize = 1 << 24;
+/// The largest matrix a config may imply (2^36 elements, 256 GiB in f32).
+const MAX_ELEMENTS: usize = 1 << 36;
+
+fn bounded(name: &str, v: usize) -> Result<usize> {
+    if v > MAX_DIM {
+        return Err(ModelError::BadConfig(format!("{name} = {v} is implausibly large (limit {MAX_DIM}); is the file corrupt?")));
+    }
+    Ok(v)
 }
 
 /// Gemma 3: every `pattern`-th layer is global, the rest slide.

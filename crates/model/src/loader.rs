@@ -150,20 +150,41 @@ fn open_gguf(path: &Path) -> Result<GgufFile> {
     let file = std::fs::File::open(path).map_err(|e| ModelError::file(path, e))?;
     // SAFETY: model files are not modified while mapped.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::file(path, e))?;
-    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-        .map_err(|e| ModelError::file(path, format!("not a readable GGUF file: {e}")))?;
-    // Every tensor must lie inside the file: a truncated download fails here, not mid-load.
+    // candle's parser bounds lengths and counts but divides by `general.alignment`
+    // unchecked (0 panics): a hostile header must be an error, never a crash.
+    let parsed = std::panic::catch_unwind(|| gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..])));
+    let content = match parsed {
+        Ok(r) => r.map_err(|e| ModelError::file(path, format!("not a readable GGUF file: {e}")))?,
+        Err(_) => return Err(ModelError::file(path, "corrupt GGUF header (bad alignment or sizes)")),
+    };
+    check_gguf_tensors(path, &content, mmap.len() as u64)?;
+    Ok(GgufFile { mmap, content })
+}
+
+/// Every tensor's size, computed with checked arithmetic, must be whole blocks and lie inside
+/// the file: a truncated download or a hostile header fails here, not mid-load.
+pub fn check_gguf_tensors(path: &Path, content: &gguf_file::Content, file_len: u64) -> Result<()> {
     for (name, info) in &content.tensor_infos {
-        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let end = content.tensor_data_offset + info.offset + bytes as u64;
-        if end > mmap.len() as u64 {
-            return Err(ModelError::file(
-                path,
-                format!("truncated GGUF file: tensor {name} ends at byte {end}, the file has {}", mmap.len()),
-            ));
+        let bad = |why: String| ModelError::file(path, format!("tensor {name}: {why}"));
+        let dims = info.shape.dims();
+        let elems = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(|| bad(format!("shape {dims:?} overflows")))?;
+        let (bs, ts) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+        // No real weight is empty, and candle reinterprets an empty buffer's dangling pointer
+        // as blocks (undefined behaviour): refuse it here.
+        if elems == 0 {
+            return Err(bad(format!("shape {dims:?} has no elements")));
+        }
+        if elems % bs != 0 {
+            return Err(bad(format!("{elems} elements are not whole blocks of {bs}")));
+        }
+        let bytes = (elems / bs).checked_mul(ts).ok_or_else(|| bad("size overflows".into()))?;
+        let end = content.tensor_data_offset.checked_add(info.offset).and_then(|o| o.checked_add(bytes));
+        match end {
+            Some(end) if end <= file_len => {}
+            _ => return Err(bad(format!("truncated or corrupt GGUF file: the tensor's {bytes} bytes at offset {} do not fit in the file's {file_len}", info.offset))),
         }
     }
-    Ok(GgufFile { mmap, content })
+    Ok(())
 }
 
 fn gguf_str(content: &gguf_file::Content, key: &str) -> Option<String> {

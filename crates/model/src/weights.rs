@@ -49,6 +49,10 @@ fn check_safetensors_header(p: &Path) -> Result<()> {
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| ModelError::file(p, "truncated safetensors file (no header)"))?;
     let header_len = u64::from_le_bytes(n);
+    // The safetensors format caps headers at 100 MB; a larger length is corruption.
+    if header_len > 100_000_000 {
+        return Err(ModelError::file(p, format!("corrupt safetensors file: header length {header_len}")));
+    }
     if header_len > len.saturating_sub(8) {
         return Err(ModelError::file(p, "truncated safetensors file (header runs past the end)"));
     }

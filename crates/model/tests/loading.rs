@@ -131,3 +131,53 @@ fn gguf_quantized_types_from_the_reference_model() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A corrupt or hostile GGUF file is a clear error: never a panic, an overflow or a huge
+/// allocation. `data/empty-tensor.gguf` is what the fuzzer (crates/fuzz) found: a tensor
+/// with a zero dimension, which candle turned into undefined behaviour.
+#[test]
+fn hostile_gguf_files_are_clear_errors() {
+    let good = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/empty-tensor.gguf")).unwrap();
+    let dir = scratch("hostile");
+    let check = |name: &str, bytes: &[u8], msg: &str| {
+        let path = dir.join(format!("{name}.gguf"));
+        std::fs::write(&path, bytes).unwrap();
+        let err = match load(&ModelSource::Gguf(path), LoadOptions::default()) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(msg), "{name}: {err}");
+    };
+    check("empty-tensor", &good, "has no elements");
+    // The same tensor's dimensions set to 2^40 x 2^40: the element count overflows.
+    let name = b"blk.0.attn_q.weight";
+    let at = good.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4;
+    let mut huge = good.clone();
+    huge[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    huge[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    check("overflow", &huge, "overflows");
+    // Metadata: alignment 0 (candle divides by it), an absurd layer count and width.
+    let file = std::fs::File::open(stories().join("stories260K.gguf")).unwrap();
+    let mmap = unsafe { memmap2::Mmap::map(&file).unwrap() };
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..])).unwrap();
+    let tensors: Vec<(String, QTensor)> = content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut std::io::Cursor::new(&mmap[..]), n, &Device::Cpu).unwrap())).collect();
+    for (name, key, value, msg) in [
+        ("truncated", "general.name", gguf_file::Value::String("cut".into()), "do not fit in the file"),
+        ("alignment", "general.alignment", gguf_file::Value::U32(0), "corrupt GGUF header"),
+        ("layers", "llama.block_count", gguf_file::Value::U64(1 << 60), "implausibly large"),
+        ("width", "llama.embedding_length", gguf_file::Value::U64(1 << 40), "implausibly large"),
+    ] {
+        let mut meta = content.metadata.clone();
+        meta.insert(key.to_string(), value);
+        let mut bytes = vec![];
+        let m: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut std::io::Cursor::new(&mut bytes), &m, &ts).unwrap();
+        if name == "truncated" {
+            // A tensor running past the end of the file (a cut-off download).
+            bytes.truncate(bytes.len() - 100);
+        }
+        check(name, &bytes, msg);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
