@@ -212,29 +212,32 @@ fn crash_dump(dir: &Path, phase: glassbox_engine::fault::Phase) -> PathBuf {
 
 #[test]
 fn replay_reproduces_an_injected_fault_and_names_the_request() {
-    let dir = std::env::temp_dir().join(format!("glassbox-replay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let dump = crash_dump(&dir, glassbox_engine::fault::Phase::Forward);
-    let run = |fault: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glassbox"));
-        cmd.args(["replay", dump.to_str().unwrap()]);
-        match fault {
-            Some(f) => cmd.env("GLASSBOX_FAULT", f),
-            None => cmd.env_remove("GLASSBOX_FAULT"),
+    use glassbox_engine::fault::Phase;
+    for (phase, name) in [(Phase::Schedule, "schedule"), (Phase::Forward, "forward"), (Phase::Sample, "sample"), (Phase::Detokenize, "detokenize"), (Phase::Hook, "hook")] {
+        let dir = std::env::temp_dir().join(format!("glassbox-replay-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let dump = crash_dump(&dir, phase);
+        let run = |fault: Option<String>| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_glassbox"));
+            cmd.args(["replay", dump.to_str().unwrap()]);
+            match fault {
+                Some(f) => cmd.env("GLASSBOX_FAULT", f),
+                None => cmd.env_remove("GLASSBOX_FAULT"),
+            };
+            cmd.output().unwrap()
         };
-        cmd.output().unwrap()
-    };
-    // The same fault active: it reproduces, alone and in the batch, for request 2 only.
-    let o = run(Some("forward:panic:666"));
-    let out = stdout(&o);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(out.contains("verdict: the failure reproduces for request(s) 2 alone (recorded: 2)"), "{out}");
-    assert_eq!(out.matches("request 2: FAILED").count(), 2, "{out}");
-    assert!(!out.contains("request 0: FAILED") && !out.contains("DIVERGES"), "{out}");
-    // Without it (the bug fixed, say): it does not.
-    let out = stdout(&run(None));
-    assert!(out.contains("verdict: the failure does not reproduce (recorded for request(s) 2)"), "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
+        // The same fault active: it reproduces, alone and in the batch, for request 2 only.
+        let o = run(Some(format!("{name}:panic:666")));
+        let out = stdout(&o);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(out.contains("verdict: the failure reproduces for request(s) 2 alone (recorded: 2)"), "{name}: {out}");
+        assert_eq!(out.matches("request 2: FAILED").count(), 2, "{name}: {out}");
+        assert!(!out.contains("request 0: FAILED") && !out.contains("DIVERGES"), "{name}: {out}");
+        // Without it (the bug fixed, say): it does not.
+        let out = stdout(&run(None));
+        assert!(out.contains("verdict: the failure does not reproduce (recorded for request(s) 2)"), "{name}: {out}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

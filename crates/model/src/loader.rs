@@ -181,7 +181,12 @@ pub fn check_gguf_tensors(path: &Path, content: &gguf_file::Content, file_len: u
         let end = content.tensor_data_offset.checked_add(info.offset).and_then(|o| o.checked_add(bytes));
         match end {
             Some(end) if end <= file_len => {}
-            _ => return Err(bad(format!("truncated or corrupt GGUF file: the tensor's {bytes} bytes at offset {} do not fit in the file's {file_len}", info.offset))),
+            _ => {
+                return Err(ModelError::file(
+                    path,
+                    format!("truncated GGUF file: tensor {name} needs {bytes} bytes at offset {}, the file has {file_len} (download it again)", info.offset),
+                ))
+            }
         }
     }
     Ok(())

@@ -162,7 +162,7 @@ fn hostile_gguf_files_are_clear_errors() {
     let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..])).unwrap();
     let tensors: Vec<(String, QTensor)> = content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut std::io::Cursor::new(&mmap[..]), n, &Device::Cpu).unwrap())).collect();
     for (name, key, value, msg) in [
-        ("truncated", "general.name", gguf_file::Value::String("cut".into()), "do not fit in the file"),
+        ("truncated", "general.name", gguf_file::Value::String("cut".into()), "truncated GGUF file"),
         ("alignment", "general.alignment", gguf_file::Value::U32(0), "corrupt GGUF header"),
         ("layers", "llama.block_count", gguf_file::Value::U64(1 << 60), "implausibly large"),
         ("width", "llama.embedding_length", gguf_file::Value::U64(1 << 40), "implausibly large"),
