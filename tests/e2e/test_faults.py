@@ -68,6 +68,9 @@ def test_500_concurrent_requests_with_aborts_disconnects_and_faults():
     dumps = tempfile.mkdtemp(prefix="glassbox-e2e-dumps-")
     s = Server("--model", STORIES, "--max-model-len", "512", "--crash-dump-dir", dumps, env={"GLASSBOX_FAULT": "forward:panic:50"})
     try:
+        assert any("fault injection active" in l for l in s.log), \
+            "this server binary has no fault injection: build it with `cargo build -p glassbox --features glassbox-engine/fault-injection` (scripts/test does)"
+
         prompts = ["Once upon a time", "Lily and Tom went to the park. They saw a big", "Tim had a red ball", "One day, a cat"]
         alone = {}
         for p in prompts:
