@@ -173,3 +173,28 @@ def test_sigquit_dumps_a_running_request_and_keeps_serving():
         s.wait_idle(timeout=30)
     finally:
         s.stop()
+
+
+def test_openapi_describes_every_endpoint():
+    s = Server("--model", STORIES, "--max-model-len", "512")
+    try:
+        status, doc, _ = s.request("GET", "/openapi.json")
+        assert status == 200 and doc["openapi"].startswith("3.")
+        paths = set(doc["paths"])
+        assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/debug/dump_state", "/health", "/version",
+                         "/tokenize", "/detokenize", "/metrics"}, paths
+        schemas = doc["components"]["schemas"]
+        # The server's own limits are in the document.
+        assert schemas["Common"]["properties"]["model"]["enum"] == ["stories260K"]
+        assert schemas["Common"]["properties"]["max_tokens"]["maximum"] == 512
+        assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == 511
+        # Every documented path answers something other than 404/405 for its method.
+        for path, ops in doc["paths"].items():
+            for method in ops:
+                status, _, _ = s.request(method.upper(), path, {} if method == "post" else None)
+                assert status not in (404, 405), (method, path, status)
+        # Integral floats are integers, as JSON Schema says.
+        status, body, _ = s.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 3.0, "seed": 7.0})
+        assert status == 200, body
+    finally:
+        s.stop()

@@ -3,7 +3,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::RequestTiming;
-use crate::openai::{ChatRequest, Common, CompletionRequest, DetokenizeRequest, Prompt, TokenizeRequest};
+use crate::openai::{ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, TokenizeRequest};
 use crate::router::RouterMsg;
 use crate::AppState;
 use axum::body::Bytes;
@@ -53,6 +53,7 @@ pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
 }
 
+#[utoipa::path(get, path = "/health", tag = "server", responses((status = 200, description = "The engine runs"), (status = 503, description = "The engine thread has stopped")))]
 pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
     if st.engine_alive.load(Ordering::SeqCst) {
         StatusCode::OK
@@ -63,6 +64,7 @@ pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
 
 /// `POST /debug/dump_state`: write a dump of every request in flight (as SIGQUIT does) and
 /// name the file. The server keeps serving.
+#[utoipa::path(post, path = "/debug/dump_state", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{\"path\": ...}`: the dump written under --crash-dump-dir"), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 500, description = "The dump could not be written", body = ErrorBody)))]
 pub async fn dump_state(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     st.engine
@@ -89,10 +91,12 @@ fn request_id(headers: &HeaderMap) -> AppResult<String> {
     }
 }
 
+#[utoipa::path(get, path = "/version", tag = "server", responses((status = 200, description = "`{\"version\": ...}`")))]
 pub async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("api_key" = [])), responses((status = 200, description = "The served model"), (status = 401, description = "Missing or wrong API key", body = ErrorBody)))]
 pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -103,11 +107,13 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "server", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     let stats = st.stats.borrow().clone();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render(&stats, &st.served_name))
 }
 
+#[utoipa::path(post, path = "/tokenize", tag = "server", request_body = TokenizeRequest, responses((status = 200, description = "`{count, max_model_len, tokens}`"), (status = 400, description = "Bad input", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody)))]
 pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
     let req: TokenizeRequest = parse(body)?;
     let tokens = match (req.prompt, req.messages) {
@@ -121,6 +127,7 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
     Ok(Json(json!({"count": tokens.len(), "max_model_len": st.limits.max_model_len, "tokens": tokens})))
 }
 
+#[utoipa::path(post, path = "/detokenize", tag = "server", request_body = DetokenizeRequest, responses((status = 200, description = "`{prompt}`"), (status = 400, description = "Bad input", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody)))]
 pub async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
     let req: DetokenizeRequest = parse(body)?;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= st.model.tokenizer.vocab_size()) {
@@ -153,6 +160,7 @@ struct Job {
     request_id: String,
 }
 
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
 pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
     let request_id = request_id(&headers)?;
     let req: CompletionRequest = parse(body)?;
@@ -179,6 +187,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
     run(st, job).await
 }
 
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("api_key" = [])), request_body = ChatRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A chat completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
 pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
     let request_id = request_id(&headers)?;
     let req: ChatRequest = parse(body)?;

@@ -14,7 +14,7 @@ pub use error::ApiError;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use clap::Args;
 use glassbox_engine::{EngineConfig, EngineCore, EngineHandle, EngineStats, KvMemory, Limits};
@@ -244,21 +244,74 @@ async fn shutdown_signal() {
     }
 }
 
+/// The OpenAPI description: schemas come from the request types, paths from the handlers'
+/// `#[utoipa::path]` attributes, collected by the same router that serves them.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "glassbox", description = "An OpenAI-compatible LLM server you can see inside."),
+    modifiers(&BearerKey),
+    components(schemas(openai::ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerKey;
+
+impl utoipa::Modify for BearerKey {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("api_key", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
 pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
-    let v1 = Router::new()
-        .route("/v1/completions", post(handlers::completions))
-        .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/models", get(handlers::models))
-        .route("/debug/dump_state", post(handlers::dump_state))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
+    use utoipa::OpenApi;
+    use utoipa_axum::{router::OpenApiRouter, routes};
+    // Behind the API key when one is set.
+    let (protected, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(handlers::completions))
+        .routes(routes!(handlers::chat_completions))
+        .routes(routes!(handlers::models))
+        .routes(routes!(handlers::dump_state))
+        .split_for_parts();
+    let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
+    let (open, open_api) = OpenApiRouter::new()
+        .routes(routes!(handlers::health))
+        .routes(routes!(handlers::version))
+        .routes(routes!(handlers::tokenize))
+        .routes(routes!(handlers::detokenize))
+        .routes(routes!(handlers::metrics))
+        .split_for_parts();
+    api.merge(open_api);
+    let api = Arc::new(with_server_limits(api, &state));
     Router::new()
-        .merge(v1)
-        .route("/health", get(handlers::health))
-        .route("/version", get(handlers::version))
-        .route("/tokenize", post(handlers::tokenize))
-        .route("/detokenize", post(handlers::detokenize))
-        .route("/metrics", get(handlers::metrics))
+        .merge(protected)
+        .merge(open)
+        .route("/openapi.json", get(move || async move { axum::Json(api.as_ref().clone()) }))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// The document as this server answers it: the one model name, the context length and the
+/// vocabulary filled in, so clients (and schemathesis) know the limits before a 400 says so.
+fn with_server_limits(api: utoipa::openapi::OpenApi, st: &AppState) -> serde_json::Value {
+    let mut doc = serde_json::to_value(&api).unwrap_or_default();
+    let schemas = &mut doc["components"]["schemas"];
+    let common = &mut schemas["Common"]["properties"];
+    common["model"]["enum"] = serde_json::json!([st.served_name]);
+    common["max_tokens"]["maximum"] = st.limits.max_model_len.into();
+    schemas["ChatRequest"]["allOf"][1]["properties"]["max_completion_tokens"]["maximum"] = st.limits.max_model_len.into();
+    let last_token = st.limits.vocab_size.saturating_sub(1);
+    // Empty prompts are 400s; say so (utoipa cannot put these on untagged variants).
+    schemas["Prompt"]["oneOf"][0]["minLength"] = 1.into();
+    schemas["Prompt"]["oneOf"][1]["items"]["minLength"] = 1.into();
+    for v in 1..4 {
+        schemas["Prompt"]["oneOf"][v]["minItems"] = 1.into();
+    }
+    schemas["Prompt"]["oneOf"][3]["items"]["minItems"] = 1.into();
+    schemas["Prompt"]["oneOf"][2]["items"]["maximum"] = last_token.into();
+    schemas["Prompt"]["oneOf"][3]["items"]["items"]["maximum"] = last_token.into();
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = last_token.into();
+    doc
 }

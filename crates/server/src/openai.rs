@@ -1,9 +1,10 @@
 //! OpenAI (and vLLM-extension) request bodies. Unknown fields are ignored, as vLLM does.
 
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 /// A string or a list of strings (`stop`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),
@@ -20,7 +21,7 @@ impl StringOrList {
 }
 
 /// `prompt`: text, texts, token ids, or lists of token ids.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -29,23 +30,32 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Fields shared by both endpoints.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct Common {
     pub model: Option<String>,
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integer")]
     pub max_tokens: Option<i64>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    #[schema(minimum = 1, maximum = 128)]
+    #[serde(default, deserialize_with = "integer")]
     pub n: Option<i64>,
     pub stop: Option<StringOrList>,
+    #[serde(default, deserialize_with = "seed")]
     pub seed: Option<u64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub stream: bool,
@@ -54,19 +64,28 @@ pub struct Common {
     #[allow(dead_code)]
     pub user: Option<String>,
     // vLLM's extras.
+    /// -1 or 0: no limit.
+    #[schema(minimum = -1)]
+    #[serde(default, deserialize_with = "integer")]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
+    #[schema(exclusive_minimum = 0)]
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "integer")]
     pub min_tokens: Option<i64>,
     pub stop_token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
     /// Completions' logprobs: how many alternatives.
+    #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "integer")]
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: bool,
@@ -74,16 +93,23 @@ pub struct CompletionRequest {
     pub common: Common,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    /// `[{"role": ..., "content": ...}]`; content may be a string or text parts.
+    #[schema(value_type = Vec<Object>)]
     pub messages: Vec<serde_json::Value>,
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integer")]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub logprobs: bool,
+    #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "integer")]
     pub top_logprobs: Option<i64>,
     #[serde(default = "default_true")]
     pub add_generation_prompt: bool,
     /// Extra template variables (vLLM's `chat_template_kwargs`).
+    #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(flatten)]
     pub common: Common,
@@ -93,9 +119,10 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     pub prompt: Option<String>,
+    #[schema(value_type = Option<Vec<Object>>)]
     pub messages: Option<Vec<serde_json::Value>>,
     #[serde(default = "default_true")]
     pub add_special_tokens: bool,
@@ -103,7 +130,46 @@ pub struct TokenizeRequest {
     pub add_generation_prompt: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
+}
+
+/// The OpenAI error format every 4xx/5xx answer uses.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[schema(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: u16,
+}
+
+/// An integer field: JSON Schema counts `9.0` as the integer 9, and so do OpenAI and vLLM.
+fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let v: Option<serde_json::Number> = Deserialize::deserialize(d)?;
+    v.map(|n| match (n.as_i64(), n.as_f64()) {
+        (Some(i), _) => Ok(i),
+        (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(serde::de::Error::custom(format!("expected an integer, got {n}"))),
+    })
+    .transpose()
+}
+
+/// `seed`: a non-negative integer (integral floats accepted, as for every integer field).
+fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v: Option<serde_json::Number> = Deserialize::deserialize(d)?;
+    v.map(|n| match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Ok(u),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..9.0e15).contains(&f) => Ok(f as u64),
+        _ => Err(serde::de::Error::custom(format!("`seed` must be a non-negative integer, got {n}"))),
+    })
+    .transpose()
 }
