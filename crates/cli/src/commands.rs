@@ -56,7 +56,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         None
     } else {
         let hooks = resolve_patterns(&a.capture, &model.model.hook_names())?;
-        Some(CaptureSpec { hooks, positions: a.capture_positions })
+        Some(CaptureSpec { hooks, positions: a.capture_positions, dtype: Default::default() })
     };
     let prompt = if a.chat {
         let messages = serde_json::json!([{"role": "user", "content": a.prompt}]);

@@ -16,7 +16,7 @@ use crate::kv_store::KvStore;
 use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
 use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
-use glassbox_protocol::{CapturePositions, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site};
+use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -70,6 +70,14 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Where a failing step writes its crash dump (`None`: no dumps).
     pub crash_dump_dir: Option<PathBuf>,
+    /// The most bytes one request's captures may take, counted at admission from its worst
+    /// case (every position it may keep, for every hook and completion).
+    #[serde(default = "default_max_capture_bytes")]
+    pub max_capture_bytes: u64,
+}
+
+fn default_max_capture_bytes() -> u64 {
+    256 << 20
 }
 
 impl Default for EngineConfig {
@@ -82,6 +90,7 @@ impl Default for EngineConfig {
             block_size: 16,
             seed: 0,
             crash_dump_dir: None,
+            max_capture_bytes: default_max_capture_bytes(),
         }
     }
 }
@@ -131,6 +140,9 @@ pub struct Limits {
     pub vocab_size: usize,
     pub kv_capacity_tokens: usize,
     pub hook_names: Arc<Vec<glassbox_protocol::HookName>>,
+    /// Elements per position of each hook in `hook_names` (patterns: per key position).
+    pub hook_widths: Arc<Vec<usize>>,
+    pub max_capture_bytes: u64,
 }
 
 impl Limits {
@@ -188,8 +200,46 @@ impl Limits {
             if let Some(bad) = spec.hooks.iter().find(|h| !self.hook_names.contains(h)) {
                 return Err(format!("this model has no hook point `{bad}`"));
             }
+            let bytes = self.capture_bytes(spec, req.prompt.len(), p.max_tokens, p.n);
+            if bytes > self.max_capture_bytes {
+                return Err(format!(
+                    "the capture could take up to {} ({} hooks over up to {} positions, {} completion(s), {}), over the limit of {} (--max-capture-bytes); capture fewer hooks or positions, or use float16",
+                    human_bytes(bytes),
+                    spec.hooks.len(),
+                    spec.positions.max_rows(req.prompt.len(), p.max_tokens),
+                    p.n,
+                    spec.dtype.name(),
+                    human_bytes(self.max_capture_bytes)
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// The most bytes a capture can take: positions x width x element size per hook (patterns
+    /// x the longest context), for each completion.
+    pub fn capture_bytes(&self, spec: &CaptureSpec, prompt_len: usize, max_tokens: usize, n: usize) -> u64 {
+        let rows = spec.positions.max_rows(prompt_len, max_tokens) as u64;
+        let ctx = (prompt_len + max_tokens) as u64;
+        let per_completion: u64 = spec
+            .hooks
+            .iter()
+            .map(|h| {
+                let width = self.hook_names.iter().position(|x| x == h).map_or(0, |i| self.hook_widths[i]) as u64;
+                let width = if h.site == Site::Pattern { width.saturating_mul(ctx) } else { width };
+                rows.saturating_mul(width).saturating_mul(spec.dtype.size() as u64)
+            })
+            .fold(0u64, u64::saturating_add);
+        per_completion.saturating_mul(n as u64)
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
     }
 }
 
@@ -312,7 +362,16 @@ impl EngineCore {
                 model_len.min(kv_capacity_tokens)
             }
         };
-        let limits = Limits { max_model_len, vocab_size: mc.vocab_size, kv_capacity_tokens, hook_names: Arc::new(model.model.hook_names()) };
+        let hook_names = model.model.hook_names();
+        let hook_widths = hook_names.iter().map(|h| model.model.hook_width(h.site)).collect();
+        let limits = Limits {
+            max_model_len,
+            vocab_size: mc.vocab_size,
+            kv_capacity_tokens,
+            hook_names: Arc::new(hook_names),
+            hook_widths: Arc::new(hook_widths),
+            max_capture_bytes: cfg.max_capture_bytes,
+        };
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         Ok(EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
@@ -404,7 +463,7 @@ impl EngineCore {
         let captures = req.capture.is_some();
         // Prompt rows served from the prefix cache are not recomputed, so a capture that
         // includes prompt positions computes the whole prompt.
-        let use_prefix_cache = req.capture.as_ref().is_none_or(|c| matches!(c.positions, CapturePositions::Generated | CapturePositions::Last));
+        let use_prefix_cache = req.capture.as_ref().is_none_or(|c| !c.positions.needs_prompt_rows());
         let mut ids = Vec::with_capacity(req.sampling.n);
         let base_seed = *req.sampling.seed.get_or_insert_with(|| {
             self.seed_rng = self.seed_rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -416,7 +475,7 @@ impl EngineCore {
             let leader = ids.first().copied();
             self.sched.add(id, SeqState::new(req.prompt.clone(), 0, use_prefix_cache, leader));
             if let Some(spec) = &req.capture {
-                self.collector.want(id, spec.clone());
+                self.collector.want(id, spec.clone(), req.prompt.len());
             }
             self.seqs.insert(
                 id,
@@ -445,11 +504,9 @@ impl EngineCore {
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
         let plan = self.sched.schedule();
-        for &p in &plan.preempted {
-            // Recomputed later from scratch: its captured rows will come again.
-            self.collector.restart(p);
-            self.stats.preemptions += 1;
-        }
+        // A preempted sequence keeps its captured rows: the rows it recomputes arrive again
+        // (deduplicated at assembly), the rows the prefix cache serves back do not.
+        self.stats.preemptions += plan.preempted.len() as u64;
         for &f in &plan.failed {
             if let Some(req) = self.seqs.get(&f).map(|r| r.request) {
                 let msg = format!(
@@ -754,7 +811,7 @@ impl EngineCore {
             cached_tokens: cached,
         };
         if finish.is_some() && rt.captures {
-            match self.collector.finish(id, prompt_len) {
+            match self.collector.finish(id) {
                 Ok(c) => out.captures = c,
                 Err(e) => return Err(format!("assembling captures failed: {e}")),
             }

@@ -94,7 +94,7 @@ fn invariance_prompts(model: &LoadedModel) -> Vec<Vec<u32>> {
 }
 
 fn logits_capture() -> Option<CaptureSpec> {
-    Some(CaptureSpec { hooks: vec![HookName::global(Site::Logits)], positions: CapturePositions::Generated })
+    Some(CaptureSpec { hooks: vec![HookName::global(Site::Logits)], positions: CapturePositions::Generated, dtype: Default::default() })
 }
 
 fn bits(out: &RequestOutput) -> (Vec<u32>, Vec<u32>) {
@@ -146,7 +146,7 @@ fn batch_invariance_smollm2() {
 fn prompt_logits_invariant_to_chunking_and_batching() {
     let model = stories();
     let prompts = invariance_prompts(&model);
-    let spec = Some(CaptureSpec { hooks: vec![HookName::global(Site::Logits), HookName::block(2, Site::ResidPost)], positions: CapturePositions::All });
+    let spec = Some(CaptureSpec { hooks: vec![HookName::global(Site::Logits), HookName::block(2, Site::ResidPost)], positions: CapturePositions::All, dtype: Default::default() });
     let params = greedy(3);
     let run = |budget: usize, which: &[usize]| {
         let mut llm = LLM::from_model(model.clone(), cfg(|c| c.max_num_batched_tokens = budget)).unwrap();
@@ -302,7 +302,7 @@ fn bad_requests_become_error_outputs() {
         (vec![], greedy(4), None),
         (vec![1, 100000], greedy(4), None),
         (vec![1, 5], SamplingParams { max_tokens: 0, ..greedy(4) }, None),
-        (vec![1, 5], greedy(4), Some(CaptureSpec { hooks: vec![HookName::block(40, Site::Q)], positions: CapturePositions::All })),
+        (vec![1, 5], greedy(4), Some(CaptureSpec { hooks: vec![HookName::block(40, Site::Q)], positions: CapturePositions::All, dtype: Default::default() })),
         (vec![1, 5], greedy(4), None),
     ]);
     let reasons: Vec<String> = outs

@@ -201,7 +201,7 @@ fn faulty_batch(m: &LoadedModel) -> Vec<EngineRequest> {
         .enumerate()
         .map(|(i, t)| {
             let mut r = request(i as RequestId, prompt(m, t), 12, if i == 2 { 666 } else { i as u64 });
-            r.capture = Some(CaptureSpec { hooks: vec![HookName::block(1, Site::ResidPost)], positions: CapturePositions::Last });
+            r.capture = Some(CaptureSpec { hooks: vec![HookName::block(1, Site::ResidPost)], positions: CapturePositions::Last, dtype: Default::default() });
             r
         })
         .collect()

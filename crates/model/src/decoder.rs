@@ -135,6 +135,20 @@ impl DecoderModel {
         names
     }
 
+    /// Elements one position of `site` holds (for attention patterns: per key position, so a
+    /// row of `T_ctx` keys holds `T_ctx` times this).
+    pub fn hook_width(&self, site: Site) -> usize {
+        let c = &self.cfg;
+        match site {
+            Site::Q | Site::QNormed | Site::RotQ | Site::Z => c.num_heads * c.head_dim,
+            Site::K | Site::V | Site::KNormed | Site::RotK => c.num_kv_heads * c.head_dim,
+            Site::Pattern => c.num_heads,
+            Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => c.intermediate_size,
+            Site::Logits => c.vocab_size,
+            _ => c.hidden_size,
+        }
+    }
+
     /// One forward pass over a flat batch. Returns logits for `layout.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, tokens: &[u32], layout: &BatchLayout, cache: &mut dyn KvCache, hooks: &mut Hooks) -> Result<Tensor> {
         let d = self.cfg.hidden_size;

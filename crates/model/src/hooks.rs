@@ -120,12 +120,37 @@ impl<'a> Hooks<'a> {
 
 /// Collects captures for sequences of the batch, keyed by the layout's sequence `key`
 /// (the engine uses request slots; a single-sequence caller uses 0).
+///
+/// Only rows the spec can still return are kept (`last` keeps one row, `prompt` and
+/// `generated` their half, a list of non-negative positions just those). Rows recomputed after
+/// a preemption arrive again and are deduplicated at assembly (batch invariance makes the copies
+/// equal), so a preemption never loses a row: rows served back from the prefix cache keep the
+/// values captured the first time.
 #[derive(Default)]
 pub struct CaptureCollector {
-    wanted: HashMap<u64, (HookSet, CaptureSpec)>,
+    wanted: HashMap<u64, Wanted>,
     chunks: HashMap<(u64, HookName), Vec<Chunk>>,
     /// The forward pass chunks are being added in (see `begin_pass`/`rollback_pass`).
     pass: u64,
+}
+
+struct Wanted {
+    set: HookSet,
+    spec: CaptureSpec,
+    prompt_len: usize,
+}
+
+impl Wanted {
+    /// Can a row at `pos` still be returned?
+    fn keeps(&self, pos: usize) -> bool {
+        match &self.spec.positions {
+            CapturePositions::All | CapturePositions::Last => true,
+            CapturePositions::Prompt => pos < self.prompt_len,
+            CapturePositions::Generated => pos >= self.prompt_len,
+            // Negative positions are known only at the end.
+            CapturePositions::At(v) => v.iter().any(|&i| i < 0 || i as usize == pos),
+        }
+    }
 }
 
 struct Chunk {
@@ -138,14 +163,15 @@ struct Chunk {
 }
 
 impl CaptureCollector {
-    pub fn want(&mut self, key: u64, spec: CaptureSpec) {
+    /// Sequence `key` (with a prompt of `prompt_len` tokens) captures `spec`.
+    pub fn want(&mut self, key: u64, spec: CaptureSpec, prompt_len: usize) {
         let set = spec.hooks.iter().copied().collect();
-        self.wanted.insert(key, (set, spec));
+        self.wanted.insert(key, Wanted { set, spec, prompt_len });
     }
 
     /// What sequence `key` wants, if it captures anything.
     pub fn hook_set_of(&self, key: u64) -> Option<&HookSet> {
-        self.wanted.get(&key).map(|(set, _)| set)
+        self.wanted.get(&key).map(|w| &w.set)
     }
 
     /// Chunks captured from now on belong to a new forward pass.
@@ -171,8 +197,8 @@ impl CaptureCollector {
     /// The union of what every registered sequence wants.
     pub fn hook_set(&self) -> HookSet {
         let mut s = HookSet::default();
-        for (set, _) in self.wanted.values() {
-            s.union(set);
+        for w in self.wanted.values() {
+            s.union(&w.set);
         }
         s
     }
@@ -183,24 +209,45 @@ impl CaptureCollector {
 
     /// Does sequence `key` capture `name`?
     pub fn wants(&self, key: u64, name: HookName) -> bool {
-        self.wanted.get(&key).is_some_and(|(set, _)| set.contains(name))
+        self.wanted.get(&key).is_some_and(|w| w.set.contains(name))
     }
 
-    /// Drop what was captured for `key` so far (it will be recomputed), keep what it wants.
-    pub fn restart(&mut self, key: u64) {
-        self.chunks.retain(|(k, _), _| *k != key);
-    }
-
-    /// Assemble one sequence's captures and forget it. `prompt_len` decides the
-    /// prompt/generated split for the positions filter.
-    pub fn finish(&mut self, key: u64, prompt_len: usize) -> Result<Vec<Capture>> {
-        let Some((_, spec)) = self.wanted.remove(&key) else { return Ok(Vec::new()) };
-        let mut out = Vec::with_capacity(spec.hooks.len());
-        for hook in spec.hooks {
+    /// Assemble one sequence's captures and forget it.
+    pub fn finish(&mut self, key: u64) -> Result<Vec<Capture>> {
+        let Some(w) = self.wanted.remove(&key) else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(w.spec.hooks.len());
+        for &hook in &w.spec.hooks {
             let chunks = self.chunks.remove(&(key, hook)).unwrap_or_default();
-            out.push(assemble(hook, chunks, spec.positions, prompt_len)?);
+            out.push(assemble(hook, chunks, &w)?);
         }
         Ok(out)
+    }
+
+    /// Keep rows `rows` (positions `positions`) of `x` along `row_dim` for (key, name).
+    fn keep(&mut self, key: u64, name: HookName, x: &Tensor, row_dim: usize, start: usize, positions: Vec<usize>) -> Result<()> {
+        let Some(w) = self.wanted.get(&key) else { return Ok(()) };
+        let last_only = w.spec.positions == CapturePositions::Last;
+        // Runs of consecutive kept rows become one chunk each.
+        let kept: Vec<usize> = (0..positions.len()).filter(|&i| w.keeps(positions[i])).collect();
+        let kept = if last_only { kept.last().copied().into_iter().collect() } else { kept };
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let chunks = self.chunks.entry((key, name)).or_default();
+        if last_only {
+            chunks.clear();
+        }
+        let mut i = 0;
+        while i < kept.len() {
+            let mut j = i + 1;
+            while j < kept.len() && kept[j] == kept[j - 1] + 1 {
+                j += 1;
+            }
+            let data = x.narrow(row_dim, start + kept[i], j - i)?.copy()?;
+            chunks.push(Chunk { pass: self.pass, positions: kept[i..j].iter().map(|&k| positions[k]).collect(), data });
+            i = j;
+        }
+        Ok(())
     }
 }
 
@@ -209,14 +256,13 @@ impl HookHandler for CaptureCollector {
         match rows {
             HookRows::Seq(i) => {
                 let seq = &layout.seqs[i];
-                if self.wanted.get(&seq.key).is_some_and(|(set, _)| set.contains(name)) {
-                    let positions = (seq.pos..seq.pos + seq.len).collect();
-                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { pass: self.pass, positions, data: x.copy()? });
+                if self.wants(seq.key, name) {
+                    self.keep(seq.key, name, x, 1, 0, (seq.pos..seq.pos + seq.len).collect())?;
                 }
             }
             HookRows::Batch => {
                 for (i, seq) in layout.seqs.iter().enumerate() {
-                    if !self.wanted.get(&seq.key).is_some_and(|(set, _)| set.contains(name)) {
+                    if !self.wants(seq.key, name) {
                         continue;
                     }
                     let (start, positions): (usize, Vec<usize>) = if name.site == Site::Logits {
@@ -225,11 +271,7 @@ impl HookHandler for CaptureCollector {
                     } else {
                         (seq.start, (seq.pos..seq.pos + seq.len).collect())
                     };
-                    if positions.is_empty() {
-                        continue;
-                    }
-                    let data = x.narrow(0, start, positions.len())?.copy()?;
-                    self.chunks.entry((seq.key, name)).or_default().push(Chunk { pass: self.pass, positions, data });
+                    self.keep(seq.key, name, x, 0, start, positions)?;
                 }
             }
         }
@@ -237,7 +279,7 @@ impl HookHandler for CaptureCollector {
     }
 }
 
-fn assemble(hook: HookName, chunks: Vec<Chunk>, which: CapturePositions, prompt_len: usize) -> Result<Capture> {
+fn assemble(hook: HookName, chunks: Vec<Chunk>, w: &Wanted) -> Result<Capture> {
     let is_pattern = hook.site == Site::Pattern;
     let row_dim = if is_pattern { 1 } else { 0 };
     // Patterns grow along the key axis as the context grows: pad every chunk to the widest.
@@ -253,18 +295,26 @@ fn assemble(hook: HookName, chunks: Vec<Chunk>, which: CapturePositions, prompt_
         positions.extend(c.positions);
         parts.push(data);
     }
-    let total_last = positions.iter().copied().max();
-    let keep: Vec<usize> = positions
-        .iter()
-        .enumerate()
-        .filter(|(_, &p)| match which {
-            CapturePositions::All => true,
-            CapturePositions::Last => Some(p) == total_last,
-            CapturePositions::Prompt => p < prompt_len,
-            CapturePositions::Generated => p >= prompt_len,
-        })
-        .map(|(i, _)| i)
-        .collect();
+    // Each position once, in order (a preempted sequence recomputes some rows).
+    let end = positions.iter().max().map_or(0, |&p| p + 1);
+    let wanted = |p: usize| match &w.spec.positions {
+        CapturePositions::All | CapturePositions::Last => true,
+        CapturePositions::Prompt => p < w.prompt_len,
+        CapturePositions::Generated => p >= w.prompt_len,
+        CapturePositions::At(v) => v.iter().any(|&i| (if i < 0 { end as i64 + i } else { i }) == p as i64),
+    };
+    let mut first_at: std::collections::BTreeMap<usize, usize> = std::collections::BTreeMap::new();
+    for (i, &p) in positions.iter().enumerate() {
+        if wanted(p) {
+            first_at.entry(p).or_insert(i);
+        }
+    }
+    if w.spec.positions == CapturePositions::Last {
+        let last = first_at.keys().next_back().copied();
+        first_at.retain(|&p, _| Some(p) == last);
+    }
+    let keep: Vec<usize> = first_at.values().copied().collect();
+    let dtype = w.spec.dtype;
     let (data, shape) = if parts.is_empty() || keep.is_empty() {
         (Vec::new(), vec![0])
     } else {
@@ -273,13 +323,17 @@ fn assemble(hook: HookName, chunks: Vec<Chunk>, which: CapturePositions, prompt_
         let sel = all.index_select(&idx, row_dim)?;
         let shape = sel.dims().to_vec();
         let flat = crate::weights::to_vec(&sel)?;
-        (flat.iter().flat_map(|v| v.to_le_bytes()).collect(), shape)
+        (encode(&flat, dtype), shape)
     };
-    Ok(Capture {
-        hook,
-        shape,
-        dtype: glassbox_protocol::DType::F32,
-        data,
-        positions: keep.iter().map(|&i| positions[i]).collect(),
-    })
+    Ok(Capture { hook, shape, dtype, data, positions: first_at.into_keys().collect() })
+}
+
+/// Little-endian bytes of `values` in `dtype` (f16/bf16 round to nearest).
+fn encode(values: &[f32], dtype: glassbox_protocol::DType) -> Vec<u8> {
+    use glassbox_protocol::DType;
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
 }

@@ -66,7 +66,7 @@ fn check_model(source: ModelSource, reference: &str) {
             assert!(available.contains(h), "model lacks hook {h}");
         }
         let mut collector = CaptureCollector::default();
-        collector.want(0, CaptureSpec { hooks: hooks.clone(), positions: CapturePositions::All });
+        collector.want(0, CaptureSpec { hooks: hooks.clone(), positions: CapturePositions::All, dtype: Default::default() }, input.len());
         let set: HookSet = collector.hook_set();
         let layout = BatchLayout::single(input.len(), 0, LogitRows::All);
         let mut cache = ContiguousKvCache::default();
@@ -74,7 +74,7 @@ fn check_model(source: ModelSource, reference: &str) {
             let handler: &mut dyn HookHandler = &mut collector;
             m.model.forward(&input, &layout, &mut cache, &mut Hooks::new(&set, handler)).unwrap()
         };
-        let captures = collector.finish(0, input.len()).unwrap();
+        let captures = collector.finish(0).unwrap();
         let mut report = vec![];
         for cap in &captures {
             let name = cap.hook.to_string();

@@ -58,14 +58,35 @@ impl Default for SamplingParams {
     }
 }
 
-/// Which token positions a capture keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Which token positions a capture keeps. Positions count from 0 over the prompt and the
+/// generated tokens that went through the model (the last sampled token never does).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CapturePositions {
     All,
     Last,
     Prompt,
     Generated,
+    /// These positions; negative ones count from the end (-1 is the last).
+    At(Vec<i64>),
+}
+
+impl CapturePositions {
+    /// At most how many positions a request with this prompt and `max_tokens` keeps.
+    pub fn max_rows(&self, prompt_len: usize, max_tokens: usize) -> usize {
+        match self {
+            CapturePositions::All => prompt_len + max_tokens,
+            CapturePositions::Last => 1,
+            CapturePositions::Prompt => prompt_len,
+            CapturePositions::Generated => max_tokens,
+            CapturePositions::At(v) => v.len(),
+        }
+    }
+
+    /// Rows the prompt's prefix-cache hits would skip are needed: the whole prompt is computed.
+    pub fn needs_prompt_rows(&self) -> bool {
+        !matches!(self, CapturePositions::Generated | CapturePositions::Last)
+    }
 }
 
 impl std::str::FromStr for CapturePositions {
@@ -76,21 +97,52 @@ impl std::str::FromStr for CapturePositions {
             "last" => Ok(Self::Last),
             "prompt" => Ok(Self::Prompt),
             "generated" => Ok(Self::Generated),
-            _ => Err(format!("unknown capture positions `{s}` (expected all, last, prompt or generated)")),
+            _ => Err(format!("unknown capture positions `{s}` (expected all, last, prompt, generated or a list of positions)")),
         }
     }
 }
 
-/// What to capture for one request: resolved hook names (never globs) and positions.
+/// What to capture for one request: resolved hook names (never globs), positions, and the
+/// element type the values are returned in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CaptureSpec {
     pub hooks: Vec<HookName>,
     pub positions: CapturePositions,
+    #[serde(default)]
+    pub dtype: DType,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DType {
+    #[default]
+    #[serde(rename = "float32")]
     F32,
+    #[serde(rename = "float16")]
+    F16,
+    #[serde(rename = "bfloat16")]
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The API's name (numpy/torch style).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        [DType::F32, DType::F16, DType::BF16].into_iter().find(|d| d.name() == s)
+    }
 }
 
 /// One captured activation as plain data: little-endian bytes, row-major `shape`.
@@ -105,8 +157,13 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// The values as f32 (exact for every dtype: f16 and bf16 widen without loss).
     pub fn to_f32(&self) -> Vec<f32> {
-        self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        match self.dtype {
+            DType::F32 => self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::BF16 => self.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        }
     }
 }
 

@@ -1,0 +1,117 @@
+//! Captures in the engine: exactly the promised positions, under preemption too; position
+//! lists, element types, and the byte budget checked before any compute.
+
+use glassbox_engine::{EngineConfig, KvMemory, LLM};
+use glassbox_model::{load, LoadOptions, LoadedModel, ModelSource};
+use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, DType, FinishReason, HookName, SamplingParams, Site};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+fn stories() -> Arc<LoadedModel> {
+    static M: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K");
+    M.get_or_init(|| Arc::new(load(&ModelSource::HfDir(dir), LoadOptions::default()).unwrap())).clone()
+}
+
+fn llm(kv_blocks: Option<usize>) -> LLM {
+    let m = stories();
+    let per_block = 2 * m.model.cfg.num_layers * 4 * m.model.cfg.num_kv_heads * m.model.cfg.head_dim * 4;
+    let kv = kv_blocks.map_or(64 << 20, |b| (b * per_block) as u64);
+    LLM::from_model(m, EngineConfig { kv_cache_memory: KvMemory::Bytes(kv), block_size: 4, ..Default::default() }).unwrap()
+}
+
+fn spec(positions: CapturePositions, dtype: DType) -> Option<CaptureSpec> {
+    Some(CaptureSpec { hooks: vec![HookName::block(1, Site::ResidPost), HookName::block(0, Site::Pattern), HookName::global(Site::Logits)], positions, dtype })
+}
+
+fn prompts(m: &LoadedModel) -> Vec<Vec<u32>> {
+    ["Once upon a time", "Lily and Tom went to the park. They", "The cat sat on the mat", "One day, a little bird flew"]
+        .iter()
+        .map(|t| m.tokenizer.encode(t, true).unwrap())
+        .collect()
+}
+
+/// Run the four prompts with `positions`; captures per request.
+fn run(llm: &mut LLM, positions: CapturePositions, dtype: DType) -> Vec<(Vec<u32>, Vec<Capture>)> {
+    let m = stories();
+    let params = SamplingParams { max_tokens: 24, ignore_eos: true, ..Default::default() };
+    let reqs = prompts(&m).into_iter().map(|p| (p, params.clone(), spec(positions.clone(), dtype))).collect();
+    llm.generate_tokens(reqs)
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.outputs[0].finish_reason, Some(FinishReason::Length));
+            (r.outputs[0].token_ids.clone(), r.outputs[0].captures.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn captures_survive_preemption_exactly() {
+    // 14 blocks of 4 tokens for four sequences growing to ~35 tokens: preemption is certain.
+    for positions in [CapturePositions::All, CapturePositions::Generated, CapturePositions::Last, CapturePositions::At(vec![0, 3, -1])] {
+        let roomy = run(&mut llm(None), positions.clone(), DType::F32);
+        let mut tight_llm = llm(Some(14));
+        let tight = run(&mut tight_llm, positions.clone(), DType::F32);
+        assert!(tight_llm.core().stats().preemptions > 0, "{positions:?}: no preemption happened");
+        for (i, ((t1, c1), (t2, c2))) in roomy.iter().zip(&tight).enumerate() {
+            assert_eq!(t1, t2, "{positions:?} request {i}: tokens");
+            assert_eq!(c1, c2, "{positions:?} request {i}: captures differ under preemption");
+        }
+        // Exactly the promised positions, the same for every hook.
+        let m = stories();
+        for ((tokens, caps), prompt) in roomy.iter().zip(prompts(&m)) {
+            let computed = prompt.len() + tokens.len() - 1; // the last sampled token is never fed in
+            let expect: Vec<usize> = match &positions {
+                CapturePositions::All => (0..computed).collect(),
+                CapturePositions::Generated => (prompt.len()..computed).collect(),
+                CapturePositions::Last => vec![computed - 1],
+                CapturePositions::At(_) => vec![0, 3, computed - 1],
+                CapturePositions::Prompt => unreachable!(),
+            };
+            for c in caps {
+                // (A sequence that captures logits computes them for every row.)
+                assert_eq!(c.positions, expect, "{positions:?} {}", c.hook);
+                let rows = if c.hook.site == Site::Pattern { c.shape[1] } else { c.shape[0] };
+                assert_eq!(rows, expect.len(), "{positions:?} {}: shape {:?}", c.hook, c.shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_captures_round_the_f32_values() {
+    let full = run(&mut llm(None), CapturePositions::Last, DType::F32);
+    for dtype in [DType::F16, DType::BF16] {
+        let half = run(&mut llm(None), CapturePositions::Last, dtype);
+        for ((_, a), (_, b)) in full.iter().zip(&half) {
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(y.dtype, dtype);
+                assert_eq!(y.data.len(), x.data.len() / 2);
+                let expect: Vec<f32> = x
+                    .to_f32()
+                    .iter()
+                    .map(|&v| if dtype == DType::F16 { half::f16::from_f32(v).to_f32() } else { half::bf16::from_f32(v).to_f32() })
+                    .collect();
+                assert_eq!(y.to_f32(), expect, "{dtype:?} {}", x.hook);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_oversized_capture_is_refused_before_any_compute() {
+    let mut llm = llm(None);
+    let budget = llm.core().limits().max_capture_bytes;
+    let m = stories();
+    let every_hook = m.model.hook_names();
+    let params = SamplingParams { max_tokens: 400, n: 16, ..Default::default() };
+    let capture = CaptureSpec { hooks: every_hook, positions: CapturePositions::All, dtype: DType::F32 };
+    let need = llm.core().limits().capture_bytes(&capture, 5, 400, 16);
+    assert!(need > budget, "the test needs a capture over the default budget ({need} <= {budget})");
+    let out = llm.generate_tokens(vec![(prompts(&m)[0].clone(), params, Some(capture))]);
+    match &out[0].outputs[0].finish_reason {
+        Some(FinishReason::Error(msg)) => assert!(msg.contains("--max-capture-bytes") && msg.contains("MiB"), "{msg}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(llm.core().stats().steps, 0, "nothing was computed");
+}
