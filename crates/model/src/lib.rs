@@ -2,6 +2,7 @@
 //! here; the engine sees a model through [`DecoderModel::forward`] and the hook traits.
 
 pub mod batch;
+pub mod capture_file;
 pub mod chat;
 pub mod config;
 pub mod decoder;

@@ -240,6 +240,34 @@ pub fn resolve_patterns<S: AsRef<str>>(patterns: &[S], available: &[HookName]) -
     Ok(available.iter().copied().filter(|n| picked.contains(n)).collect())
 }
 
+/// Up to `k` hook names closest to `pattern` (edit distance), for "did you mean" messages.
+pub fn close_names(pattern: &str, available: &[HookName], k: usize) -> Vec<String> {
+    let p: Vec<char> = pattern.chars().collect();
+    let mut scored: Vec<(usize, String)> = available
+        .iter()
+        .map(|n| {
+            let name = n.to_string();
+            (edit_distance(&p, &name.chars().collect::<Vec<_>>()), name)
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(k).map(|(_, n)| n).collect()
+}
+
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == cb { prev } else { 1 + prev.min(row[j]).min(row[j + 1]) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 fn expand_braces(p: &str) -> Option<Vec<String>> {
     let Some(open) = p.find('{') else {
         return (!p.contains('}')).then(|| vec![p.to_string()]);

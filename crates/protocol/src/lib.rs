@@ -6,7 +6,7 @@
 
 pub mod hook;
 
-pub use hook::{resolve_patterns, HookError, HookName, HookPattern, Site};
+pub use hook::{close_names, resolve_patterns, HookError, HookName, HookPattern, Site};
 
 use serde::{Deserialize, Serialize};
 

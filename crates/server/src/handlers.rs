@@ -3,7 +3,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::RequestTiming;
-use crate::openai::{ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, TokenizeRequest};
+use crate::openai::{CaptureRequest, CapturePositionsRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, TokenizeRequest};
 use crate::router::RouterMsg;
 use crate::AppState;
 use axum::body::Bytes;
@@ -15,7 +15,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use glassbox_model::ChatContext;
-use glassbox_protocol::{EngineOutput, EngineRequest, FinishReason, RequestId, SamplingParams, TokenLogprob};
+use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, RequestId, SamplingParams, TokenLogprob};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -158,6 +158,9 @@ struct Job {
     echo: Vec<String>,
     /// For tracing: the client's `X-Request-Id` or a random one; echoed in the response.
     request_id: String,
+    capture: Option<CaptureSpec>,
+    /// Store captures for download instead of returning them inline.
+    capture_url: bool,
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
@@ -183,7 +186,19 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let sampling = sampling(&st, &req.common, req.common.max_tokens, longest, logprobs)?;
     let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
-    let job = Job { kind: Kind::Completion, prompts, stream: req.common.stream, include_usage: include_usage(&req.common), sampling, chat_logprobs: false, echo, request_id };
+    let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
+    let job = Job {
+        kind: Kind::Completion,
+        prompts,
+        stream: req.common.stream,
+        include_usage: include_usage(&req.common),
+        sampling,
+        chat_logprobs: false,
+        echo,
+        request_id,
+        capture,
+        capture_url,
+    };
     run(st, job).await
 }
 
@@ -206,6 +221,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     };
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let sampling = sampling(&st, &req.common, max_tokens, prompt.len(), logprobs)?;
+    let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
     let job = Job {
         kind: Kind::Chat,
         prompts: vec![prompt],
@@ -215,8 +231,63 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         chat_logprobs: req.logprobs,
         echo: vec![],
         request_id,
+        capture,
+        capture_url,
     };
     run(st, job).await
+}
+
+/// The API's `capture` object as an engine `CaptureSpec` (globs resolved against this model's
+/// hook points), and whether it is returned by URL. Every mistake is a 400 that says what to
+/// write instead.
+fn capture_spec(st: &AppState, c: Option<&CaptureRequest>) -> AppResult<(Option<CaptureSpec>, bool)> {
+    let Some(c) = c else { return Ok((None, false)) };
+    let bad = |m: String| Err(ApiError::bad_request(m).param("capture"));
+    if c.hooks.is_empty() {
+        return bad("`capture.hooks` must name at least one hook point (e.g. \"blocks.*.hook_resid_post\")".into());
+    }
+    let available = st.limits.hook_names.as_slice();
+    let hooks = match glassbox_protocol::resolve_patterns(&c.hooks, available) {
+        Ok(h) => h,
+        Err(e) => {
+            let pattern = match &e {
+                HookError::UnknownName(p) | HookError::NoMatch(p) => p.clone(),
+                HookError::BadPattern { pattern, .. } => pattern.clone(),
+            };
+            let close = glassbox_protocol::close_names(&pattern, available, 5);
+            return bad(format!("{e}; close names: {}", close.join(", ")));
+        }
+    };
+    let positions = match &c.positions {
+        None => CapturePositions::All,
+        Some(CapturePositionsRequest::Named(s)) => match s.parse() {
+            Ok(p) => p,
+            Err(m) => return bad(m),
+        },
+        Some(CapturePositionsRequest::List(v)) if v.is_empty() => return bad("`capture.positions` must not be an empty list".into()),
+        Some(CapturePositionsRequest::List(v)) => CapturePositions::At(v.clone()),
+    };
+    let dtype = match c.dtype.as_deref() {
+        None => DType::F32,
+        Some(d) => match DType::parse(d) {
+            Some(d) => d,
+            None => return bad(format!("unknown capture dtype `{d}` (float32, float16 or bfloat16)")),
+        },
+    };
+    let url = match c.return_as.as_deref() {
+        None | Some("inline") => false,
+        Some("url") => true,
+        Some(other) => return bad(format!("unknown capture return `{other}` (inline or url)")),
+    };
+    Ok((Some(CaptureSpec { hooks, positions, dtype }), url))
+}
+
+/// `GET /v1/captures/{id}`: a capture stored with `"return": "url"`, as safetensors; it is
+/// deleted once downloaded.
+#[utoipa::path(get, path = "/v1/captures/{id}", tag = "glassbox", security(("api_key" = [])), params(("id" = String, Path, description = "From the choice's `capture.url`")), responses((status = 200, description = "The safetensors file", content_type = "application/octet-stream"), (status = 404, description = "Unknown, already downloaded or expired", body = ErrorBody)))]
+pub async fn get_capture(State(st): State<Arc<AppState>>, axum::extract::Path(id): axum::extract::Path<String>) -> AppResult<Response> {
+    let bytes = st.captures.take(&id).ok_or_else(|| ApiError::not_found(format!("no capture `{id}`: it was downloaded already, expired, or never existed")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 fn include_usage(c: &Common) -> bool {
@@ -356,6 +427,10 @@ struct Progress {
     last: Option<Instant>,
     itl: Vec<f64>,
     sent_role: Vec<bool>,
+    /// Generated token ids per choice (for captures' `token_ids`).
+    tokens: Vec<Vec<u32>>,
+    /// Captures per choice, from its finishing output.
+    captures: Vec<Vec<Capture>>,
 }
 
 impl Progress {
@@ -364,8 +439,13 @@ impl Progress {
         prompt_idx * self.n + o.index
     }
 
-    fn absorb(&mut self, o: &EngineOutput) -> usize {
+    /// Take in one output (its captures move into `self`); returns its choice index.
+    fn absorb(&mut self, o: &mut EngineOutput) -> usize {
         let c = self.choice(o);
+        self.tokens[c].extend(&o.new_tokens);
+        if o.finish.is_some() && !o.captures.is_empty() {
+            self.captures[c] = std::mem::take(&mut o.captures);
+        }
         let now = Instant::now();
         if !o.new_tokens.is_empty() {
             match self.last {
@@ -427,11 +507,21 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let requests: Vec<EngineRequest> = ids
         .iter()
         .zip(&job.prompts)
-        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: None })
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone() })
         .collect();
     // The engine's own checks (the same `Limits`), answered here as 400.
     for r in &requests {
         st.limits.validate(r).map_err(ApiError::bad_request)?;
+        if let (Some(spec), true) = (&r.capture, job.capture_url) {
+            let worst = st.limits.capture_bytes(spec, r.prompt.len(), r.sampling.max_tokens, r.sampling.n);
+            if worst > st.captures.limit {
+                return Err(ApiError::bad_request(format!(
+                    "the capture could take up to {worst} bytes, more than the whole capture store holds ({} bytes, --capture-store-bytes); capture less or use \"return\": \"inline\"",
+                    st.captures.limit
+                ))
+                .param("capture"));
+            }
+        }
     }
     if !st.engine_alive.load(Ordering::SeqCst) {
         return Err(ApiError::overloaded("the engine has stopped; restart the server"));
@@ -460,6 +550,8 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         last: None,
         itl: vec![],
         sent_role: vec![false; choices],
+        tokens: vec![vec![]; choices],
+        captures: vec![vec![]; choices],
     };
     // Random, as vLLM's: ids never repeat across restarts or replicas.
     let rid = match job.kind {
@@ -472,8 +564,8 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
 
     if !job.stream {
         while !prog.done() {
-            let Some(o) = rx.recv().await else { return Err(ApiError::internal("the engine stopped before answering")) };
-            prog.absorb(&o);
+            let Some(mut o) = rx.recv().await else { return Err(ApiError::internal("the engine stopped before answering")) };
+            prog.absorb(&mut o);
         }
         guard.finished = true;
         prog.record(&st);
@@ -483,7 +575,9 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
                     Some(e) => format!("{e}{}", prog.texts[c]),
                     None => prog.texts[c].clone(),
                 };
-                full_choice(&st, &job, c, text, &prog.logprobs[c], prog.finish[c].as_ref())
+                let mut choice = full_choice(&st, &job, c, text, &prog.logprobs[c], prog.finish[c].as_ref());
+                attach_capture(&st, &job, &mut prog, c, &mut choice);
+                choice
             })
             .collect();
         let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
@@ -516,14 +610,18 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
                 }
                 return Some((Ok(Event::default().data("[DONE]")), (rx, prog, guard, 2, job)));
             }
-            let Some(o) = rx.recv().await else {
+            let Some(mut o) = rx.recv().await else {
                 let err = json!({"error": {"message": "the engine stopped", "type": "internal_error", "code": 500}});
                 return Some((Ok(Event::default().data(err.to_string())), (rx, prog, guard, 1, job)));
             };
-            let c = prog.absorb(&o);
+            let c = prog.absorb(&mut o);
             let mut choice = stream_choice(&st, &job, &mut prog, c, &o);
             if let Some(FinishReason::Error(m)) = &o.finish {
                 choice["error"] = json!({"message": m});
+            }
+            // Captures come in the final chunk of each choice.
+            if o.finish.is_some() {
+                attach_capture(&st, &job, &mut prog, c, &mut choice);
             }
             let mut ev = chunk(json!([choice]));
             if job.include_usage {
@@ -535,6 +633,52 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     resp.headers_mut().insert("x-request-id", id_header);
     Ok(resp)
+}
+
+/// Put choice `c`'s captures into its JSON as `capture` (base64 safetensors, or a URL into the
+/// capture store). A capture that cannot be stored turns the choice into an error: captures
+/// are never dropped silently.
+fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choice: &mut Value) {
+    let captures = std::mem::take(&mut prog.captures[c]);
+    if job.capture.is_none() || captures.is_empty() {
+        return;
+    }
+    let prompt = &job.prompts[c / prog.n];
+    let mut positions: Vec<usize> = captures.iter().flat_map(|x| x.positions.iter().copied()).collect();
+    positions.sort_unstable();
+    positions.dedup();
+    let token_at = |p: usize| prompt.get(p).or_else(|| prog.tokens[c].get(p - prompt.len())).copied();
+    let token_ids: Vec<Option<u32>> = positions.iter().map(|&p| token_at(p)).collect();
+    let tensors: serde_json::Map<String, Value> =
+        captures.iter().map(|x| (x.hook.to_string(), json!({"shape": x.shape, "dtype": x.dtype.name()}))).collect();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("positions".to_string(), json!(positions).to_string());
+    meta.insert("token_ids".to_string(), json!(token_ids).to_string());
+    meta.insert("model".to_string(), st.served_name.clone());
+    let bytes = match glassbox_model::capture_file::to_safetensors(&captures, meta) {
+        Ok(b) => b,
+        Err(e) => return fail_choice(choice, format!("encoding the capture failed: {e}")),
+    };
+    let mut capture = json!({"tensors": tensors, "positions": positions, "token_ids": token_ids});
+    if job.capture_url {
+        let len = bytes.len();
+        match st.captures.put(bytes) {
+            Ok(id) => {
+                capture["url"] = json!(format!("/v1/captures/{id}"));
+                capture["bytes"] = json!(len);
+            }
+            Err(m) => return fail_choice(choice, m),
+        }
+    } else {
+        use base64::Engine;
+        capture["data"] = json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    }
+    choice["capture"] = capture;
+}
+
+fn fail_choice(choice: &mut Value, message: String) {
+    choice["finish_reason"] = json!("error");
+    choice["error"] = json!({"message": message});
 }
 
 fn finish_str(f: Option<&FinishReason>) -> Value {

@@ -4,6 +4,7 @@
 //! a copy of the engine's [`Limits`], submit plain requests, and read plain outputs that the
 //! router delivers by request id.
 
+mod capture_store;
 mod error;
 mod handlers;
 mod metrics;
@@ -70,6 +71,23 @@ pub struct ServeArgs {
     /// cache directory's `crash-dumps`.
     #[arg(long)]
     pub crash_dump_dir: Option<std::path::PathBuf>,
+    /// The most bytes one request's captures may take (its worst case, checked before it runs).
+    #[arg(long, default_value = "256MiB")]
+    pub max_capture_bytes: KvMemory,
+    /// Memory for captures returned with `"return": "url"` until they are downloaded.
+    #[arg(long, default_value = "1GiB")]
+    pub capture_store_bytes: KvMemory,
+    /// Seconds a stored capture waits for its download.
+    #[arg(long, default_value_t = 600)]
+    pub capture_ttl: u64,
+}
+
+/// A size flag's bytes (sizes only: fractions of memory make no sense for these).
+fn size_flag(name: &str, v: KvMemory) -> anyhow::Result<u64> {
+    match v {
+        KvMemory::Bytes(b) => Ok(b),
+        KvMemory::Fraction(_) => anyhow::bail!("--{name} takes a size (256MiB, 1GB), not a fraction"),
+    }
 }
 
 pub struct AppState {
@@ -88,6 +106,7 @@ pub struct AppState {
     pub created: u64,
     /// False once the engine thread has ended (health answers 503, requests 503).
     pub engine_alive: Arc<AtomicBool>,
+    pub captures: capture_store::CaptureStore,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -119,6 +138,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
         kv_cache_memory: args.kv_cache_memory,
         crash_dump_dir: Some(args.crash_dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("crash-dumps"))),
+        max_capture_bytes: size_flag("max-capture-bytes", args.max_capture_bytes)?,
         ..Default::default()
     };
     let core = EngineCore::new(model.clone(), cfg)?;
@@ -175,6 +195,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         stats: stats_rx,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         engine_alive,
+        captures: capture_store::CaptureStore::new(size_flag("capture-store-bytes", args.capture_store_bytes)?, Duration::from_secs(args.capture_ttl)),
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
@@ -273,6 +294,7 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .routes(routes!(handlers::chat_completions))
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::dump_state))
+        .routes(routes!(handlers::get_capture))
         .split_for_parts();
     let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
     let (open, open_api) = OpenApiRouter::new()

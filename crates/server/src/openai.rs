@@ -78,6 +78,33 @@ pub struct Common {
     #[serde(default, deserialize_with = "integer")]
     pub min_tokens: Option<i64>,
     pub stop_token_ids: Option<Vec<u32>>,
+    // glassbox's introspection.
+    /// Capture activations (returned in each choice's `capture`).
+    pub capture: Option<CaptureRequest>,
+}
+
+/// `"capture": {"hooks": ["blocks.*.hook_resid_post"], "positions": "last", "dtype": "float16"}`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    /// Hook names or globs (`blocks.*.hook_resid_post`, `blocks.{0,5}.attn.hook_z`); see HOOKS.md.
+    #[schema(min_items = 1)]
+    pub hooks: Vec<String>,
+    /// `all` (default), `last`, `prompt`, `generated`, or a list of positions (negative from the end).
+    pub positions: Option<CapturePositionsRequest>,
+    /// `float32` (default), `float16` or `bfloat16`.
+    pub dtype: Option<String>,
+    /// `inline` (default: base64 safetensors in the choice) or `url` (download once from
+    /// `/v1/captures/{id}`).
+    #[serde(rename = "return")]
+    pub return_as: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum CapturePositionsRequest {
+    Named(String),
+    List(Vec<i64>),
 }
 
 #[derive(Clone, Debug, Deserialize, ToSchema)]

@@ -1,0 +1,147 @@
+"""Introspection over the API: captures through the real `openai` client (`extra_body`),
+checked against the transformers reference, alone and inside a busy batch."""
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from safetensors.numpy import load as st_load, load_file
+
+from test_server import SHARED, STORIES, Server, stream_and_hang_up
+
+REF = SHARED / "reference" / "stories260K"
+TOL = 1e-4  # relative to each tensor's scale, as the Rust reference tests
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--model", STORIES, "--max-model-len", "512")
+    yield s
+    s.stop()
+
+
+def cases():
+    manifest = json.loads((REF / "manifest.json").read_text())
+    for case in manifest["cases"]:
+        tensors = load_file(str(REF / f"{case['name']}.safetensors"))
+        hooks = sorted(k for k in tensors if k not in ("input_ids", "greedy_continuation"))
+        yield case, hooks, tensors
+
+
+def capture(client, prompt, hooks, positions="prompt", dtype="float32"):
+    out = client.completions.create(model="stories260K", prompt=prompt, max_tokens=1, temperature=0,
+                                    extra_body={"capture": {"hooks": hooks, "positions": positions, "dtype": dtype}})
+    cap = out.choices[0].model_extra["capture"]
+    arrays = st_load(base64.b64decode(cap["data"]))
+    return cap, arrays
+
+
+def test_captures_match_the_reference_alone_and_in_a_busy_batch(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    alone = {}
+    for case, hooks, ref in cases():
+        cap, arrays = capture(client, case["prompt"], hooks)
+        assert cap["positions"] == list(range(len(case["input_ids"])))
+        assert cap["token_ids"] == case["input_ids"]
+        assert set(arrays) == set(hooks)
+        for name in hooks:
+            want, got = ref[name], arrays[name]
+            assert got.shape == want.shape, (name, got.shape, want.shape)
+            assert cap["tensors"][name] == {"shape": list(want.shape), "dtype": "float32"}
+            scale = max(float(np.abs(want).max()), 1e-6)
+            err = float(np.abs(got - want).max()) / scale
+            assert err <= TOL, f"{case['name']}/{name}: relative error {err:.2e}"
+        alone[case["name"]] = arrays
+
+    # The same requests while 16 others stream long generations: bitwise the same.
+    stop = threading.Event()
+
+    def busy(i):
+        while not stop.is_set():
+            stream_and_hang_up(server.port, {"prompt": f"Tim and Sue {i}", "max_tokens": 300, "ignore_eos": True,
+                                             "stream": True, "temperature": 1.0, "seed": i}, 40)
+
+    threads = [threading.Thread(target=busy, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    try:
+        for case, hooks, _ in cases():
+            _, arrays = capture(client, case["prompt"], hooks)
+            for name in hooks:
+                assert arrays[name].tobytes() == alone[case["name"]][name].tobytes(), f"{case['name']}/{name} differs in a batch"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    server.wait_idle()
+
+
+def test_capture_options_streaming_and_n(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    # Streaming: the capture arrives in each choice's final chunk; n=2 gives one per choice.
+    stream = client.completions.create(model="stories260K", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3, n=2,
+                                       stream=True, extra_body={"capture": {"hooks": ["blocks.2.hook_resid_post"], "positions": [0, -1], "dtype": "bfloat16"}})
+    finals = {}
+    for chunk in stream:
+        for ch in chunk.choices:
+            cap = (ch.model_extra or {}).get("capture")
+            if cap is not None:
+                assert ch.finish_reason == "length"
+                finals[ch.index] = cap
+    assert sorted(finals) == [0, 1]
+    for cap in finals.values():
+        assert cap["positions"] == [0, 9]  # 5 prompt tokens + 6 generated: rows 0..9 (the last token is never fed in)
+        assert cap["tensors"]["blocks.2.hook_resid_post"] == {"shape": [2, 64], "dtype": "bfloat16"}
+        raw = base64.b64decode(cap["data"])
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        assert json.loads(header["__metadata__"]["positions"]) == [0, 9]
+    # Mistakes are 400s that say what to do.
+    for extra, msg in [
+        ({"hooks": ["blocks.*.hook_resid_pots"]}, "close names: blocks.0.hook_resid_post"),
+        ({"hooks": ["blocks.9.hook_resid_post"]}, "close names"),
+        ({"hooks": []}, "at least one hook"),
+        ({"hooks": ["hook_embed"], "dtype": "float64"}, "float32, float16 or bfloat16"),
+        ({"hooks": ["hook_embed"], "positions": "middle"}, "expected all, last"),
+        ({"hooks": ["*"], "positions": "all"}, "--max-capture-bytes"),
+    ]:
+        status, body, _ = server.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 400, "n": 16, "capture": extra})
+        assert status == 400 and msg in body["error"]["message"], (extra, body)
+
+
+def test_url_captures_download_once_and_the_store_is_bounded():
+    s = Server("--model", STORIES, "--capture-store-bytes", "40000", "--capture-ttl", "600")
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                "capture": {"hooks": ["blocks.*.hook_resid_post"], "positions": "all", "return": "url"}}
+        status, out, _ = s.request("POST", "/v1/completions", body)
+        cap = out["choices"][0]["capture"]
+        assert status == 200 and cap["url"].startswith("/v1/captures/") and "data" not in cap
+        conn_status, data, _ = s.request("GET", cap["url"])
+        assert conn_status == 200
+        status, _, _ = s.request("GET", cap["url"])
+        assert status == 404, "a capture is deleted once downloaded"
+        # 100 concurrent captures nobody downloads: the store fills, every request is answered,
+        # the ones that do not fit finish with an error that says so.
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(16) as ex:
+            results = list(ex.map(lambda _: s.request("POST", "/v1/completions", body), range(100)))
+        kinds = {"stored": 0, "full": 0}
+        for status, out, _ in results:
+            assert status == 200, out
+            ch = out["choices"][0]
+            if ch["finish_reason"] == "error":
+                assert "capture store is full" in ch["error"]["message"], ch
+                kinds["full"] += 1
+            else:
+                assert ch["capture"]["bytes"] > 0
+                kinds["stored"] += 1
+        assert kinds["stored"] >= 1 and kinds["full"] >= 1 and sum(kinds.values()) == 100, kinds
+        s.wait_idle()
+    finally:
+        s.stop()
