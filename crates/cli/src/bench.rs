@@ -82,7 +82,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         let mut prompt = prefix.clone();
         prompt.extend((0..input).map(|_| rng.random_range(lo_id..vocab)));
         let sampling = SamplingParams { max_tokens: output, ignore_eos: true, ..Default::default() };
-        requests.push(EngineRequest { id: id as u64, prompt, sampling, capture: None });
+        requests.push(EngineRequest { id: id as u64, prompt, sampling, capture: None, ..Default::default() });
     }
     let input_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let cfg = EngineConfig {

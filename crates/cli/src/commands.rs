@@ -74,7 +74,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     let mut llm = LLM::from_model(model.clone(), EngineConfig::default())?;
-    llm.core_mut().add_request(EngineRequest { id: 0, prompt: prompt.clone(), sampling, capture });
+    llm.core_mut().add_request(EngineRequest { id: 0, prompt: prompt.clone(), sampling, capture, ..Default::default() });
     let mut stdout = std::io::stdout();
     let mut result = Ok(());
     let mut captures = vec![];

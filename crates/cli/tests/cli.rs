@@ -200,7 +200,7 @@ fn crash_dump(dir: &Path, phase: glassbox_engine::fault::Phase) -> PathBuf {
     for (i, text) in ["Once upon a time", "Lily and Tom", "The cat sat", "One day"].iter().enumerate() {
         let prompt = core.model().tokenizer.encode(text, true).unwrap();
         let sampling = SamplingParams { max_tokens: 10, temperature: 0.9, seed: Some(if i == 2 { 666 } else { i as u64 }), ..Default::default() };
-        core.add_request(EngineRequest { id: i as u64, prompt, sampling, capture: None });
+        core.add_request(EngineRequest { id: i as u64, prompt, sampling, capture: None, ..Default::default() });
     }
     while core.has_work() {
         core.step();
@@ -253,7 +253,7 @@ fn replay_of_a_state_dump_matches_the_recorded_tokens() {
         let prompt = core.model().tokenizer.encode(text, true).unwrap();
         // Unseeded: the dump records the seed the engine chose.
         let sampling = SamplingParams { max_tokens: 12, temperature: 1.0, ..Default::default() };
-        core.add_request(EngineRequest { id: i as u64, prompt, sampling, capture: None });
+        core.add_request(EngineRequest { id: i as u64, prompt, sampling, capture: None, ..Default::default() });
     }
     for _ in 0..5 {
         core.step();

@@ -15,8 +15,9 @@ use crate::fault::{FaultPlan, Phase};
 use crate::kv_store::KvStore;
 use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
+use crate::steer::{StepHooks, Steering};
 use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
-use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site};
+use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site, SteerOp, SteerSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -143,6 +144,8 @@ pub struct Limits {
     /// Elements per position of each hook in `hook_names` (patterns: per key position).
     pub hook_widths: Arc<Vec<usize>>,
     pub max_capture_bytes: u64,
+    /// Floats per head of head-shaped hooks.
+    pub head_dim: usize,
 }
 
 impl Limits {
@@ -213,6 +216,46 @@ impl Limits {
                 ));
             }
         }
+        for s in &req.steer {
+            self.validate_steer(s)?;
+        }
+        Ok(())
+    }
+
+    fn validate_steer(&self, s: &SteerSpec) -> Result<(), String> {
+        let h = s.hook;
+        let Some(i) = self.hook_names.iter().position(|x| *x == h) else {
+            return Err(format!("this model has no hook point `{h}`"));
+        };
+        if h.site == Site::Pattern {
+            return Err(format!("`{h}` cannot be steered: attention patterns are observed after the output is computed; steer `hook_z` instead"));
+        }
+        let width = self.hook_widths[i];
+        let head_shaped = matches!(h.site, Site::Q | Site::K | Site::V | Site::QNormed | Site::KNormed | Site::RotQ | Site::RotK | Site::Z);
+        let expected = match &s.heads {
+            None => width,
+            Some(_) if !head_shaped => return Err(format!("`heads` applies to head-shaped hooks (hook_q/k/v/z ...), not `{h}`")),
+            Some(heads) => {
+                let n = width / self.head_dim.max(1);
+                if let Some(bad) = heads.iter().find(|&&x| x >= n) {
+                    return Err(format!("`{h}` has {n} heads; head {bad} does not exist"));
+                }
+                self.head_dim
+            }
+        };
+        let vector = match &s.op {
+            SteerOp::Add { scale, .. } if !scale.is_finite() => return Err(format!("the steer scale for `{h}` must be finite")),
+            SteerOp::Add { vector, .. } | SteerOp::Replace { vector } => Some(vector),
+            SteerOp::Ablate => None,
+        };
+        if let Some(v) = vector {
+            if v.len() != expected {
+                return Err(format!("the steering vector for `{h}` has {} values; it needs {expected} (one per {})", v.len(), if s.heads.is_some() { "element of a head" } else { "element of the activation" }));
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("the steering vector for `{h}` has a non-finite value"));
+            }
+        }
         Ok(())
     }
 
@@ -275,6 +318,7 @@ pub struct EngineCore {
     seqs: HashMap<SeqId, SeqRuntime>,
     requests: HashMap<RequestId, RequestEntry>,
     collector: CaptureCollector,
+    steering: Steering,
     /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
     /// `step`) so that a panic never loses outputs decided before it.
     outbox: Vec<EngineOutput>,
@@ -289,6 +333,13 @@ pub struct EngineCore {
     next_arrival: u64,
     seed_rng: u64,
     stats: EngineStats,
+}
+
+fn steer_salt(steer: &[SteerSpec]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_string(steer).unwrap_or_default().hash(&mut h);
+    h.finish() | 1
 }
 
 fn available_memory() -> u64 {
@@ -371,7 +422,9 @@ impl EngineCore {
             hook_names: Arc::new(hook_names),
             hook_widths: Arc::new(hook_widths),
             max_capture_bytes: cfg.max_capture_bytes,
+            head_dim: mc.head_dim,
         };
+        let head_dim = limits.head_dim;
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         Ok(EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
@@ -383,6 +436,7 @@ impl EngineCore {
             seqs: HashMap::new(),
             requests: HashMap::new(),
             collector: CaptureCollector::default(),
+            steering: Steering::new(head_dim),
             outbox: vec![],
             step_failures: vec![],
             current_step: None,
@@ -464,6 +518,8 @@ impl EngineCore {
         // Prompt rows served from the prefix cache are not recomputed, so a capture that
         // includes prompt positions computes the whole prompt.
         let use_prefix_cache = req.capture.as_ref().is_none_or(|c| !c.positions.needs_prompt_rows());
+        // Steered requests compute other KV for the same tokens: their own prefix-cache salt.
+        let salt = if req.steer.is_empty() { 0 } else { steer_salt(&req.steer) };
         let mut ids = Vec::with_capacity(req.sampling.n);
         let base_seed = *req.sampling.seed.get_or_insert_with(|| {
             self.seed_rng = self.seed_rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -473,7 +529,8 @@ impl EngineCore {
             let id = self.next_seq;
             self.next_seq += 1;
             let leader = ids.first().copied();
-            self.sched.add(id, SeqState::new(req.prompt.clone(), 0, use_prefix_cache, leader));
+            self.sched.add(id, SeqState::new(req.prompt.clone(), salt, use_prefix_cache, leader));
+            self.steering.add(id, req.steer.clone(), req.prompt.len());
             if let Some(spec) = &req.capture {
                 self.collector.want(id, spec.clone(), req.prompt.len());
             }
@@ -676,6 +733,9 @@ impl EngineCore {
             if let Some(set) = self.collector.hook_set_of(*id) {
                 hookset.union(set);
             }
+            if let Some(set) = self.steering.hook_set_of(*id) {
+                hookset.union(set);
+            }
             if let Some(f) = &self.fault {
                 let req = self.seqs[id].request;
                 if f.phase == Phase::Hook && self.requests.get(&req).is_some_and(|e| e.request.sampling.seed == Some(f.seed)) {
@@ -697,7 +757,7 @@ impl EngineCore {
         let completes: Vec<bool> = scheduled.iter().map(|s| s.start + s.len == self.sched.seqs[&s.id].tokens.len()).collect();
         self.collector.begin_pass();
         let model = self.model.clone();
-        let (kv, collector) = (&mut self.kv, &mut self.collector);
+        let (kv, collector, steering) = (&mut self.kv, &mut self.collector, &self.steering);
         let result = guarded("the forward pass", || {
             for (f, req) in &forward_fault {
                 f.check(Phase::Forward, Some(f.seed), *req)?;
@@ -706,11 +766,12 @@ impl EngineCore {
             let logits = if hookset.is_empty() {
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())
             } else if let Some((key, req, plan)) = fault_key {
-                let mut handler = FaultyHook { inner: collector, key, req, plan };
+                let mut inner = StepHooks { steering, collector };
+                let mut handler = FaultyHook { inner: &mut inner, key, req, plan };
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             } else {
-                let handler: &mut dyn HookHandler = collector;
-                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, handler))
+                let mut handler = StepHooks { steering, collector };
+                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             };
             let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
             // The last logits row of each sequence that completes, in plan order.
@@ -824,6 +885,7 @@ impl EngineCore {
         let Some(rt) = self.seqs.remove(&id) else { return };
         self.sched.remove(id);
         self.collector.discard(id);
+        self.steering.remove(id);
         if let Some(e) = self.requests.get_mut(&rt.request) {
             e.seqs.retain(|&x| x != id);
             if e.seqs.is_empty() {
@@ -840,6 +902,7 @@ impl EngineCore {
             let Some(rt) = self.seqs.remove(&s) else { continue };
             let state = self.sched.remove(s);
             self.collector.discard(s);
+            self.steering.remove(s);
             let mut out = EngineOutput::error(req, "");
             out.index = rt.index;
             out.finish = Some(reason.clone());
@@ -887,7 +950,7 @@ impl EngineCore {
 /// Test builds: a hook handler that fails on the rows of the chosen request, in front of the
 /// capture collector.
 struct FaultyHook<'a> {
-    inner: &'a mut CaptureCollector,
+    inner: &'a mut dyn HookHandler,
     key: SeqId,
     req: RequestId,
     plan: FaultPlan,

@@ -11,6 +11,7 @@ pub mod kv_store;
 pub mod llm;
 pub mod sampler;
 pub mod scheduler;
+pub mod steer;
 
 pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits};
 pub use crash::CrashDump;

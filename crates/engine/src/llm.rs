@@ -79,20 +79,27 @@ impl LLM {
 
     /// Generate from token ids, each with its own parameters and optional capture.
     pub fn generate_tokens(&mut self, requests: Vec<(Vec<u32>, SamplingParams, Option<CaptureSpec>)>) -> Vec<RequestOutput> {
+        let requests = requests.into_iter().map(|(prompt, sampling, capture)| EngineRequest { prompt, sampling, capture, ..Default::default() }).collect();
+        self.generate_requests(requests)
+    }
+
+    /// Generate for whole requests (captures, steering); their ids are assigned here.
+    pub fn generate_requests(&mut self, requests: Vec<EngineRequest>) -> Vec<RequestOutput> {
         let mut results: Vec<RequestOutput> = Vec::with_capacity(requests.len());
         let mut slot: HashMap<RequestId, usize> = HashMap::new();
-        for (prompt, sampling, capture) in requests {
+        for mut req in requests {
             let id = self.next_id;
             self.next_id += 1;
             slot.insert(id, results.len());
-            let n = sampling.n.max(1);
+            let n = req.sampling.n.max(1);
             results.push(RequestOutput {
                 id,
-                prompt_token_ids: prompt.clone(),
+                prompt_token_ids: req.prompt.clone(),
                 outputs: (0..n).map(|index| CompletionOutput { index, ..Default::default() }).collect(),
                 cached_tokens: 0,
             });
-            self.core.add_request(EngineRequest { id, prompt, sampling, capture });
+            req.id = id;
+            self.core.add_request(req);
         }
         self.stream(|out| {
             let r = &mut results[slot[&out.id]];

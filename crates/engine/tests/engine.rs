@@ -275,7 +275,7 @@ fn abort_frees_blocks_and_answers_once() {
     let mut llm = LLM::from_model(model.clone(), cfg(|_| {})).unwrap();
     let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
     for id in 0..3 {
-        llm.core_mut().add_request(EngineRequest { id, prompt: prompt.clone(), sampling: greedy(50), capture: None });
+        llm.core_mut().add_request(EngineRequest { id, prompt: prompt.clone(), sampling: greedy(50), capture: None, ..Default::default() });
     }
     let first = llm.core_mut().step();
     assert_eq!(first.len(), 3);
@@ -334,9 +334,9 @@ fn engine_thread_answers_every_request_once() {
     let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
     for id in 0..4 {
         let sampling = SamplingParams { ignore_eos: true, ..greedy(if id == 3 { 40_000 } else { 5 }) };
-        handle.submit(EngineRequest { id, prompt: prompt.clone(), sampling, capture: None }).unwrap();
+        handle.submit(EngineRequest { id, prompt: prompt.clone(), sampling, capture: None, ..Default::default() }).unwrap();
     }
-    handle.submit(EngineRequest { id: 9, prompt: vec![], sampling: greedy(5), capture: None }).unwrap();
+    handle.submit(EngineRequest { id: 9, prompt: vec![], sampling: greedy(5), capture: None, ..Default::default() }).unwrap();
     let mut finished = std::collections::BTreeMap::new();
     let mut last = None;
     while finished.len() < 4 {

@@ -37,7 +37,7 @@ fn engine(model: Arc<LoadedModel>, f: impl FnOnce(&mut EngineConfig)) -> EngineC
 }
 
 fn request(id: RequestId, prompt: Vec<u32>, max_tokens: usize, seed: u64) -> EngineRequest {
-    EngineRequest { id, prompt, sampling: SamplingParams { max_tokens, ignore_eos: true, temperature: 0.8, seed: Some(seed), ..Default::default() }, capture: None }
+    EngineRequest { id, prompt, sampling: SamplingParams { max_tokens, ignore_eos: true, temperature: 0.8, seed: Some(seed), ..Default::default() }, capture: None, ..Default::default() }
 }
 
 /// Step until idle as the engine thread does (a panic that escapes `step` is recovered), with
@@ -184,7 +184,7 @@ fn a_long_prompt_is_chunked_through_a_rowwise_quantized_output_layer() {
             c.max_num_batched_tokens = budget;
             c.kv_cache_memory = KvMemory::Bytes(64 << 20);
         });
-        core.add_request(EngineRequest { id: 0, prompt: prompt.clone(), sampling: SamplingParams { max_tokens: 4, ignore_eos: true, ..Default::default() }, capture: None });
+        core.add_request(EngineRequest { id: 0, prompt: prompt.clone(), sampling: SamplingParams { max_tokens: 4, ignore_eos: true, ..Default::default() }, capture: None, ..Default::default() });
         let outs = run(&mut core);
         assert_eq!(finishes(&outs)[&0], FinishReason::Length, "budget {budget}");
         results.push(tokens(&outs, 0));
@@ -264,7 +264,7 @@ fn a_panic_outside_request_work_loses_no_output() {
     for r in faulty_batch(&m) {
         core.add_request(r);
     }
-    core.add_request(EngineRequest { id: 9, prompt: vec![], sampling: SamplingParams::default(), capture: None });
+    core.add_request(EngineRequest { id: 9, prompt: vec![], sampling: SamplingParams::default(), capture: None, ..Default::default() });
     core.abort(1);
     let outs = run(&mut core);
     let fin = finishes(&outs);

@@ -196,12 +196,58 @@ pub struct TokenLogprob {
 }
 
 /// A request as the engine sees it: tokens, not text. Plain data; it carries no channel.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineRequest {
     pub id: RequestId,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
     pub capture: Option<CaptureSpec>,
+    /// Interventions on this request's activations (others in the batch are untouched).
+    #[serde(default)]
+    pub steer: Vec<SteerSpec>,
+}
+
+/// One intervention on one hook point of one request: applied to the rows of the chosen
+/// positions, before anything downstream (captures included) sees them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SteerSpec {
+    pub hook: HookName,
+    pub op: SteerOp,
+    pub positions: SteerPositions,
+    /// Head-shaped hooks (`hook_q`, `hook_z`, ...): only these heads; `None` is the whole row.
+    pub heads: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteerOp {
+    /// `x + scale * vector`.
+    Add { vector: Vec<f32>, scale: f32 },
+    /// `vector` in place of `x`.
+    Replace { vector: Vec<f32> },
+    /// Zero.
+    Ablate,
+}
+
+/// Which positions a steer touches. Steering prompt positions changes the prompt's KV cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteerPositions {
+    All,
+    Prompt,
+    Generated,
+    At(Vec<usize>),
+}
+
+impl SteerPositions {
+    pub fn touches(&self, pos: usize, prompt_len: usize) -> bool {
+        match self {
+            SteerPositions::All => true,
+            SteerPositions::Prompt => pos < prompt_len,
+            SteerPositions::Generated => pos >= prompt_len,
+            SteerPositions::At(v) => v.contains(&pos),
+        }
+    }
 }
 
 /// What one step produced for one sequence (`index` tells the `n` > 1 completions apart).

@@ -507,7 +507,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let requests: Vec<EngineRequest> = ids
         .iter()
         .zip(&job.prompts)
-        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone() })
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), ..Default::default() })
         .collect();
     // The engine's own checks (the same `Limits`), answered here as 400.
     for r in &requests {

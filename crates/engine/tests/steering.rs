@@ -1,0 +1,111 @@
+//! Per-request steering inside a shared batch: exact where it must change nothing, effective
+//! where it must change something.
+
+use glassbox_engine::{EngineConfig, KvMemory, RequestOutput, LLM};
+use glassbox_model::{load, LoadOptions, LoadedModel, ModelSource};
+use glassbox_protocol::{EngineRequest, FinishReason, HookName, SamplingParams, Site, SteerOp, SteerPositions, SteerSpec};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
+}
+
+fn stories() -> Arc<LoadedModel> {
+    static M: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| Arc::new(load(&ModelSource::HfDir(dir()), LoadOptions::default()).unwrap())).clone()
+}
+
+fn llm() -> LLM {
+    LLM::from_model(stories(), EngineConfig { kv_cache_memory: KvMemory::Bytes(64 << 20), block_size: 4, ..Default::default() }).unwrap()
+}
+
+/// Sampled (seeded) with logprobs, so "bitwise unchanged" covers the distributions too.
+fn request(text: &str, seed: u64, steer: Vec<SteerSpec>) -> EngineRequest {
+    let prompt = stories().tokenizer.encode(text, true).unwrap();
+    let sampling = SamplingParams { max_tokens: 20, temperature: 0.8, seed: Some(seed), logprobs: Some(3), ignore_eos: true, ..Default::default() };
+    EngineRequest { prompt, sampling, steer, ..Default::default() }
+}
+
+fn batch(steered: Option<Vec<SteerSpec>>) -> Vec<EngineRequest> {
+    let texts = ["Once upon a time", "Lily and Tom went to the park", "The cat sat on the mat", "One day, a little bird"];
+    texts.iter().enumerate().map(|(i, t)| request(t, i as u64, if i == 1 { steered.clone().unwrap_or_default() } else { vec![] })).collect()
+}
+
+fn same(a: &RequestOutput, b: &RequestOutput) -> bool {
+    let (x, y) = (&a.outputs[0], &b.outputs[0]);
+    x.token_ids == y.token_ids && x.logprobs == y.logprobs
+}
+
+fn add(hook: HookName, vector: Vec<f32>, scale: f32, positions: SteerPositions) -> SteerSpec {
+    SteerSpec { hook, op: SteerOp::Add { vector, scale }, positions, heads: None }
+}
+
+#[test]
+fn a_zero_steer_changes_nothing_and_a_real_one_changes_only_its_request() {
+    let resid = HookName::block(3, Site::ResidPost);
+    let plain = llm().generate_requests(batch(None));
+    let zero = llm().generate_requests(batch(Some(vec![add(resid, vec![0.0; 64], 1.0, SteerPositions::All)])));
+    for (a, b) in plain.iter().zip(&zero) {
+        assert!(same(a, b), "a zero steer changed request {}", a.id);
+    }
+    let push: Vec<f32> = (0..64).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let steered = llm().generate_requests(batch(Some(vec![add(resid, push, 3.0, SteerPositions::All)])));
+    assert!(!same(&plain[1], &steered[1]), "a real steer changed nothing");
+    for i in [0, 2, 3] {
+        assert!(same(&plain[i], &steered[i]), "steering request 1 changed request {i}");
+    }
+}
+
+#[test]
+fn adding_a_tokens_unembedding_makes_it_appear() {
+    // Tied embeddings: the unembedding row of a token is its embedding row.
+    let weights = candle_core::safetensors::load(dir().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let embed = weights["model.embed_tokens.weight"].to_dtype(candle_core::DType::F32).unwrap();
+    let m = stories();
+    let target = m.tokenizer.encode(" dragon", false).unwrap()[0];
+    let row: Vec<f32> = embed.get(target as usize).unwrap().to_vec1().unwrap();
+    let plain = llm().generate_requests(vec![request("Once upon a time", 7, vec![])]);
+    assert!(!plain[0].outputs[0].token_ids.contains(&target));
+    let steer = add(HookName::block(4, Site::ResidPost), row, 4.0, SteerPositions::Generated);
+    let out = llm().generate_requests(vec![request("Once upon a time", 7, vec![steer])]);
+    let hits = out[0].outputs[0].token_ids.iter().filter(|&&t| t == target).count();
+    assert!(hits >= 3, "token {target} appeared {hits} times: {:?}", out[0].outputs[0].token_ids);
+    // Only generated positions were steered: the first token comes from the unsteered prompt.
+    assert_eq!(out[0].outputs[0].token_ids[0], plain[0].outputs[0].token_ids[0]);
+}
+
+#[test]
+fn ablating_every_head_of_hook_z_equals_zeroing_attn_out() {
+    let ablate = |hook, heads| SteerSpec { hook, op: SteerOp::Ablate, positions: SteerPositions::All, heads };
+    let z = llm().generate_requests(batch(Some(vec![ablate(HookName::block(2, Site::Z), Some((0..8).collect()))])));
+    let z_all = llm().generate_requests(batch(Some(vec![ablate(HookName::block(2, Site::Z), None)])));
+    let out = llm().generate_requests(batch(Some(vec![ablate(HookName::block(2, Site::AttnOut), None)])));
+    // stories260K's o_proj has no bias, so zero z gives exactly zero attn_out.
+    assert!(same(&z[1], &out[1]) && same(&z_all[1], &out[1]));
+    let plain = llm().generate_requests(batch(None));
+    assert!(!same(&plain[1], &out[1]));
+    // One head alone is a different intervention.
+    let one = llm().generate_requests(batch(Some(vec![ablate(HookName::block(2, Site::Z), Some(vec![3]))])));
+    assert!(!same(&one[1], &out[1]));
+}
+
+#[test]
+fn bad_steers_are_refused_at_admission() {
+    let mut llm = llm();
+    let cases = [
+        (add(HookName::block(3, Site::ResidPost), vec![1.0; 10], 1.0, SteerPositions::All), "needs 64"),
+        (add(HookName::block(3, Site::Pattern), vec![], 1.0, SteerPositions::All), "cannot be steered"),
+        (SteerSpec { hook: HookName::block(1, Site::Z), op: SteerOp::Ablate, positions: SteerPositions::All, heads: Some(vec![8]) }, "head 8 does not exist"),
+        (SteerSpec { hook: HookName::block(1, Site::ResidPost), op: SteerOp::Ablate, positions: SteerPositions::All, heads: Some(vec![0]) }, "head-shaped"),
+        (add(HookName::block(3, Site::ResidPost), vec![f32::NAN; 64], 1.0, SteerPositions::All), "non-finite"),
+        (add(HookName::block(9, Site::ResidPost), vec![0.0; 64], 1.0, SteerPositions::All), "no hook point"),
+    ];
+    for (steer, msg) in cases {
+        let out = llm.generate_requests(vec![request("Once", 1, vec![steer])]);
+        match &out[0].outputs[0].finish_reason {
+            Some(FinishReason::Error(m)) => assert!(m.contains(msg), "{m} lacks {msg}"),
+            other => panic!("expected an error with {msg}, got {other:?}"),
+        }
+    }
+}
