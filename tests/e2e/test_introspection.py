@@ -145,3 +145,45 @@ def test_url_captures_download_once_and_the_store_is_bounded():
         s.wait_idle()
     finally:
         s.stop()
+
+
+def completion(server, body):
+    status, out, _ = server.request("POST", "/v1/completions", body)
+    assert status == 200, out
+    ch = out["choices"][0]
+    return ch["text"], ch["logprobs"]
+
+
+def test_steering_over_the_api(server):
+    base = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.8, "seed": 5, "logprobs": 3, "ignore_eos": True}
+    plain = completion(server, base)
+    # A zero vector: bitwise the same text and logprobs.
+    zero = completion(server, {**base, "steer": [{"hook": "blocks.3.hook_resid_post", "add": [0.0] * 64}]})
+    assert zero == plain
+    # A named vector (added at run time) changes this request only, inside a busy batch.
+    push = [1.0 if i % 2 == 0 else -1.0 for i in range(64)]
+    status, out, _ = server.request("POST", "/v1/steering_vectors", {"name": "zigzag", "vector": push})
+    assert status == 200 and out["dims"] == 64
+    others = [{**base, "prompt": p, "seed": i} for i, p in enumerate(["Lily and Tom", "The cat sat", "One day, a bird"])]
+    alone = [completion(server, b) for b in others]
+    from concurrent.futures import ThreadPoolExecutor
+    steered_body = {**base, "steer": [{"hook": "blocks.3.hook_resid_post", "vector": "zigzag", "scale": 3.0}]}
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda b: completion(server, b), [steered_body, *others] * 2))
+    assert results[0] != plain and results[0] == results[4]
+    for got, want in zip(results[1:4] + results[5:8], alone * 2):
+        assert got == want, "steering one request changed another"
+    # Ablating every head of hook_z is zeroing hook_attn_out (stories260K has no o_proj bias).
+    z = completion(server, {**base, "steer": [{"hook": "blocks.2.attn.hook_z", "ablate": True, "heads": list(range(8))}]})
+    attn = completion(server, {**base, "steer": [{"hook": "blocks.2.hook_attn_out", "ablate": True}]})
+    assert z == attn and z != plain
+    # Mistakes are 400s.
+    for steer, msg in [
+        ([{"hook": "blocks.3.hook_resid_post", "add": [1.0] * 3}], "needs 64"),
+        ([{"hook": "blocks.3.hook_resid_post", "vector": "nope"}], "no steering vector named `nope`"),
+        ([{"hook": "blocks.3.hook_resid_post", "ablate": True, "add": [0.0] * 64}], "exactly one of"),
+        ([{"hook": "blocks.3.attn.hook_pattern", "ablate": True}], "cannot be steered"),
+        ([{"hook": "blocks.3.hook_resid_pots", "ablate": True}], "close names"),
+    ]:
+        status, out, _ = server.request("POST", "/v1/completions", {**base, "steer": steer})
+        assert status == 400 and msg in out["error"]["message"], (steer, out)

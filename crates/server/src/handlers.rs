@@ -3,7 +3,10 @@
 
 use crate::error::ApiError;
 use crate::metrics::RequestTiming;
-use crate::openai::{CaptureRequest, CapturePositionsRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, TokenizeRequest};
+use crate::openai::{
+    CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, SteerPositionsRequest, SteerRequest,
+    SteeringVectorRequest, TokenizeRequest,
+};
 use crate::router::RouterMsg;
 use crate::AppState;
 use axum::body::Bytes;
@@ -15,7 +18,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use glassbox_model::ChatContext;
-use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, RequestId, SamplingParams, TokenLogprob};
+use glassbox_protocol::{
+    Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, RequestId, SamplingParams, SteerOp, SteerPositions,
+    SteerSpec, TokenLogprob,
+};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -161,6 +167,7 @@ struct Job {
     capture: Option<CaptureSpec>,
     /// Store captures for download instead of returning them inline.
     capture_url: bool,
+    steer: Vec<SteerSpec>,
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
@@ -187,6 +194,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
     let sampling = sampling(&st, &req.common, req.common.max_tokens, longest, logprobs)?;
     let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
     let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
+    let steer = steer_specs(&st, req.common.steer.as_deref())?;
     let job = Job {
         kind: Kind::Completion,
         prompts,
@@ -198,6 +206,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         request_id,
         capture,
         capture_url,
+        steer,
     };
     run(st, job).await
 }
@@ -222,6 +231,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let sampling = sampling(&st, &req.common, max_tokens, prompt.len(), logprobs)?;
     let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
+    let steer = steer_specs(&st, req.common.steer.as_deref())?;
     let job = Job {
         kind: Kind::Chat,
         prompts: vec![prompt],
@@ -233,6 +243,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         request_id,
         capture,
         capture_url,
+        steer,
     };
     run(st, job).await
 }
@@ -246,18 +257,7 @@ fn capture_spec(st: &AppState, c: Option<&CaptureRequest>) -> AppResult<(Option<
     if c.hooks.is_empty() {
         return bad("`capture.hooks` must name at least one hook point (e.g. \"blocks.*.hook_resid_post\")".into());
     }
-    let available = st.limits.hook_names.as_slice();
-    let hooks = match glassbox_protocol::resolve_patterns(&c.hooks, available) {
-        Ok(h) => h,
-        Err(e) => {
-            let pattern = match &e {
-                HookError::UnknownName(p) | HookError::NoMatch(p) => p.clone(),
-                HookError::BadPattern { pattern, .. } => pattern.clone(),
-            };
-            let close = glassbox_protocol::close_names(&pattern, available, 5);
-            return bad(format!("{e}; close names: {}", close.join(", ")));
-        }
-    };
+    let hooks = resolve_hooks(st, &c.hooks, "capture")?;
     let positions = match &c.positions {
         None => CapturePositions::All,
         Some(CapturePositionsRequest::Named(s)) => match s.parse() {
@@ -280,6 +280,79 @@ fn capture_spec(st: &AppState, c: Option<&CaptureRequest>) -> AppResult<(Option<
         Some(other) => return bad(format!("unknown capture return `{other}` (inline or url)")),
     };
     Ok((Some(CaptureSpec { hooks, positions, dtype }), url))
+}
+
+/// Hook names for a pattern, or a 400 that lists the closest names.
+fn resolve_hooks(st: &AppState, patterns: &[String], param: &'static str) -> AppResult<Vec<HookName>> {
+    let available = st.limits.hook_names.as_slice();
+    glassbox_protocol::resolve_patterns(patterns, available).map_err(|e| {
+        let pattern = match &e {
+            HookError::UnknownName(p) | HookError::NoMatch(p) => p.clone(),
+            HookError::BadPattern { pattern, .. } => pattern.clone(),
+        };
+        let close = glassbox_protocol::close_names(&pattern, available, 5);
+        ApiError::bad_request(format!("{e}; close names: {}", close.join(", "))).param(param)
+    })
+}
+
+/// The API's `steer` list as engine `SteerSpec`s: globs expanded, named vectors looked up.
+/// Sizes and heads are checked by the engine's `Limits` (a 400 before anything runs).
+fn steer_specs(st: &AppState, steers: Option<&[SteerRequest]>) -> AppResult<Vec<SteerSpec>> {
+    let mut out = vec![];
+    for s in steers.unwrap_or_default() {
+        let bad = |m: String| ApiError::bad_request(m).param("steer");
+        let named = match &s.vector {
+            Some(name) => Some(st.steering_vectors.get(name).ok_or_else(|| {
+                let known = st.steering_vectors.names();
+                bad(format!("no steering vector named `{name}` (known: {}); load one with --steering-vectors DIR or POST /v1/steering_vectors", if known.is_empty() { "none".into() } else { known.join(", ") }))
+            })?),
+            None => None,
+        };
+        let scale = s.scale.unwrap_or(1.0);
+        let op = match (&s.add, named, &s.replace, s.ablate) {
+            (Some(v), None, None, false) => SteerOp::Add { vector: v.clone(), scale },
+            (None, Some(v), None, false) => SteerOp::Add { vector: v, scale },
+            (None, None, Some(v), false) => SteerOp::Replace { vector: v.clone() },
+            (None, None, None, true) => SteerOp::Ablate,
+            _ => return Err(bad(format!("steer on `{}`: give exactly one of `add`, `vector`, `replace` or `ablate: true`", s.hook))),
+        };
+        if s.scale.is_some() && !matches!(op, SteerOp::Add { .. }) {
+            return Err(bad("`scale` goes with `add` or `vector`".into()));
+        }
+        let positions = match &s.positions {
+            None => SteerPositions::All,
+            Some(SteerPositionsRequest::Named(p)) => match p.as_str() {
+                "all" => SteerPositions::All,
+                "prompt" => SteerPositions::Prompt,
+                "generated" => SteerPositions::Generated,
+                other => return Err(bad(format!("unknown steer positions `{other}` (all, prompt, generated or a list of positions)"))),
+            },
+            Some(SteerPositionsRequest::List(v)) => SteerPositions::At(v.clone()),
+        };
+        for hook in resolve_hooks(st, std::slice::from_ref(&s.hook), "steer")? {
+            out.push(SteerSpec { hook, op: op.clone(), positions: positions.clone(), heads: s.heads.clone() });
+        }
+    }
+    Ok(out)
+}
+
+/// `POST /v1/steering_vectors`: add (or replace) a named steering vector.
+#[utoipa::path(post, path = "/v1/steering_vectors", tag = "glassbox", security(("api_key" = [])), request_body = SteeringVectorRequest, responses((status = 200, description = "`{name, dims}`"), (status = 400, description = "Bad input", body = ErrorBody)))]
+pub async fn add_steering_vector(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let req: SteeringVectorRequest = parse(body)?;
+    if req.name.is_empty() || req.vector.is_empty() || req.vector.iter().any(|v| !v.is_finite()) {
+        return Err(ApiError::bad_request("give a non-empty `name` and a non-empty `vector` of finite numbers"));
+    }
+    let dims = req.vector.len();
+    st.steering_vectors.insert(req.name.clone(), req.vector);
+    Ok(Json(json!({"name": req.name, "dims": dims})))
+}
+
+/// `GET /v1/steering_vectors`: the named vectors and their sizes.
+#[utoipa::path(get, path = "/v1/steering_vectors", tag = "glassbox", security(("api_key" = [])), responses((status = 200, description = "`{data: [{name, dims}]}`")))]
+pub async fn list_steering_vectors(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = st.steering_vectors.names().into_iter().map(|n| json!({"name": n, "dims": st.steering_vectors.get(&n).map_or(0, |v| v.len())})).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// `GET /v1/captures/{id}`: a capture stored with `"return": "url"`, as safetensors; it is
@@ -507,7 +580,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let requests: Vec<EngineRequest> = ids
         .iter()
         .zip(&job.prompts)
-        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), ..Default::default() })
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), steer: job.steer.clone() })
         .collect();
     // The engine's own checks (the same `Limits`), answered here as 400.
     for r in &requests {

@@ -10,6 +10,7 @@ mod handlers;
 mod metrics;
 mod openai;
 mod router;
+mod steering_vectors;
 
 pub use error::ApiError;
 
@@ -80,6 +81,9 @@ pub struct ServeArgs {
     /// Seconds a stored capture waits for its download.
     #[arg(long, default_value_t = 600)]
     pub capture_ttl: u64,
+    /// A directory of safetensors files whose 1-D tensors become named steering vectors.
+    #[arg(long)]
+    pub steering_vectors: Option<std::path::PathBuf>,
 }
 
 /// A size flag's bytes (sizes only: fractions of memory make no sense for these).
@@ -107,6 +111,7 @@ pub struct AppState {
     /// False once the engine thread has ended (health answers 503, requests 503).
     pub engine_alive: Arc<AtomicBool>,
     pub captures: capture_store::CaptureStore,
+    pub steering_vectors: steering_vectors::SteeringVectors,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -132,6 +137,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     let source = glassbox_model::resolve(args.model.as_deref())?;
     let opts = LoadOptions { dequantize: args.dequantize, batch_invariant: args.batch_invariant };
     let model = Arc::new(glassbox_model::load(&source, opts).with_context(|| format!("loading {}", source.path().display()))?);
+    let steering_vectors = match &args.steering_vectors {
+        Some(dir) => steering_vectors::SteeringVectors::load_dir(dir)?,
+        None => Default::default(),
+    };
     let cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -196,6 +205,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         engine_alive,
         captures: capture_store::CaptureStore::new(size_flag("capture-store-bytes", args.capture_store_bytes)?, Duration::from_secs(args.capture_ttl)),
+        steering_vectors,
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
@@ -295,6 +305,7 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::dump_state))
         .routes(routes!(handlers::get_capture))
+        .routes(routes!(handlers::add_steering_vector, handlers::list_steering_vectors))
         .split_for_parts();
     let protected = protected.route_layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_api_key));
     let (open, open_api) = OpenApiRouter::new()

@@ -81,6 +81,49 @@ pub struct Common {
     // glassbox's introspection.
     /// Capture activations (returned in each choice's `capture`).
     pub capture: Option<CaptureRequest>,
+    /// Change activations of this request only (others in the batch are untouched).
+    pub steer: Option<Vec<SteerRequest>>,
+}
+
+/// One intervention: exactly one of `add`, `vector` (a named vector, added), `replace`, `ablate`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SteerRequest {
+    /// A hook name or glob (`blocks.6.hook_resid_post`, `blocks.*.attn.hook_z`).
+    pub hook: String,
+    /// Added to the activation (times `scale`).
+    pub add: Option<Vec<f32>>,
+    /// The name of a vector loaded with --steering-vectors or POST /v1/steering_vectors (added).
+    pub vector: Option<String>,
+    /// Put in place of the activation.
+    pub replace: Option<Vec<f32>>,
+    /// Zero the activation.
+    #[serde(default)]
+    pub ablate: bool,
+    /// Multiplies `add`/`vector` (default 1).
+    pub scale: Option<f32>,
+    /// `all` (default), `prompt`, `generated`, or a list of positions. Steering prompt
+    /// positions changes the prompt's KV cache (the request gets its own prefix-cache entries).
+    pub positions: Option<SteerPositionsRequest>,
+    /// Head-shaped hooks only (`hook_q/k/v/z`...): these heads; vectors then have `d_head` values.
+    pub heads: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum SteerPositionsRequest {
+    Named(String),
+    List(Vec<usize>),
+}
+
+/// `POST /v1/steering_vectors`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SteeringVectorRequest {
+    #[schema(min_length = 1)]
+    pub name: String,
+    #[schema(min_items = 1)]
+    pub vector: Vec<f32>,
 }
 
 /// `"capture": {"hooks": ["blocks.*.hook_resid_post"], "positions": "last", "dtype": "float16"}`.
