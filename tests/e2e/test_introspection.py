@@ -187,3 +187,22 @@ def test_steering_over_the_api(server):
     ]:
         status, out, _ = server.request("POST", "/v1/completions", {**base, "steer": steer})
         assert status == 400 and msg in out["error"]["message"], (steer, out)
+
+
+def test_logit_lens_over_the_api(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "logprobs": 5,
+            "logit_lens": {"layers": "all", "top_k": 5, "positions": "generated"}}
+    status, out, _ = server.request("POST", "/v1/completions", body)
+    assert status == 200, out
+    ch = out["choices"][0]
+    lens = ch["logit_lens"]
+    # 5 prompt tokens + 4 generated: generated positions 5..7 went through the model, 5 layers each.
+    assert [(e["position"], e["layer"]) for e in lens] == [(p, l) for p in (5, 6, 7) for l in range(5)]
+    last = {e["position"]: e for e in lens if e["layer"] == 4}
+    # The last layer's lens is the model's distribution: its ranking is the logprobs'.
+    for i, pos in enumerate((5, 6, 7)):
+        top_lp = ch["logprobs"]["top_logprobs"][i + 1]
+        assert [t["token"] for t in last[pos]["top"]] == list(top_lp.keys())
+    assert all(set(t) == {"token_id", "token", "prob"} for e in lens for t in e["top"])
+    status, out, _ = server.request("POST", "/v1/completions", {**body, "logit_lens": {"layers": [7]}})
+    assert status == 400 and "layer 7 does not exist" in out["error"]["message"], out

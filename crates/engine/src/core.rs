@@ -15,6 +15,7 @@ use crate::fault::{FaultPlan, Phase};
 use crate::kv_store::KvStore;
 use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
+use crate::lens::LogitLens;
 use crate::steer::{StepHooks, Steering};
 use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
 use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site, SteerOp, SteerSpec};
@@ -146,6 +147,7 @@ pub struct Limits {
     pub max_capture_bytes: u64,
     /// Floats per head of head-shaped hooks.
     pub head_dim: usize,
+    pub num_layers: usize,
 }
 
 impl Limits {
@@ -218,6 +220,21 @@ impl Limits {
         }
         for s in &req.steer {
             self.validate_steer(s)?;
+        }
+        if let Some(l) = &req.logit_lens {
+            if l.layers.is_empty() {
+                return Err("logit_lens.layers must name at least one layer (or \"all\")".into());
+            }
+            if let Some(bad) = l.layers.iter().find(|&&x| x >= self.num_layers) {
+                return Err(format!("logit_lens: layer {bad} does not exist (the model has {} layers, 0..{})", self.num_layers, self.num_layers - 1));
+            }
+            if !(1..=20).contains(&l.top_k) {
+                return Err(format!("logit_lens.top_k must be between 1 and 20, got {}", l.top_k));
+            }
+            let entries = l.layers.len() * l.positions.max_rows(req.prompt.len(), p.max_tokens) * p.n;
+            if entries > 65_536 {
+                return Err(format!("the logit lens could return {entries} entries (layers x positions x n); the limit is 65536: ask for fewer layers or positions"));
+            }
         }
         Ok(())
     }
@@ -319,6 +336,7 @@ pub struct EngineCore {
     requests: HashMap<RequestId, RequestEntry>,
     collector: CaptureCollector,
     steering: Steering,
+    lens: LogitLens,
     /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
     /// `step`) so that a panic never loses outputs decided before it.
     outbox: Vec<EngineOutput>,
@@ -423,6 +441,7 @@ impl EngineCore {
             hook_widths: Arc::new(hook_widths),
             max_capture_bytes: cfg.max_capture_bytes,
             head_dim: mc.head_dim,
+            num_layers: mc.num_layers,
         };
         let head_dim = limits.head_dim;
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
@@ -437,6 +456,7 @@ impl EngineCore {
             requests: HashMap::new(),
             collector: CaptureCollector::default(),
             steering: Steering::new(head_dim),
+            lens: LogitLens::default(),
             outbox: vec![],
             step_failures: vec![],
             current_step: None,
@@ -517,7 +537,8 @@ impl EngineCore {
         let captures = req.capture.is_some();
         // Prompt rows served from the prefix cache are not recomputed, so a capture that
         // includes prompt positions computes the whole prompt.
-        let use_prefix_cache = req.capture.as_ref().is_none_or(|c| !c.positions.needs_prompt_rows());
+        let use_prefix_cache = req.capture.as_ref().is_none_or(|c| !c.positions.needs_prompt_rows())
+            && req.logit_lens.as_ref().is_none_or(|l| !l.positions.needs_prompt_rows());
         // Steered requests compute other KV for the same tokens: their own prefix-cache salt.
         let salt = if req.steer.is_empty() { 0 } else { steer_salt(&req.steer) };
         let mut ids = Vec::with_capacity(req.sampling.n);
@@ -531,6 +552,9 @@ impl EngineCore {
             let leader = ids.first().copied();
             self.sched.add(id, SeqState::new(req.prompt.clone(), salt, use_prefix_cache, leader));
             self.steering.add(id, req.steer.clone(), req.prompt.len());
+            if let Some(l) = &req.logit_lens {
+                self.lens.add(id, l.clone(), req.prompt.len());
+            }
             if let Some(spec) = &req.capture {
                 self.collector.want(id, spec.clone(), req.prompt.len());
             }
@@ -736,6 +760,9 @@ impl EngineCore {
             if let Some(set) = self.steering.hook_set_of(*id) {
                 hookset.union(set);
             }
+            if let Some(set) = self.lens.hook_set_of(*id) {
+                hookset.union(set);
+            }
             if let Some(f) = &self.fault {
                 let req = self.seqs[id].request;
                 if f.phase == Phase::Hook && self.requests.get(&req).is_some_and(|e| e.request.sampling.seed == Some(f.seed)) {
@@ -757,7 +784,7 @@ impl EngineCore {
         let completes: Vec<bool> = scheduled.iter().map(|s| s.start + s.len == self.sched.seqs[&s.id].tokens.len()).collect();
         self.collector.begin_pass();
         let model = self.model.clone();
-        let (kv, collector, steering) = (&mut self.kv, &mut self.collector, &self.steering);
+        let (kv, collector, steering, lens) = (&mut self.kv, &mut self.collector, &self.steering, &mut self.lens);
         let result = guarded("the forward pass", || {
             for (f, req) in &forward_fault {
                 f.check(Phase::Forward, Some(f.seed), *req)?;
@@ -766,11 +793,11 @@ impl EngineCore {
             let logits = if hookset.is_empty() {
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())
             } else if let Some((key, req, plan)) = fault_key {
-                let mut inner = StepHooks { steering, collector };
+                let mut inner = StepHooks { steering, collector, lens, model: &model.model };
                 let mut handler = FaultyHook { inner: &mut inner, key, req, plan };
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             } else {
-                let mut handler = StepHooks { steering, collector };
+                let mut handler = StepHooks { steering, collector, lens, model: &model.model };
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             };
             let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
@@ -867,10 +894,14 @@ impl EngineCore {
             logprobs: sampled.logprob.into_iter().collect(),
             finish: finish.clone(),
             captures: vec![],
+            logit_lens: vec![],
             prompt_tokens: prompt_len,
             completion_tokens: rt.generated,
             cached_tokens: cached,
         };
+        if finish.is_some() {
+            out.logit_lens = self.lens.finish(id);
+        }
         if finish.is_some() && rt.captures {
             match self.collector.finish(id) {
                 Ok(c) => out.captures = c,
@@ -886,6 +917,7 @@ impl EngineCore {
         self.sched.remove(id);
         self.collector.discard(id);
         self.steering.remove(id);
+        self.lens.remove(id);
         if let Some(e) = self.requests.get_mut(&rt.request) {
             e.seqs.retain(|&x| x != id);
             if e.seqs.is_empty() {
@@ -903,6 +935,7 @@ impl EngineCore {
             let state = self.sched.remove(s);
             self.collector.discard(s);
             self.steering.remove(s);
+            self.lens.remove(s);
             let mut out = EngineOutput::error(req, "");
             out.index = rt.index;
             out.finish = Some(reason.clone());

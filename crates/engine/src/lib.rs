@@ -8,6 +8,7 @@ pub mod detok;
 pub mod fault;
 pub mod handle;
 pub mod kv_store;
+pub mod lens;
 pub mod llm;
 pub mod sampler;
 pub mod scheduler;

@@ -12,7 +12,7 @@
 
 use crate::core::{EngineConfig, EngineCore};
 use glassbox_model::{LoadOptions, LoadedModel, ModelError};
-use glassbox_protocol::{Capture, CaptureSpec, EngineOutput, EngineRequest, FinishReason, RequestId, SamplingParams, TokenLogprob};
+use glassbox_protocol::{Capture, CaptureSpec, LensEntry, EngineOutput, EngineRequest, FinishReason, RequestId, SamplingParams, TokenLogprob};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -33,6 +33,7 @@ pub struct CompletionOutput {
     pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: Option<FinishReason>,
     pub captures: Vec<Capture>,
+    pub logit_lens: Vec<LensEntry>,
 }
 
 #[derive(Clone, Debug)]
@@ -138,5 +139,6 @@ fn absorb(c: &mut CompletionOutput, out: EngineOutput) {
     if out.finish.is_some() {
         c.finish_reason = out.finish;
         c.captures = out.captures;
+        c.logit_lens = out.logit_lens;
     }
 }

@@ -100,16 +100,21 @@ fn steer_slice(r: &mut [f32], op: &SteerOp) {
     }
 }
 
-/// The step's hook handler: steering first, then captures of the (steered) values.
+/// The step's hook handler: steering first, then the logit lens and captures of the
+/// (steered) values.
 pub struct StepHooks<'a> {
     pub steering: &'a Steering,
     pub collector: &'a mut CaptureCollector,
+    pub lens: &'a mut crate::lens::LogitLens,
+    pub model: &'a glassbox_model::DecoderModel,
 }
 
 impl HookHandler for StepHooks<'_> {
     fn on_hook(&mut self, name: HookName, x: &Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Option<Tensor>> {
         let steered = self.steering.apply(name, x, &rows, layout)?;
-        self.collector.on_hook(name, steered.as_ref().unwrap_or(x), rows, layout)?;
+        let value = steered.as_ref().unwrap_or(x);
+        self.lens.observe(self.model, name, value, &rows, layout)?;
+        self.collector.on_hook(name, value, rows, layout)?;
         Ok(steered)
     }
 }

@@ -115,3 +115,33 @@ fn an_oversized_capture_is_refused_before_any_compute() {
     }
     assert_eq!(llm.core().stats().steps, 0, "nothing was computed");
 }
+
+#[test]
+fn the_logit_lens_at_the_last_layer_ranks_as_the_logprobs() {
+    use glassbox_protocol::{EngineRequest, LensSpec};
+    let m = stories();
+    let last = m.model.cfg.num_layers - 1;
+    let prompt = prompts(&m)[1].clone();
+    let sampling = SamplingParams { max_tokens: 12, logprobs: Some(5), ignore_eos: true, ..Default::default() };
+    let lens = LensSpec { layers: (0..=last).collect(), top_k: 5, positions: CapturePositions::All };
+    let out = llm(None).generate_requests(vec![EngineRequest { prompt: prompt.clone(), sampling, logit_lens: Some(lens), ..Default::default() }]);
+    let c = &out[0].outputs[0];
+    let computed = prompt.len() + c.token_ids.len() - 1;
+    // Every layer at every computed position, ordered by position then layer.
+    assert_eq!(c.logit_lens.len(), computed * (last + 1));
+    assert!(c.logit_lens.windows(2).all(|w| (w[0].position, w[0].layer) < (w[1].position, w[1].layer)));
+    // Position p's last-layer lens is the distribution token p+1 was sampled from.
+    for (i, lp) in c.logprobs.iter().enumerate() {
+        let pos = prompt.len() - 1 + i;
+        let e = c.logit_lens.iter().find(|e| e.layer == last && e.position == pos).unwrap();
+        let lens_ids: Vec<u32> = e.top.iter().map(|t| t.0).collect();
+        let lp_ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(lens_ids, lp_ids, "position {pos}");
+        for ((_, p), (_, l)) in e.top.iter().zip(&lp.top) {
+            assert!((p.ln() - l).abs() < 1e-4, "position {pos}: prob {p} vs logprob {l}");
+        }
+        assert_eq!(e.top[0].0, c.token_ids[i], "greedy picks the lens' top token");
+    }
+    // Earlier layers predict differently somewhere (the lens is not the same everywhere).
+    assert!(c.logit_lens.iter().any(|e| e.layer == 0 && c.logit_lens.iter().any(|f| f.layer == last && f.position == e.position && f.top[0].0 != e.top[0].0)));
+}

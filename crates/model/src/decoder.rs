@@ -135,6 +135,11 @@ impl DecoderModel {
         names
     }
 
+    /// The logit lens: the final norm and the unembedding applied to residual rows `[n, d]`.
+    pub fn lens(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(x)?)
+    }
+
     /// Elements one position of `site` holds (for attention patterns: per key position, so a
     /// row of `T_ctx` keys holds `T_ctx` times this).
     pub fn hook_width(&self, site: Site) -> usize {

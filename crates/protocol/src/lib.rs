@@ -205,6 +205,25 @@ pub struct EngineRequest {
     /// Interventions on this request's activations (others in the batch are untouched).
     #[serde(default)]
     pub steer: Vec<SteerSpec>,
+    /// The final norm and unembedding applied to chosen layers' residual streams.
+    #[serde(default)]
+    pub logit_lens: Option<LensSpec>,
+}
+
+/// Logit lens: at `hook_resid_post` of each layer, the top tokens of `softmax(unembed(norm(x)))`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LensSpec {
+    pub layers: Vec<usize>,
+    pub top_k: usize,
+    pub positions: CapturePositions,
+}
+
+/// One layer's prediction at one position: `(token id, probability)`, most likely first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LensEntry {
+    pub layer: usize,
+    pub position: usize,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// One intervention on one hook point of one request: applied to the rows of the chosen
@@ -262,6 +281,10 @@ pub struct EngineOutput {
     pub finish: Option<FinishReason>,
     /// Filled on the finishing output of a sequence that asked for captures.
     pub captures: Vec<Capture>,
+    /// Filled on the finishing output of a sequence that asked for the logit lens, ordered by
+    /// position, then layer.
+    #[serde(default)]
+    pub logit_lens: Vec<LensEntry>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
@@ -278,6 +301,7 @@ impl EngineOutput {
             logprobs: vec![],
             finish: Some(FinishReason::Error(message.into())),
             captures: vec![],
+            logit_lens: vec![],
             prompt_tokens: 0,
             completion_tokens: 0,
             cached_tokens: 0,

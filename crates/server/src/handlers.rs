@@ -4,8 +4,8 @@
 use crate::error::ApiError;
 use crate::metrics::RequestTiming;
 use crate::openai::{
-    CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, Prompt, SteerPositionsRequest, SteerRequest,
-    SteeringVectorRequest, TokenizeRequest,
+    CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, LensLayers, LensRequest, Prompt,
+    SteerPositionsRequest, SteerRequest, SteeringVectorRequest, TokenizeRequest,
 };
 use crate::router::RouterMsg;
 use crate::AppState;
@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use glassbox_model::ChatContext;
 use glassbox_protocol::{
-    Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, RequestId, SamplingParams, SteerOp, SteerPositions,
-    SteerSpec, TokenLogprob,
+    Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, LensEntry, LensSpec, RequestId, SamplingParams,
+    SteerOp, SteerPositions, SteerSpec, TokenLogprob,
 };
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -168,6 +168,7 @@ struct Job {
     /// Store captures for download instead of returning them inline.
     capture_url: bool,
     steer: Vec<SteerSpec>,
+    logit_lens: Option<LensSpec>,
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
@@ -195,6 +196,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
     let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
     let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
     let steer = steer_specs(&st, req.common.steer.as_deref())?;
+    let logit_lens = lens_spec(&st, req.common.logit_lens.as_ref())?;
     let job = Job {
         kind: Kind::Completion,
         prompts,
@@ -207,6 +209,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         capture,
         capture_url,
         steer,
+        logit_lens,
     };
     run(st, job).await
 }
@@ -232,6 +235,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     let sampling = sampling(&st, &req.common, max_tokens, prompt.len(), logprobs)?;
     let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
     let steer = steer_specs(&st, req.common.steer.as_deref())?;
+    let logit_lens = lens_spec(&st, req.common.logit_lens.as_ref())?;
     let job = Job {
         kind: Kind::Chat,
         prompts: vec![prompt],
@@ -244,6 +248,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         capture,
         capture_url,
         steer,
+        logit_lens,
     };
     run(st, job).await
 }
@@ -258,15 +263,7 @@ fn capture_spec(st: &AppState, c: Option<&CaptureRequest>) -> AppResult<(Option<
         return bad("`capture.hooks` must name at least one hook point (e.g. \"blocks.*.hook_resid_post\")".into());
     }
     let hooks = resolve_hooks(st, &c.hooks, "capture")?;
-    let positions = match &c.positions {
-        None => CapturePositions::All,
-        Some(CapturePositionsRequest::Named(s)) => match s.parse() {
-            Ok(p) => p,
-            Err(m) => return bad(m),
-        },
-        Some(CapturePositionsRequest::List(v)) if v.is_empty() => return bad("`capture.positions` must not be an empty list".into()),
-        Some(CapturePositionsRequest::List(v)) => CapturePositions::At(v.clone()),
-    };
+    let positions = capture_positions(c.positions.as_ref(), CapturePositions::All, "capture")?;
     let dtype = match c.dtype.as_deref() {
         None => DType::F32,
         Some(d) => match DType::parse(d) {
@@ -334,6 +331,27 @@ fn steer_specs(st: &AppState, steers: Option<&[SteerRequest]>) -> AppResult<Vec<
         }
     }
     Ok(out)
+}
+
+fn capture_positions(p: Option<&CapturePositionsRequest>, default: CapturePositions, param: &'static str) -> AppResult<CapturePositions> {
+    match p {
+        None => Ok(default),
+        Some(CapturePositionsRequest::Named(s)) => s.parse().map_err(|m: String| ApiError::bad_request(m).param(param)),
+        Some(CapturePositionsRequest::List(v)) if v.is_empty() => Err(ApiError::bad_request("positions must not be an empty list").param(param)),
+        Some(CapturePositionsRequest::List(v)) => Ok(CapturePositions::At(v.clone())),
+    }
+}
+
+/// The API's `logit_lens` as an engine `LensSpec` (layer and size checks are the engine's).
+fn lens_spec(st: &AppState, l: Option<&LensRequest>) -> AppResult<Option<LensSpec>> {
+    let Some(l) = l else { return Ok(None) };
+    let layers = match &l.layers {
+        LensLayers::Named(s) if s == "all" => (0..st.limits.num_layers).collect(),
+        LensLayers::Named(s) => return Err(ApiError::bad_request(format!("logit_lens.layers must be \"all\" or a list of layers, not `{s}`")).param("logit_lens")),
+        LensLayers::List(v) => v.clone(),
+    };
+    let positions = capture_positions(l.positions.as_ref(), CapturePositions::Last, "logit_lens")?;
+    Ok(Some(LensSpec { layers, top_k: l.top_k.unwrap_or(5), positions }))
 }
 
 /// `POST /v1/steering_vectors`: add (or replace) a named steering vector.
@@ -504,6 +522,8 @@ struct Progress {
     tokens: Vec<Vec<u32>>,
     /// Captures per choice, from its finishing output.
     captures: Vec<Vec<Capture>>,
+    /// Logit lens entries per choice, from its finishing output.
+    lens: Vec<Vec<LensEntry>>,
 }
 
 impl Progress {
@@ -518,6 +538,9 @@ impl Progress {
         self.tokens[c].extend(&o.new_tokens);
         if o.finish.is_some() && !o.captures.is_empty() {
             self.captures[c] = std::mem::take(&mut o.captures);
+        }
+        if o.finish.is_some() && !o.logit_lens.is_empty() {
+            self.lens[c] = std::mem::take(&mut o.logit_lens);
         }
         let now = Instant::now();
         if !o.new_tokens.is_empty() {
@@ -580,7 +603,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let requests: Vec<EngineRequest> = ids
         .iter()
         .zip(&job.prompts)
-        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), steer: job.steer.clone() })
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), steer: job.steer.clone(), logit_lens: job.logit_lens.clone() })
         .collect();
     // The engine's own checks (the same `Limits`), answered here as 400.
     for r in &requests {
@@ -625,6 +648,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         sent_role: vec![false; choices],
         tokens: vec![vec![]; choices],
         captures: vec![vec![]; choices],
+        lens: vec![vec![]; choices],
     };
     // Random, as vLLM's: ids never repeat across restarts or replicas.
     let rid = match job.kind {
@@ -649,6 +673,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
                     None => prog.texts[c].clone(),
                 };
                 let mut choice = full_choice(&st, &job, c, text, &prog.logprobs[c], prog.finish[c].as_ref());
+                attach_lens(&st, &job, &mut prog, c, &mut choice);
                 attach_capture(&st, &job, &mut prog, c, &mut choice);
                 choice
             })
@@ -694,6 +719,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             }
             // Captures come in the final chunk of each choice.
             if o.finish.is_some() {
+                attach_lens(&st, &job, &mut prog, c, &mut choice);
                 attach_capture(&st, &job, &mut prog, c, &mut choice);
             }
             let mut ev = chunk(json!([choice]));
@@ -747,6 +773,22 @@ fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choic
         capture["data"] = json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
     }
     choice["capture"] = capture;
+}
+
+/// Put choice `c`'s logit lens into its JSON: `[{layer, position, top: [{token_id, token, prob}]}]`.
+fn attach_lens(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choice: &mut Value) {
+    if job.logit_lens.is_none() {
+        return;
+    }
+    let entries = std::mem::take(&mut prog.lens[c]);
+    let json: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let top: Vec<Value> = e.top.iter().map(|&(t, p)| json!({"token_id": t, "token": token_text(st, t), "prob": p})).collect();
+            json!({"layer": e.layer, "position": e.position, "top": top})
+        })
+        .collect();
+    choice["logit_lens"] = Value::Array(json);
 }
 
 fn fail_choice(choice: &mut Value, message: String) {

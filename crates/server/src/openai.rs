@@ -83,6 +83,28 @@ pub struct Common {
     pub capture: Option<CaptureRequest>,
     /// Change activations of this request only (others in the batch are untouched).
     pub steer: Option<Vec<SteerRequest>>,
+    /// Per layer and position, the top tokens of the final norm + unembedding applied to that
+    /// layer's `hook_resid_post` (returned in each choice's `logit_lens`).
+    pub logit_lens: Option<LensRequest>,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LensRequest {
+    /// `"all"` or a list of layer indices.
+    pub layers: LensLayers,
+    /// Tokens per layer and position (1 to 20; default 5).
+    #[schema(minimum = 1, maximum = 20)]
+    pub top_k: Option<usize>,
+    /// As for captures; default `last`.
+    pub positions: Option<CapturePositionsRequest>,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum LensLayers {
+    Named(String),
+    List(Vec<usize>),
 }
 
 /// One intervention: exactly one of `add`, `vector` (a named vector, added), `replace`, `ablate`.
