@@ -49,6 +49,16 @@ pub struct ThroughputArgs {
     pub batch_invariant: bool,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// Every request captures these hooks (names or globs), to measure what capture costs.
+    #[arg(long = "capture")]
+    pub capture: Vec<String>,
+    /// all, last, prompt or generated.
+    #[arg(long, default_value = "last")]
+    pub capture_positions: glassbox_protocol::CapturePositions,
+    /// Every request adds a small vector at this hook (all positions), to measure what
+    /// steering costs.
+    #[arg(long)]
+    pub steer: Option<String>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -75,6 +85,25 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     // Random ids away from the low ids where vocabularies keep their special tokens.
     let lo_id = 256.min(vocab / 2);
     let prefix: Vec<u32> = (0..a.prefix_len).map(|_| rng.random_range(lo_id..vocab)).collect();
+    let available = model.model.hook_names();
+    let capture = if a.capture.is_empty() {
+        None
+    } else {
+        let hooks = glassbox_protocol::resolve_patterns(&a.capture, &available)?;
+        Some(glassbox_protocol::CaptureSpec { hooks, positions: a.capture_positions.clone(), dtype: Default::default() })
+    };
+    let steer = match &a.steer {
+        None => vec![],
+        Some(h) => glassbox_protocol::resolve_patterns(std::slice::from_ref(h), &available)?
+            .into_iter()
+            .map(|hook| glassbox_protocol::SteerSpec {
+                hook,
+                op: glassbox_protocol::SteerOp::Add { vector: vec![0.01; model.model.hook_width(hook.site)], scale: 1.0 },
+                positions: glassbox_protocol::SteerPositions::All,
+                heads: None,
+            })
+            .collect(),
+    };
     let mut requests = Vec::with_capacity(a.num_prompts);
     for id in 0..a.num_prompts {
         let input = vary(a.input_len, &mut rng);
@@ -82,7 +111,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         let mut prompt = prefix.clone();
         prompt.extend((0..input).map(|_| rng.random_range(lo_id..vocab)));
         let sampling = SamplingParams { max_tokens: output, ignore_eos: true, ..Default::default() };
-        requests.push(EngineRequest { id: id as u64, prompt, sampling, capture: None, ..Default::default() });
+        requests.push(EngineRequest { id: id as u64, prompt, sampling, capture: capture.clone(), steer: steer.clone(), ..Default::default() });
     }
     let input_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let cfg = EngineConfig {
