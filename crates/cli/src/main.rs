@@ -3,6 +3,7 @@
 mod bench;
 mod capture_file;
 mod commands;
+mod dump;
 mod replay;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Command {
     /// Rerun the requests of a crash dump (together, then each alone) and say whether the
     /// failure reproduces, and for which request.
     Replay(replay::ReplayArgs),
+    /// Work with capture files and tensor dumps.
+    #[command(subcommand)]
+    Dump(dump::DumpCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::RenderChat(a) => commands::render_chat(a),
         Command::Replay(a) => replay::replay(a),
+        Command::Dump(d) => dump::run(d),
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -267,3 +267,39 @@ fn replay_of_a_state_dump_matches_the_recorded_tokens() {
     assert!(out.contains("does not reproduce"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn dump_diff_names_the_first_diverging_hook() {
+    let dir = std::env::temp_dir().join(format!("glassbox-diff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let stories = shared().join("models/stories260K");
+    // The same model with layer 2's down projection scaled by 1.01.
+    let perturbed = dir.join("perturbed");
+    std::fs::create_dir_all(&perturbed).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(stories.join(f), perturbed.join(f)).unwrap();
+    }
+    let mut weights = candle_core::safetensors::load(stories.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let name = "model.layers.2.mlp.down_proj.weight";
+    let w = (weights[name].clone() * 1.01).unwrap();
+    weights.insert(name.to_string(), w);
+    candle_core::safetensors::save(&weights, perturbed.join("model.safetensors")).unwrap();
+    let capture = |model: &Path, out: &Path| {
+        let o = glassbox(&["generate", "--model", model.to_str().unwrap(), "--prompt", "Once upon a time", "--max-tokens", "4", "--capture", "*", "--capture-out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    capture(&stories, &a);
+    capture(&perturbed, &b);
+    let o = glassbox(&["dump", "diff", a.to_str().unwrap(), a.to_str().unwrap()]);
+    assert!(o.status.success() && stdout(&o).contains("no divergence over"), "{}{}", stdout(&o), stderr(&o));
+    let o = glassbox(&["dump", "diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("first divergence: blocks.2.hook_mlp_out"), "{}{}", stdout(&o), stderr(&o));
+    // Everything before it agrees exactly.
+    let table = stdout(&o);
+    let before = table.lines().take_while(|l| !l.starts_with("blocks.2.hook_mlp_out")).filter(|l| l.contains("diverges")).count();
+    assert_eq!(before, 0, "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
