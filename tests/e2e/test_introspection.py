@@ -206,3 +206,34 @@ def test_logit_lens_over_the_api(server):
     assert all(set(t) == {"token_id", "token", "prob"} for e in lens for t in e["top"])
     status, out, _ = server.request("POST", "/v1/completions", {**body, "logit_lens": {"layers": [7]}})
     assert status == 400 and "layer 7 does not exist" in out["error"]["message"], out
+
+
+def test_tensor_dumps_switched_on_at_run_time_slice_into_requests():
+    import subprocess
+    import tempfile
+    from test_server import BIN
+    dumps = tempfile.mkdtemp(prefix="glassbox-e2e-dump-")
+    s = Server("--model", STORIES, "--dump-dir", dumps, "--dump-max-steps", "0")
+    try:
+        status, out, _ = s.request("POST", "/debug/dump", {"hooks": ["blocks.*.hook_resid_post", "logits"], "max_steps": 50})
+        assert status == 200 and out["enabled"] and out["hooks"] == 6, out
+        body = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0,
+                "capture": {"hooks": ["blocks.*.hook_resid_post", "logits"], "positions": "all"}}
+        status, resp, _ = s.request("POST", "/v1/completions", body)
+        assert status == 200, resp
+        status, out, _ = s.request("POST", "/debug/dump", {"enabled": False})
+        assert status == 200 and not out["enabled"]
+        manifests = sorted(Path(dumps).glob("step*.json"))
+        assert len(manifests) == 5, manifests  # one prefill step and four decode steps
+        request = json.loads(manifests[0].read_text())["requests"][0]["request"]
+        sliced = Path(dumps) / "slice.safetensors"
+        subprocess.run([BIN, "dump", "slice", dumps, "--request", str(request), "--out", str(sliced)], check=True)
+        got = load_file(str(sliced))
+        want = st_load(base64.b64decode(resp["choices"][0]["capture"]["data"]))
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].tobytes() == want[name].tobytes(), name
+        status, out, _ = s.request("POST", "/debug/dump", {"hooks": ["blocks.9.*"]})
+        assert status == 400, out
+    finally:
+        s.stop()

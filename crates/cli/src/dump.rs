@@ -14,6 +14,22 @@ use std::path::{Path, PathBuf};
 pub enum DumpCommand {
     /// Compare two capture files hook by hook; name the first that diverges.
     Diff(DiffArgs),
+    /// Cut one request's rows out of a tensor dump directory into a capture file.
+    Slice(SliceArgs),
+}
+
+#[derive(Args)]
+pub struct SliceArgs {
+    /// A directory written by --dump-dir (stepNNNNNN.safetensors + .json).
+    pub dir: PathBuf,
+    /// The engine request id (the manifests name them).
+    #[arg(long)]
+    pub request: u64,
+    /// Which completion of an `n` > 1 request.
+    #[arg(long, default_value_t = 0)]
+    pub index: usize,
+    #[arg(long, default_value = "slice.safetensors")]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]
@@ -30,6 +46,14 @@ pub struct DiffArgs {
 pub fn run(cmd: DumpCommand) -> Result<()> {
     match cmd {
         DumpCommand::Diff(a) => diff(a),
+        DumpCommand::Slice(a) => {
+            let captures = glassbox_engine::dump::slice(&a.dir, a.request, a.index).map_err(anyhow::Error::msg)?;
+            let mut meta = std::collections::HashMap::new();
+            meta.insert("source".to_string(), format!("tensor dump {} request {} completion {}", a.dir.display(), a.request, a.index));
+            std::fs::write(&a.out, glassbox_model::capture_file::to_safetensors(&captures, meta)?).with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("wrote {} hooks of request {} to {}", captures.len(), a.request, a.out.display());
+            Ok(())
+        }
     }
 }
 

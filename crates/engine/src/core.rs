@@ -15,6 +15,7 @@ use crate::fault::{FaultPlan, Phase};
 use crate::kv_store::KvStore;
 use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
+use crate::dump::{DumpConfig, Dumper, StepDump};
 use crate::lens::LogitLens;
 use crate::steer::{StepHooks, Steering};
 use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
@@ -76,6 +77,9 @@ pub struct EngineConfig {
     /// case (every position it may keep, for every hook and completion).
     #[serde(default = "default_max_capture_bytes")]
     pub max_capture_bytes: u64,
+    /// Tensor dumps of chosen hooks, per step (`None`: off; switchable with `set_dump`).
+    #[serde(default)]
+    pub dump: Option<DumpConfig>,
 }
 
 fn default_max_capture_bytes() -> u64 {
@@ -93,6 +97,7 @@ impl Default for EngineConfig {
             seed: 0,
             crash_dump_dir: None,
             max_capture_bytes: default_max_capture_bytes(),
+            dump: None,
         }
     }
 }
@@ -337,6 +342,7 @@ pub struct EngineCore {
     collector: CaptureCollector,
     steering: Steering,
     lens: LogitLens,
+    dumper: Option<Dumper>,
     /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
     /// `step`) so that a panic never loses outputs decided before it.
     outbox: Vec<EngineOutput>,
@@ -444,6 +450,10 @@ impl EngineCore {
             num_layers: mc.num_layers,
         };
         let head_dim = limits.head_dim;
+        let dumper = match &cfg.dump {
+            Some(d) => Some(Dumper::start(d.clone()).map_err(|e| EngineError::Config(format!("cannot dump tensors to {}: {e}", d.dir.display())))?),
+            None => None,
+        };
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         Ok(EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
@@ -457,6 +467,7 @@ impl EngineCore {
             collector: CaptureCollector::default(),
             steering: Steering::new(head_dim),
             lens: LogitLens::default(),
+            dumper,
             outbox: vec![],
             step_failures: vec![],
             current_step: None,
@@ -476,6 +487,16 @@ impl EngineCore {
     #[cfg(feature = "fault-injection")]
     pub fn set_fault(&mut self, plan: Option<FaultPlan>) {
         self.fault = plan;
+    }
+
+    /// Start, change or stop tensor dumps (`POST /debug/dump`).
+    pub fn set_dump(&mut self, dump: Option<DumpConfig>) -> Result<(), String> {
+        self.dumper = match &dump {
+            Some(d) => Some(Dumper::start(d.clone()).map_err(|e| format!("cannot dump tensors to {}: {e}", d.dir.display()))?),
+            None => None,
+        };
+        self.cfg.dump = dump;
+        Ok(())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -720,12 +741,12 @@ impl EngineCore {
         if plan.scheduled.is_empty() {
             return vec![];
         }
-        match self.forward(&plan.scheduled) {
+        match self.forward(&plan.scheduled, true) {
             Ok(rows) => rows.into_iter().map(Ok).collect(),
             Err(e) if plan.scheduled.len() == 1 => vec![Err(e)],
             Err(e) => {
                 tracing::warn!("a batched forward pass failed ({e}); rerunning its {} sequences one at a time", plan.scheduled.len());
-                plan.scheduled.iter().map(|s| self.forward(std::slice::from_ref(s)).map(|mut rows| rows.pop().flatten())).collect()
+                plan.scheduled.iter().map(|s| self.forward(std::slice::from_ref(s), false).map(|mut rows| rows.pop().flatten())).collect()
             }
         }
     }
@@ -734,7 +755,7 @@ impl EngineCore {
     /// last logits row of each that completes its known tokens. A failure (error or panic)
     /// leaves no trace: KV rows written for these positions are rewritten by the retry, and
     /// rows captured in this pass are dropped.
-    fn forward(&mut self, scheduled: &[ScheduledSeq]) -> Result<Vec<Option<Vec<f32>>>, String> {
+    fn forward(&mut self, scheduled: &[ScheduledSeq], may_dump: bool) -> Result<Vec<Option<Vec<f32>>>, String> {
         let mut layout = BatchLayout::default();
         let mut tokens = Vec::with_capacity(scheduled.iter().map(|s| s.len).sum());
         let mut tables = HashMap::with_capacity(scheduled.len());
@@ -781,6 +802,16 @@ impl EngineCore {
                 .collect(),
             _ => vec![],
         };
+        // Tensor dumps: the whole batch of this step, for the dump's hooks.
+        let dumping = may_dump && self.dumper.as_ref().is_some_and(|d| d.wants(self.stats.steps));
+        let dump_set = match (&self.dumper, dumping) {
+            (Some(d), true) => {
+                hookset.union(&d.set);
+                Some(d.set.clone())
+            }
+            _ => None,
+        };
+        let mut step_dump = StepDump::default();
         let completes: Vec<bool> = scheduled.iter().map(|s| s.start + s.len == self.sched.seqs[&s.id].tokens.len()).collect();
         self.collector.begin_pass();
         let model = self.model.clone();
@@ -793,11 +824,11 @@ impl EngineCore {
             let logits = if hookset.is_empty() {
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())
             } else if let Some((key, req, plan)) = fault_key {
-                let mut inner = StepHooks { steering, collector, lens, model: &model.model };
+                let mut inner = StepHooks { steering, collector, lens, model: &model.model, dump: dump_set.as_ref().map(|s| (s, &mut step_dump)) };
                 let mut handler = FaultyHook { inner: &mut inner, key, req, plan };
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             } else {
-                let mut handler = StepHooks { steering, collector, lens, model: &model.model };
+                let mut handler = StepHooks { steering, collector, lens, model: &model.model, dump: dump_set.as_ref().map(|s| (s, &mut step_dump)) };
                 model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
             };
             let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
@@ -813,6 +844,9 @@ impl EngineCore {
         });
         if result.is_err() {
             self.collector.rollback_pass();
+        } else if let (true, Some(d)) = (dumping, self.dumper.as_mut()) {
+            let owners: Vec<(RequestId, usize)> = scheduled.iter().map(|s| self.seqs.get(&s.id).map_or((0, 0), |r| (r.request, r.index))).collect();
+            d.send(self.stats.steps, &layout, &owners, step_dump);
         }
         result
     }

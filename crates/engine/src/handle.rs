@@ -18,6 +18,8 @@ pub enum EngineCommand {
     Abort(RequestId),
     /// Write a dump of every request in flight without stopping (SIGQUIT, /debug/dump_state).
     DumpState(DumpReply),
+    /// Start, change or stop tensor dumps; the reply says whether it worked.
+    SetTensorDump(Option<crate::dump::DumpConfig>, Box<dyn FnOnce(Result<(), String>) + Send>),
     /// Abort everything still running and stop the thread.
     Shutdown,
 }
@@ -47,6 +49,11 @@ impl EngineHandle {
 
     pub fn abort(&self, id: RequestId) {
         let _ = self.tx.send(EngineCommand::Abort(id));
+    }
+
+    /// Start, change or stop tensor dumps (`POST /debug/dump`).
+    pub fn set_tensor_dump(&self, cfg: Option<crate::dump::DumpConfig>, reply: Box<dyn FnOnce(Result<(), String>) + Send>) -> Result<(), SubmitError> {
+        self.tx.send(EngineCommand::SetTensorDump(cfg, reply)).map_err(|_| SubmitError::Stopped)
     }
 
     /// Ask the engine thread to write a state dump; `reply` gets the file's path.
@@ -99,6 +106,7 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                     }
                     reply(result);
                 }
+                EngineCommand::SetTensorDump(cfg, reply) => reply(core.set_dump(cfg)),
                 EngineCommand::Shutdown => shutdown = true,
             }
         }

@@ -5,6 +5,7 @@ pub mod block;
 pub mod core;
 pub mod crash;
 pub mod detok;
+pub mod dump;
 pub mod fault;
 pub mod handle;
 pub mod kv_store;

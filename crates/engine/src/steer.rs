@@ -107,6 +107,8 @@ pub struct StepHooks<'a> {
     pub collector: &'a mut CaptureCollector,
     pub lens: &'a mut crate::lens::LogitLens,
     pub model: &'a glassbox_model::DecoderModel,
+    /// Tensor dumps of this step: which hooks, and where they go.
+    pub dump: Option<(&'a HookSet, &'a mut crate::dump::StepDump)>,
 }
 
 impl HookHandler for StepHooks<'_> {
@@ -114,6 +116,9 @@ impl HookHandler for StepHooks<'_> {
         let steered = self.steering.apply(name, x, &rows, layout)?;
         let value = steered.as_ref().unwrap_or(x);
         self.lens.observe(self.model, name, value, &rows, layout)?;
+        if let Some((set, dump)) = &mut self.dump {
+            dump.observe(set, name, value, &rows)?;
+        }
         self.collector.on_hook(name, value, rows, layout)?;
         Ok(steered)
     }

@@ -145,3 +145,34 @@ fn the_logit_lens_at_the_last_layer_ranks_as_the_logprobs() {
     // Earlier layers predict differently somewhere (the lens is not the same everywhere).
     assert!(c.logit_lens.iter().any(|e| e.layer == 0 && c.logit_lens.iter().any(|f| f.layer == last && f.position == e.position && f.top[0].0 != e.top[0].0)));
 }
+
+#[test]
+fn a_tensor_dump_slices_into_each_requests_captures() {
+    use glassbox_engine::dump::{slice, DumpConfig};
+    let m = stories();
+    let hooks = vec![HookName::global(Site::Embed), HookName::block(2, Site::Q), HookName::block(4, Site::ResidPost), HookName::global(Site::Logits)];
+    let dir = std::env::temp_dir().join(format!("glassbox-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = EngineConfig {
+        kv_cache_memory: KvMemory::Bytes(64 << 20),
+        block_size: 4,
+        max_num_batched_tokens: 16, // prompts arrive in chunks: rows of a request span steps
+        dump: Some(DumpConfig { dir: dir.clone(), hooks: hooks.clone(), skip_steps: 0, max_steps: None }),
+        ..Default::default()
+    };
+    let mut llm = LLM::from_model(m.clone(), cfg).unwrap();
+    let params = SamplingParams { max_tokens: 6, ignore_eos: true, ..Default::default() };
+    let spec = CaptureSpec { hooks: hooks.clone(), positions: CapturePositions::All, dtype: DType::F32 };
+    let out = llm.generate_tokens(prompts(&m).into_iter().map(|p| (p, params.clone(), Some(spec.clone()))).collect());
+    drop(llm); // waits for the writer
+    let steps = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
+    assert!(steps >= 6, "{steps} steps dumped");
+    for r in &out {
+        let mut sliced = slice(&dir, r.id, 0).unwrap();
+        let mut captured = r.outputs[0].captures.clone();
+        sliced.sort_by_key(|c| c.hook);
+        captured.sort_by_key(|c| c.hook);
+        assert_eq!(sliced, captured, "request {}: the dump's rows differ from its captures", r.id);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::metrics::RequestTiming;
 use crate::openai::{
     CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, LensLayers, LensRequest, Prompt,
-    SteerPositionsRequest, SteerRequest, SteeringVectorRequest, TokenizeRequest,
+    SteerPositionsRequest, SteerRequest, SteeringVectorRequest, TensorDumpRequest, TokenizeRequest,
 };
 use crate::router::RouterMsg;
 use crate::AppState;
@@ -83,6 +83,35 @@ pub async fn dump_state(State(st): State<Arc<AppState>>) -> AppResult<Json<Value
         Ok(Ok(Err(e))) => Err(ApiError::internal(e)),
         Ok(Err(_)) => Err(ApiError::internal("the engine stopped before writing the dump")),
         Err(_) => Err(ApiError::internal("the engine did not answer within 60 s (a step may be running long)")),
+    }
+}
+
+/// `POST /debug/dump`: start, change or stop tensor dumps at run time. Files go under the
+/// server's `--dump-dir` (default: the cache directory's `dumps`).
+#[utoipa::path(post, path = "/debug/dump", tag = "debug", security(("api_key" = [])), request_body = TensorDumpRequest, responses((status = 200, description = "`{enabled, dir, hooks}`"), (status = 400, description = "Bad hooks", body = ErrorBody)))]
+pub async fn tensor_dump(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let req: TensorDumpRequest = parse(body)?;
+    let cfg = if req.enabled == Some(false) {
+        None
+    } else {
+        let hooks = req.hooks.unwrap_or_default();
+        let layers = req.layers.unwrap_or_default();
+        let cfg = crate::dump_config(st.dump_dir.clone(), &hooks, &layers, req.skip_steps.unwrap_or(0), req.max_steps, &st.limits.hook_names)
+            .map_err(|e| ApiError::bad_request(e.to_string()).param("hooks"))?;
+        if cfg.hooks.is_empty() {
+            return Err(ApiError::bad_request("no hook left to dump (attention patterns are never dumped; check `layers`)").param("hooks"));
+        }
+        Some(cfg)
+    };
+    let summary = json!({"enabled": cfg.is_some(), "dir": st.dump_dir.display().to_string(), "hooks": cfg.as_ref().map_or(0, |c| c.hooks.len())});
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.engine.set_tensor_dump(cfg, Box::new(move |r| {
+        let _ = tx.send(r);
+    })).map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    match rx.await {
+        Ok(Ok(())) => Ok(Json(summary)),
+        Ok(Err(e)) => Err(ApiError::internal(e)),
+        Err(_) => Err(ApiError::internal("the engine stopped before answering")),
     }
 }
 

@@ -84,6 +84,41 @@ pub struct ServeArgs {
     /// A directory of safetensors files whose 1-D tensors become named steering vectors.
     #[arg(long)]
     pub steering_vectors: Option<std::path::PathBuf>,
+    /// Dump the chosen hooks' batch tensors of every engine step here (one safetensors file
+    /// and one JSON manifest per step; `glassbox dump slice` cuts out a request).
+    #[arg(long, env = "GLASSBOX_DUMP_DIR")]
+    pub dump_dir: Option<std::path::PathBuf>,
+    /// Hooks to dump (names or globs; repeatable). Default: every hook but attention patterns.
+    #[arg(long, env = "GLASSBOX_DUMP_HOOKS", value_delimiter = ',')]
+    pub dump_hooks: Vec<String>,
+    /// Only these layers' hooks (global hooks such as logits are always kept).
+    #[arg(long, env = "GLASSBOX_DUMP_LAYERS", value_delimiter = ',')]
+    pub dump_layers: Vec<usize>,
+    /// Engine steps to let pass before dumping.
+    #[arg(long, env = "GLASSBOX_DUMP_SKIP_STEPS", default_value_t = 0)]
+    pub dump_skip_steps: u64,
+    /// Steps to dump at most.
+    #[arg(long, env = "GLASSBOX_DUMP_MAX_STEPS")]
+    pub dump_max_steps: Option<u64>,
+}
+
+/// The dump configuration from hook patterns and a layer filter (patterns are never dumped).
+pub fn dump_config(
+    dir: std::path::PathBuf,
+    hooks: &[String],
+    layers: &[usize],
+    skip_steps: u64,
+    max_steps: Option<u64>,
+    available: &[glassbox_protocol::HookName],
+) -> Result<glassbox_engine::dump::DumpConfig, glassbox_protocol::HookError> {
+    let all = ["*".to_string()];
+    let patterns = if hooks.is_empty() { &all[..] } else { hooks };
+    let hooks = glassbox_protocol::resolve_patterns(patterns, available)?
+        .into_iter()
+        .filter(|h| h.site != glassbox_protocol::Site::Pattern)
+        .filter(|h| layers.is_empty() || h.layer.is_none_or(|l| layers.contains(&(l as usize))))
+        .collect();
+    Ok(glassbox_engine::dump::DumpConfig { dir, hooks, skip_steps, max_steps })
 }
 
 /// A size flag's bytes (sizes only: fractions of memory make no sense for these).
@@ -112,6 +147,8 @@ pub struct AppState {
     pub engine_alive: Arc<AtomicBool>,
     pub captures: capture_store::CaptureStore,
     pub steering_vectors: steering_vectors::SteeringVectors,
+    /// Where `POST /debug/dump` writes (clients never choose paths).
+    pub dump_dir: std::path::PathBuf,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -141,6 +178,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => steering_vectors::SteeringVectors::load_dir(dir)?,
         None => Default::default(),
     };
+    let dump = match &args.dump_dir {
+        Some(dir) => Some(dump_config(dir.clone(), &args.dump_hooks, &args.dump_layers, args.dump_skip_steps, args.dump_max_steps, &model.model.hook_names())?),
+        None => None,
+    };
     let cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -148,6 +189,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         kv_cache_memory: args.kv_cache_memory,
         crash_dump_dir: Some(args.crash_dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("crash-dumps"))),
         max_capture_bytes: size_flag("max-capture-bytes", args.max_capture_bytes)?,
+        dump,
         ..Default::default()
     };
     let core = EngineCore::new(model.clone(), cfg)?;
@@ -206,6 +248,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         engine_alive,
         captures: capture_store::CaptureStore::new(size_flag("capture-store-bytes", args.capture_store_bytes)?, Duration::from_secs(args.capture_ttl)),
         steering_vectors,
+        dump_dir: args.dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("dumps")),
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
@@ -304,6 +347,7 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .routes(routes!(handlers::chat_completions))
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::dump_state))
+        .routes(routes!(handlers::tensor_dump))
         .routes(routes!(handlers::get_capture))
         .routes(routes!(handlers::add_steering_vector, handlers::list_steering_vectors))
         .split_for_parts();

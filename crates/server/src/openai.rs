@@ -265,3 +265,16 @@ fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     })
     .transpose()
 }
+
+/// `POST /debug/dump`: start (or change) tensor dumps into the server's dump directory, or stop.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TensorDumpRequest {
+    /// False stops dumping (default true).
+    pub enabled: Option<bool>,
+    /// Hook names or globs (default: every hook but attention patterns).
+    pub hooks: Option<Vec<String>>,
+    pub layers: Option<Vec<usize>>,
+    pub skip_steps: Option<u64>,
+    pub max_steps: Option<u64>,
+}
