@@ -182,7 +182,7 @@ def test_openapi_describes_every_endpoint():
         assert status == 200 and doc["openapi"].startswith("3.")
         paths = set(doc["paths"])
         assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/debug/dump_state", "/health", "/version",
-                         "/tokenize", "/detokenize", "/metrics", "/v1/captures/{id}", "/v1/steering_vectors"}, paths
+                         "/tokenize", "/detokenize", "/metrics", "/v1/captures/{id}", "/v1/steering_vectors", "/debug/dump"}, paths
         schemas = doc["components"]["schemas"]
         # The server's own limits are in the document.
         assert schemas["Common"]["properties"]["model"]["enum"] == ["stories260K"]
@@ -193,7 +193,8 @@ def test_openapi_describes_every_endpoint():
             if "{" in path:
                 continue  # a made-up id is a 404 by design
             for method in ops:
-                status, _, _ = s.request(method.upper(), path, {} if method == "post" else None)
+                body = {"enabled": False} if path == "/debug/dump" else {} if method == "post" else None
+                status, _, _ = s.request(method.upper(), path, body)
                 assert status not in (404, 405), (method, path, status)
         # Integral floats are integers, as JSON Schema says.
         status, body, _ = s.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 3.0, "seed": 7.0})
