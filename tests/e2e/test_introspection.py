@@ -237,3 +237,29 @@ def test_tensor_dumps_switched_on_at_run_time_slice_into_requests():
         assert status == 400, out
     finally:
         s.stop()
+
+
+def test_captures_match_the_reference_on_the_default_model_dequantized():
+    # SmolLM2-135M's GGUF run dequantized (the oracle is its dequantized weights in
+    # transformers); prompts go in as the oracle's token ids.
+    ref_dir = SHARED / "reference" / "smollm2-135m-instruct"
+    s = Server("--dequantize", "--served-model-name", "smollm2")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        manifest = json.loads((ref_dir / "manifest.json").read_text())
+        for case in manifest["cases"]:
+            ref = load_file(str(ref_dir / f"{case['name']}.safetensors"))
+            hooks = sorted(k for k in ref if k not in ("input_ids", "greedy_continuation"))
+            out = client.completions.create(model="smollm2", prompt=case["input_ids"], max_tokens=1, temperature=0,
+                                            extra_body={"capture": {"hooks": hooks, "positions": "prompt"}})
+            cap = out.choices[0].model_extra["capture"]
+            assert cap["token_ids"] == case["input_ids"]
+            arrays = st_load(base64.b64decode(cap["data"]))
+            for name in hooks:
+                want, got = ref[name], arrays[name]
+                assert got.shape == want.shape, (name, got.shape, want.shape)
+                scale = max(float(np.abs(want).max()), 1e-6)
+                err = float(np.abs(got - want).max()) / scale
+                assert err <= TOL, f"{case['name']}/{name}: relative error {err:.2e}"
+    finally:
+        s.stop()
