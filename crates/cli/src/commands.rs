@@ -84,7 +84,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if let Some(glassbox_protocol::FinishReason::Error(msg)) = &out.finish {
             result = Err(anyhow::anyhow!("{msg}"));
         }
-        captures.extend(out.captures);
+        captures.extend(out.capture.map(|p| p.assemble()).unwrap_or_default());
     });
     println!();
     result?;

@@ -927,7 +927,7 @@ impl EngineCore {
             text: rt.detok.take(finish.is_some()),
             logprobs: sampled.logprob.into_iter().collect(),
             finish: finish.clone(),
-            captures: vec![],
+            capture: None,
             logit_lens: vec![],
             prompt_tokens: prompt_len,
             completion_tokens: rt.generated,
@@ -937,10 +937,8 @@ impl EngineCore {
             out.logit_lens = self.lens.finish(id);
         }
         if finish.is_some() && rt.captures {
-            match self.collector.finish(id) {
-                Ok(c) => out.captures = c,
-                Err(e) => return Err(format!("assembling captures failed: {e}")),
-            }
+            // Handed over as captured; the receiver assembles (not on this thread).
+            out.capture = self.collector.take_parts(id);
         }
         Ok((out, finish.is_some()))
     }

@@ -138,7 +138,7 @@ fn absorb(c: &mut CompletionOutput, out: EngineOutput) {
     c.logprobs.extend(out.logprobs);
     if out.finish.is_some() {
         c.finish_reason = out.finish;
-        c.captures = out.captures;
+        c.captures = out.capture.map(|p| p.assemble()).unwrap_or_default();
         c.logit_lens = out.logit_lens;
     }
 }

@@ -236,7 +236,7 @@ fn a_fault_in_any_phase_fails_only_its_request() {
                 assert_eq!(fin[&id], FinishReason::Length, "{what}: request {id}");
                 assert_eq!(tokens(&outs, id), tokens(&baseline, id), "{what}: request {id} changed");
                 let last = outs[&id].last().unwrap();
-                assert_eq!(last.captures, baseline[&id].last().unwrap().captures, "{what}: request {id} captures changed");
+                assert_eq!(last.capture, baseline[&id].last().unwrap().capture, "{what}: request {id} captures changed");
             }
             let stats = core.stats();
             assert_eq!((stats.running, stats.waiting, stats.kv_blocks_used), (0, 0, 0), "{what}");

@@ -7,7 +7,7 @@
 use crate::batch::BatchLayout;
 use crate::error::Result;
 use candle_core::Tensor;
-use glassbox_protocol::{Capture, CapturePositions, CaptureSpec, HookName, Site};
+use glassbox_protocol::{Capture, CaptureChunk, CaptureParts, CapturePositions, CaptureSpec, HookName, Site};
 use std::collections::HashMap;
 
 /// Which hook points someone wants this step: a bitset over [`HookName::index`].
@@ -153,13 +153,10 @@ impl Wanted {
     }
 }
 
+/// A chunk of rows and the forward pass that captured it.
 struct Chunk {
-    /// The forward pass that captured it.
     pass: u64,
-    /// Absolute positions of the rows.
-    positions: Vec<usize>,
-    /// `[t, ...]`, or `[H, t, ctx]` for patterns.
-    data: Tensor,
+    rows: CaptureChunk,
 }
 
 impl CaptureCollector {
@@ -212,15 +209,21 @@ impl CaptureCollector {
         self.wanted.get(&key).is_some_and(|w| w.set.contains(name))
     }
 
+    /// Hand over what sequence `key` captured (plain data, not yet assembled) and forget it.
+    pub fn take_parts(&mut self, key: u64) -> Option<CaptureParts> {
+        let w = self.wanted.remove(&key)?;
+        let chunks = w
+            .spec
+            .hooks
+            .iter()
+            .map(|&hook| (hook, self.chunks.remove(&(key, hook)).unwrap_or_default().into_iter().map(|c| c.rows).collect()))
+            .collect();
+        Some(CaptureParts { spec: w.spec, prompt_len: w.prompt_len, chunks })
+    }
+
     /// Assemble one sequence's captures and forget it.
     pub fn finish(&mut self, key: u64) -> Result<Vec<Capture>> {
-        let Some(w) = self.wanted.remove(&key) else { return Ok(Vec::new()) };
-        let mut out = Vec::with_capacity(w.spec.hooks.len());
-        for &hook in &w.spec.hooks {
-            let chunks = self.chunks.remove(&(key, hook)).unwrap_or_default();
-            out.push(assemble(hook, chunks, &w)?);
-        }
-        Ok(out)
+        Ok(self.take_parts(key).map(|p| p.assemble()).unwrap_or_default())
     }
 
     /// Keep rows `rows` (positions `positions`) of `x` along `row_dim` for (key, name).
@@ -243,8 +246,9 @@ impl CaptureCollector {
             while j < kept.len() && kept[j] == kept[j - 1] + 1 {
                 j += 1;
             }
-            let data = x.narrow(row_dim, start + kept[i], j - i)?.copy()?;
-            chunks.push(Chunk { pass: self.pass, positions: kept[i..j].iter().map(|&k| positions[k]).collect(), data });
+            let part = x.narrow(row_dim, start + kept[i], j - i)?;
+            let rows = CaptureChunk { positions: kept[i..j].iter().map(|&k| positions[k]).collect(), shape: part.dims().to_vec(), data: part.flatten_all()?.to_vec1::<f32>()? };
+            chunks.push(Chunk { pass: self.pass, rows });
             i = j;
         }
         Ok(())
@@ -276,64 +280,5 @@ impl HookHandler for CaptureCollector {
             }
         }
         Ok(None)
-    }
-}
-
-fn assemble(hook: HookName, chunks: Vec<Chunk>, w: &Wanted) -> Result<Capture> {
-    let is_pattern = hook.site == Site::Pattern;
-    let row_dim = if is_pattern { 1 } else { 0 };
-    // Patterns grow along the key axis as the context grows: pad every chunk to the widest.
-    let ctx = chunks.iter().filter_map(|c| c.data.dims().last().copied()).max().unwrap_or(0);
-    let mut parts = Vec::with_capacity(chunks.len());
-    let mut positions = Vec::new();
-    for c in chunks {
-        let data = if is_pattern && c.data.dim(2)? < ctx {
-            c.data.pad_with_zeros(2, 0, ctx - c.data.dim(2)?)?
-        } else {
-            c.data
-        };
-        positions.extend(c.positions);
-        parts.push(data);
-    }
-    // Each position once, in order (a preempted sequence recomputes some rows).
-    let end = positions.iter().max().map_or(0, |&p| p + 1);
-    let wanted = |p: usize| match &w.spec.positions {
-        CapturePositions::All | CapturePositions::Last => true,
-        CapturePositions::Prompt => p < w.prompt_len,
-        CapturePositions::Generated => p >= w.prompt_len,
-        CapturePositions::At(v) => v.iter().any(|&i| (if i < 0 { end as i64 + i } else { i }) == p as i64),
-    };
-    let mut first_at: std::collections::BTreeMap<usize, usize> = std::collections::BTreeMap::new();
-    for (i, &p) in positions.iter().enumerate() {
-        if wanted(p) {
-            first_at.entry(p).or_insert(i);
-        }
-    }
-    if w.spec.positions == CapturePositions::Last {
-        let last = first_at.keys().next_back().copied();
-        first_at.retain(|&p, _| Some(p) == last);
-    }
-    let keep: Vec<usize> = first_at.values().copied().collect();
-    let dtype = w.spec.dtype;
-    let (data, shape) = if parts.is_empty() || keep.is_empty() {
-        (Vec::new(), vec![0])
-    } else {
-        let all = Tensor::cat(&parts, row_dim)?.contiguous()?;
-        let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), all.device())?;
-        let sel = all.index_select(&idx, row_dim)?;
-        let shape = sel.dims().to_vec();
-        let flat = crate::weights::to_vec(&sel)?;
-        (encode(&flat, dtype), shape)
-    };
-    Ok(Capture { hook, shape, dtype, data, positions: first_at.into_keys().collect() })
-}
-
-/// Little-endian bytes of `values` in `dtype` (f16/bf16 round to nearest).
-fn encode(values: &[f32], dtype: glassbox_protocol::DType) -> Vec<u8> {
-    use glassbox_protocol::DType;
-    match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
     }
 }

@@ -4,8 +4,10 @@
 //! Requests go in, per-step outputs come out, captures travel as bytes + shape + dtype, so
 //! the engine could live in another thread or process without change.
 
+pub mod capture;
 pub mod hook;
 
+pub use capture::{CaptureChunk, CaptureParts};
 pub use hook::{close_names, resolve_patterns, HookError, HookName, HookPattern, Site};
 
 use serde::{Deserialize, Serialize};
@@ -279,8 +281,9 @@ pub struct EngineOutput {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
-    /// Filled on the finishing output of a sequence that asked for captures.
-    pub captures: Vec<Capture>,
+    /// On the finishing output of a sequence that asked for captures: its captured rows, to be
+    /// assembled by the receiver (`CaptureParts::assemble`), off the engine thread.
+    pub capture: Option<CaptureParts>,
     /// Filled on the finishing output of a sequence that asked for the logit lens, ordered by
     /// position, then layer.
     #[serde(default)]
@@ -300,7 +303,7 @@ impl EngineOutput {
             text: String::new(),
             logprobs: vec![],
             finish: Some(FinishReason::Error(message.into())),
-            captures: vec![],
+            capture: None,
             logit_lens: vec![],
             prompt_tokens: 0,
             completion_tokens: 0,

@@ -565,8 +565,10 @@ impl Progress {
     fn absorb(&mut self, o: &mut EngineOutput) -> usize {
         let c = self.choice(o);
         self.tokens[c].extend(&o.new_tokens);
-        if o.finish.is_some() && !o.captures.is_empty() {
-            self.captures[c] = std::mem::take(&mut o.captures);
+        if o.finish.is_some() {
+            if let Some(parts) = o.capture.take() {
+                self.captures[c] = parts.assemble();
+            }
         }
         if o.finish.is_some() && !o.logit_lens.is_empty() {
             self.lens[c] = std::mem::take(&mut o.logit_lens);
