@@ -263,3 +263,26 @@ def test_captures_match_the_reference_on_the_default_model_dequantized():
                 assert err <= TOL, f"{case['name']}/{name}: relative error {err:.2e}"
     finally:
         s.stop()
+
+
+def test_steering_vectors_load_from_a_directory():
+    import tempfile
+    from safetensors.numpy import save_file
+    d = tempfile.mkdtemp(prefix="glassbox-vectors-")
+    save_file({"calm": np.full(64, 0.5, dtype=np.float32), "wild": np.linspace(-1, 1, 64, dtype=np.float32)}, f"{d}/moods.safetensors")
+    s = Server("--model", STORIES, "--steering-vectors", d)
+    try:
+        status, out, _ = s.request("GET", "/v1/steering_vectors")
+        assert status == 200 and [(v["name"], v["dims"]) for v in out["data"]] == [("calm", 64), ("wild", 64)], out
+        base = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+        plain = completion(s, base)
+        steered = completion(s, {**base, "steer": [{"hook": "blocks.4.hook_resid_post", "vector": "wild", "scale": 8.0}]})
+        assert steered != plain
+    finally:
+        s.stop()
+    # A vector that is not 1-D is refused at startup with a clear message.
+    save_file({"matrix": np.zeros((2, 64), dtype=np.float32)}, f"{d}/bad.safetensors")
+    import subprocess
+    from test_server import BIN
+    r = subprocess.run([BIN, "serve", "--model", STORIES, "--steering-vectors", d, "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "steering vectors are 1-D" in r.stderr, r.stderr
