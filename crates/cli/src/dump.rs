@@ -57,8 +57,11 @@ pub fn run(cmd: DumpCommand) -> Result<()> {
     }
 }
 
+/// A capture file's hook tensors in forward order: (hook, shape, values as f32).
+type HookTensors = BTreeMap<(usize, usize), (HookName, Vec<usize>, Vec<f32>)>;
+
 /// Every hook tensor of a capture file, as f32, keyed in forward order.
-fn load(path: &Path) -> Result<BTreeMap<(usize, usize), (HookName, Vec<usize>, Vec<f32>)>> {
+fn load(path: &Path) -> Result<HookTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let mut out = BTreeMap::new();
@@ -128,7 +131,7 @@ fn diff(a: DiffArgs) -> Result<()> {
             first = Some(format!("{hook} (max abs {max_abs:.3e}, {:.3}% of elements beyond atol {} + rtol {})", mismatch * 100.0, a.atol, a.rtol));
         }
     }
-    let only = |x: &BTreeMap<(usize, usize), (HookName, Vec<usize>, Vec<f32>)>, y: &BTreeMap<(usize, usize), (HookName, Vec<usize>, Vec<f32>)>| {
+    let only = |x: &HookTensors, y: &HookTensors| {
         x.iter().filter(|(k, _)| !y.contains_key(k)).map(|(_, v)| v.0.to_string()).collect::<Vec<_>>()
     };
     for (name, list) in [(&a.a, only(&left, &right)), (&a.b, only(&right, &left))] {

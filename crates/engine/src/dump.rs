@@ -135,6 +135,9 @@ fn write_step(dir: &Path, manifest: &Manifest, dump: StepDump) -> std::result::R
     std::fs::write(stem.with_extension("json"), serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
+/// hook -> (a row's inner shape, position -> the row's values)
+type RowsByHook = BTreeMap<HookName, (Vec<usize>, BTreeMap<usize, Vec<f32>>)>;
+
 /// One request's rows from every dumped step, as captures (positions in order; a position
 /// recomputed after a preemption appears once).
 pub fn slice(dir: &Path, request: RequestId, index: usize) -> std::result::Result<Vec<Capture>, String> {
@@ -145,8 +148,7 @@ pub fn slice(dir: &Path, request: RequestId, index: usize) -> std::result::Resul
         .filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step")))
         .collect();
     manifests.sort();
-    // hook -> position -> row values
-    let mut rows: BTreeMap<HookName, (Vec<usize>, BTreeMap<usize, Vec<f32>>)> = BTreeMap::new();
+    let mut rows: RowsByHook = BTreeMap::new();
     for m in &manifests {
         let manifest: Manifest = serde_json::from_slice(&std::fs::read(m).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", m.display()))?;
         let Some(mine) = manifest.requests.iter().find(|r| r.request == request && r.index == index) else { continue };

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub type DumpReply = Box<dyn FnOnce(Result<PathBuf, String>) + Send>;
 
 pub enum EngineCommand {
-    Add(EngineRequest),
+    Add(Box<EngineRequest>),
     Abort(RequestId),
     /// Write a dump of every request in flight without stopping (SIGQUIT, /debug/dump_state).
     DumpState(DumpReply),
@@ -44,7 +44,7 @@ impl EngineHandle {
     }
 
     pub fn submit(&self, req: EngineRequest) -> Result<(), SubmitError> {
-        self.tx.send(EngineCommand::Add(req)).map_err(|_| SubmitError::Stopped)
+        self.tx.send(EngineCommand::Add(Box::new(req))).map_err(|_| SubmitError::Stopped)
     }
 
     pub fn abort(&self, id: RequestId) {
@@ -96,7 +96,7 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
         let mut shutdown = false;
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
-                EngineCommand::Add(r) => core.add_request(r),
+                EngineCommand::Add(r) => core.add_request(*r),
                 EngineCommand::Abort(id) => core.abort(id),
                 EngineCommand::DumpState(reply) => {
                     let result = core.dump_state("on demand");

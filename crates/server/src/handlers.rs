@@ -193,11 +193,22 @@ struct Job {
     echo: Vec<String>,
     /// For tracing: the client's `X-Request-Id` or a random one; echoed in the response.
     request_id: String,
+    intro: Introspection,
+}
+
+/// What a request asks to see or change inside the model.
+struct Introspection {
     capture: Option<CaptureSpec>,
     /// Store captures for download instead of returning them inline.
     capture_url: bool,
     steer: Vec<SteerSpec>,
     logit_lens: Option<LensSpec>,
+}
+
+/// The `capture`, `steer` and `logit_lens` fields shared by both endpoints.
+fn introspection(st: &AppState, c: &Common) -> AppResult<Introspection> {
+    let (capture, capture_url) = capture_spec(st, c.capture.as_ref())?;
+    Ok(Introspection { capture, capture_url, steer: steer_specs(st, c.steer.as_deref())?, logit_lens: lens_spec(st, c.logit_lens.as_ref())? })
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
@@ -223,9 +234,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let sampling = sampling(&st, &req.common, req.common.max_tokens, longest, logprobs)?;
     let echo = if req.echo { prompts.iter().map(|p| st.model.tokenizer.decode(p, false)).collect::<Result<_, _>>()? } else { vec![] };
-    let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
-    let steer = steer_specs(&st, req.common.steer.as_deref())?;
-    let logit_lens = lens_spec(&st, req.common.logit_lens.as_ref())?;
+    let intro = introspection(&st, &req.common)?;
     let job = Job {
         kind: Kind::Completion,
         prompts,
@@ -235,10 +244,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         chat_logprobs: false,
         echo,
         request_id,
-        capture,
-        capture_url,
-        steer,
-        logit_lens,
+        intro,
     };
     run(st, job).await
 }
@@ -262,9 +268,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     };
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let sampling = sampling(&st, &req.common, max_tokens, prompt.len(), logprobs)?;
-    let (capture, capture_url) = capture_spec(&st, req.common.capture.as_ref())?;
-    let steer = steer_specs(&st, req.common.steer.as_deref())?;
-    let logit_lens = lens_spec(&st, req.common.logit_lens.as_ref())?;
+    let intro = introspection(&st, &req.common)?;
     let job = Job {
         kind: Kind::Chat,
         prompts: vec![prompt],
@@ -274,10 +278,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         chat_logprobs: req.logprobs,
         echo: vec![],
         request_id,
-        capture,
-        capture_url,
-        steer,
-        logit_lens,
+        intro,
     };
     run(st, job).await
 }
@@ -634,12 +635,12 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let requests: Vec<EngineRequest> = ids
         .iter()
         .zip(&job.prompts)
-        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.capture.clone(), steer: job.steer.clone(), logit_lens: job.logit_lens.clone() })
+        .map(|(&id, prompt)| EngineRequest { id, prompt: prompt.clone(), sampling: job.sampling.clone(), capture: job.intro.capture.clone(), steer: job.intro.steer.clone(), logit_lens: job.intro.logit_lens.clone() })
         .collect();
     // The engine's own checks (the same `Limits`), answered here as 400.
     for r in &requests {
         st.limits.validate(r).map_err(ApiError::bad_request)?;
-        if let (Some(spec), true) = (&r.capture, job.capture_url) {
+        if let (Some(spec), true) = (&r.capture, job.intro.capture_url) {
             let worst = st.limits.capture_bytes(spec, r.prompt.len(), r.sampling.max_tokens, r.sampling.n);
             if worst > st.captures.limit {
                 return Err(ApiError::bad_request(format!(
@@ -770,7 +771,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
 /// are never dropped silently.
 fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choice: &mut Value) {
     let captures = std::mem::take(&mut prog.captures[c]);
-    if job.capture.is_none() || captures.is_empty() {
+    if job.intro.capture.is_none() || captures.is_empty() {
         return;
     }
     let prompt = &job.prompts[c / prog.n];
@@ -790,7 +791,7 @@ fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choic
         Err(e) => return fail_choice(choice, format!("encoding the capture failed: {e}")),
     };
     let mut capture = json!({"tensors": tensors, "positions": positions, "token_ids": token_ids});
-    if job.capture_url {
+    if job.intro.capture_url {
         let len = bytes.len();
         match st.captures.put(bytes) {
             Ok(id) => {
@@ -808,7 +809,7 @@ fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choic
 
 /// Put choice `c`'s logit lens into its JSON: `[{layer, position, top: [{token_id, token, prob}]}]`.
 fn attach_lens(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choice: &mut Value) {
-    if job.logit_lens.is_none() {
+    if job.intro.logit_lens.is_none() {
         return;
     }
     let entries = std::mem::take(&mut prog.lens[c]);
