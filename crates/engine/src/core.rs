@@ -17,6 +17,7 @@ use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
 use crate::dump::{DumpConfig, Dumper, StepDump};
 use crate::lens::LogitLens;
+use crate::profile::{ProfileFiles, ProfileOptions, Profiler};
 use crate::steer::{StepHooks, Steering};
 use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
 use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site, SteerOp, SteerSpec};
@@ -25,6 +26,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
+use serde_json::json;
 
 /// KV cache size: bytes, or a fraction of the memory available at startup.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -80,6 +83,20 @@ pub struct EngineConfig {
     /// Tensor dumps of chosen hooks, per step (`None`: off; switchable with `set_dump`).
     #[serde(default)]
     pub dump: Option<DumpConfig>,
+    /// Where profiles started with `start_profile` are written.
+    #[serde(default)]
+    pub profile_dir: Option<PathBuf>,
+}
+
+/// Why a profile could not start or stop (the server answers 409 for the first two).
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("a profile is already running (started {0:.1} s ago); stop it first with POST /stop_profile")]
+    AlreadyRunning(f64),
+    #[error("no profile is running; start one with POST /start_profile")]
+    NotRunning,
+    #[error("{0}")]
+    Failed(String),
 }
 
 fn default_max_capture_bytes() -> u64 {
@@ -98,6 +115,7 @@ impl Default for EngineConfig {
             crash_dump_dir: None,
             max_capture_bytes: default_max_capture_bytes(),
             dump: None,
+            profile_dir: None,
         }
     }
 }
@@ -325,6 +343,9 @@ struct RequestEntry {
     request: EngineRequest,
     /// Arrival order, for dumps.
     arrival: u64,
+    arrived: std::time::Instant,
+    /// Scheduled at least once (the end of its queued span in a profile).
+    started: bool,
 }
 
 /// One sequence's result from the forward pass: its last logits row if it completes its known
@@ -343,6 +364,7 @@ pub struct EngineCore {
     steering: Steering,
     lens: LogitLens,
     dumper: Option<Dumper>,
+    profiler: Option<(Profiler, std::time::Instant)>,
     /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
     /// `step`) so that a panic never loses outputs decided before it.
     outbox: Vec<EngineOutput>,
@@ -468,6 +490,7 @@ impl EngineCore {
             steering: Steering::new(head_dim),
             lens: LogitLens::default(),
             dumper,
+            profiler: None,
             outbox: vec![],
             step_failures: vec![],
             current_step: None,
@@ -487,6 +510,22 @@ impl EngineCore {
     #[cfg(feature = "fault-injection")]
     pub fn set_fault(&mut self, plan: Option<FaultPlan>) {
         self.fault = plan;
+    }
+
+    /// Start profiling the engine (`POST /start_profile`).
+    pub fn start_profile(&mut self, opts: &ProfileOptions) -> Result<(), ProfileError> {
+        if let Some((_, since)) = &self.profiler {
+            return Err(ProfileError::AlreadyRunning(since.elapsed().as_secs_f64()));
+        }
+        let dir = self.cfg.profile_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("profiles"));
+        self.profiler = Some((Profiler::start(&dir, opts).map_err(ProfileError::Failed)?, std::time::Instant::now()));
+        Ok(())
+    }
+
+    /// Stop profiling and write the trace and summary (`POST /stop_profile`).
+    pub fn stop_profile(&mut self) -> Result<ProfileFiles, ProfileError> {
+        let (p, _) = self.profiler.take().ok_or(ProfileError::NotRunning)?;
+        p.finish().map_err(ProfileError::Failed)
     }
 
     /// Start, change or stop tensor dumps (`POST /debug/dump`).
@@ -593,7 +632,7 @@ impl EngineCore {
             ids.push(id);
         }
         self.next_arrival += 1;
-        self.requests.insert(req.id, RequestEntry { seqs: ids, request: req, arrival: self.next_arrival });
+        self.requests.insert(req.id, RequestEntry { seqs: ids, request: req, arrival: self.next_arrival, arrived: std::time::Instant::now(), started: false });
         self.stalled = false;
     }
 
@@ -605,6 +644,7 @@ impl EngineCore {
     /// One engine step: schedule, execute, update. Returns every output decided since the
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
+        let t_step = self.profiler.is_some().then(Instant::now);
         let plan = self.sched.schedule();
         // A preempted sequence keeps its captured rows: the rows it recomputes arrive again
         // (deduplicated at assembly), the rows the prefix cache serves back do not.
@@ -623,12 +663,66 @@ impl EngineCore {
             self.stats.steps += 1;
             self.current_step = Some(self.step_record(&plan));
             let plan = self.prepare(plan);
+            // Profiling: who owns each row, read before finished sequences are removed.
+            let owners: Vec<Option<(RequestId, usize, usize)>> = match self.profiler {
+                Some(_) => plan.scheduled.iter().map(|s| Some((self.seqs.get(&s.id)?.request, self.seqs.get(&s.id)?.index, self.sched.seqs.get(&s.id)?.prompt_len))).collect(),
+                None => vec![],
+            };
+            let t_prepared = self.profiler.is_some().then(Instant::now);
             let rows = self.execute(&plan);
+            let t_forward = self.profiler.is_some().then(Instant::now);
             self.update(&plan, rows);
             self.answer_failures();
+            if let (Some(t0), Some(t1), Some(t2)) = (t_step, t_prepared, t_forward) {
+                self.profile_step(&plan, &owners, [t0, t1, t2, Instant::now()]);
+            }
             self.current_step = None;
         }
         std::mem::take(&mut self.outbox)
+    }
+
+    /// Record a step in the running profile: its phases (schedule and prepare, forward,
+    /// update = sampling, detokenization, stop checks) with the batch composition, and each
+    /// request's share; auto-stop after `num_steps`.
+    fn profile_step(&mut self, plan: &SchedulerOutput, owners: &[Option<(RequestId, usize, usize)>], [t0, t1, t2, t3]: [Instant; 4]) {
+        let Some((prof, _)) = self.profiler.as_mut() else { return };
+        let mut per_request = vec![];
+        let (mut prefill_rows, mut decode_rows) = (0, 0);
+        for (s, owner) in plan.scheduled.iter().zip(owners) {
+            let Some((request, index, prompt_len)) = *owner else { continue };
+            let rt = (request, index);
+            let prefill = s.start < prompt_len;
+            if prefill {
+                prefill_rows += s.len;
+            } else {
+                decode_rows += s.len;
+            }
+            per_request.push(json!({"request": rt.0, "completion": rt.1, "tokens": s.len, "prefill": prefill}));
+            if let Some(e) = self.requests.get_mut(&rt.0) {
+                if !e.started {
+                    e.started = true;
+                    prof.request_span(rt.0, "queued", e.arrived, t0, json!({"prompt_tokens": prompt_len}));
+                }
+            }
+            let name = if prefill { "prefill chunk" } else { "decode" };
+            prof.request_span(rt.0, name, t1, t2, json!({"completion": rt.1, "tokens": s.len, "positions": [s.start, s.start + s.len]}));
+        }
+        for o in self.outbox.iter().filter(|o| o.finish.is_some()) {
+            prof.request_mark(o.id, "finished", t3, json!({"completion": o.index, "reason": o.finish.as_ref().map(|f| f.as_str()), "completion_tokens": o.completion_tokens}));
+        }
+        let step = self.stats.steps;
+        prof.span("schedule + prepare", t0, t1, json!({"step": step}));
+        prof.span("forward", t1, t2, json!({"step": step, "rows": prefill_rows + decode_rows}));
+        prof.span("update", t2, t3, json!({"step": step}));
+        prof.span("step", t0, t3, json!({"step": step, "requests": per_request.len(), "prefill_rows": prefill_rows, "decode_rows": decode_rows, "batch": per_request, "preempted": plan.preempted.len()}));
+        if prof.step_done() {
+            if let Some((p, _)) = self.profiler.take() {
+                match p.finish() {
+                    Ok(f) => tracing::info!("profile auto-stopped after {} steps: {} and {}", f.steps, f.trace.display(), f.summary.display()),
+                    Err(e) => tracing::error!("writing the profile failed: {e}"),
+                }
+            }
+        }
     }
 
     /// After a panic escaped `step` (a bug outside any one request's work): answer every

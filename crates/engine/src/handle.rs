@@ -18,6 +18,10 @@ pub enum EngineCommand {
     Abort(RequestId),
     /// Write a dump of every request in flight without stopping (SIGQUIT, /debug/dump_state).
     DumpState(DumpReply),
+    /// Start a profile (`POST /start_profile`).
+    StartProfile(crate::profile::ProfileOptions, Box<dyn FnOnce(Result<(), crate::core::ProfileError>) + Send>),
+    /// Stop it and write its files (`POST /stop_profile`).
+    StopProfile(Box<dyn FnOnce(Result<crate::profile::ProfileFiles, crate::core::ProfileError>) + Send>),
     /// Start, change or stop tensor dumps; the reply says whether it worked.
     SetTensorDump(Option<crate::dump::DumpConfig>, Box<dyn FnOnce(Result<(), String>) + Send>),
     /// Abort everything still running and stop the thread.
@@ -49,6 +53,11 @@ impl EngineHandle {
 
     pub fn abort(&self, id: RequestId) {
         let _ = self.tx.send(EngineCommand::Abort(id));
+    }
+
+    /// Send a control command (profiles, dumps) to the engine thread.
+    pub fn control(&self, cmd: EngineCommand) -> Result<(), SubmitError> {
+        self.tx.send(cmd).map_err(|_| SubmitError::Stopped)
     }
 
     /// Start, change or stop tensor dumps (`POST /debug/dump`).
@@ -107,6 +116,8 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                     reply(result);
                 }
                 EngineCommand::SetTensorDump(cfg, reply) => reply(core.set_dump(cfg)),
+                EngineCommand::StartProfile(opts, reply) => reply(core.start_profile(&opts)),
+                EngineCommand::StopProfile(reply) => reply(core.stop_profile()),
                 EngineCommand::Shutdown => shutdown = true,
             }
         }

@@ -11,11 +11,12 @@ pub mod handle;
 pub mod kv_store;
 pub mod lens;
 pub mod llm;
+pub mod profile;
 pub mod sampler;
 pub mod scheduler;
 pub mod steer;
 
-pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits};
+pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits, ProfileError};
 pub use crash::CrashDump;
 pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

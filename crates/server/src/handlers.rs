@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::metrics::RequestTiming;
 use crate::openai::{
     CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, DetokenizeRequest, ErrorBody, LensLayers, LensRequest, Prompt,
-    SteerPositionsRequest, SteerRequest, SteeringVectorRequest, TensorDumpRequest, TokenizeRequest,
+    StartProfileRequest, SteerPositionsRequest, SteerRequest, SteeringVectorRequest, TensorDumpRequest, TokenizeRequest,
 };
 use crate::router::RouterMsg;
 use crate::AppState;
@@ -113,6 +113,45 @@ pub async fn tensor_dump(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         Ok(Err(e)) => Err(ApiError::internal(e)),
         Err(_) => Err(ApiError::internal("the engine stopped before answering")),
     }
+}
+
+fn profile_error(e: glassbox_engine::ProfileError) -> ApiError {
+    match e {
+        glassbox_engine::ProfileError::Failed(m) => ApiError::bad_request(m),
+        other => ApiError::conflict(other.to_string()),
+    }
+}
+
+/// `POST /start_profile`: profile the engine thread (always available). Files go under the
+/// server's `--profile-dir`.
+#[utoipa::path(post, path = "/start_profile", tag = "debug", security(("api_key" = [])), request_body(content = Option<StartProfileRequest>), responses((status = 200, description = "`{status: \"started\", dir}`"), (status = 400, description = "Bad options", body = ErrorBody), (status = 409, description = "A profile is already running", body = ErrorBody)))]
+pub async fn start_profile(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let req: StartProfileRequest = match &body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => StartProfileRequest::default(),
+        _ => parse(body)?,
+    };
+    let opts = glassbox_engine::profile::ProfileOptions { num_steps: req.num_steps, name: req.name };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.engine
+        .control(glassbox_engine::EngineCommand::StartProfile(opts, Box::new(move |r| {
+            let _ = tx.send(r);
+        })))
+        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?.map_err(profile_error)?;
+    Ok(Json(json!({"status": "started", "dir": st.profile_dir.display().to_string()})))
+}
+
+/// `POST /stop_profile`: stop the running profile; names the trace and summary files.
+#[utoipa::path(post, path = "/stop_profile", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{trace, summary, steps}`"), (status = 409, description = "No profile is running", body = ErrorBody)))]
+pub async fn stop_profile(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.engine
+        .control(glassbox_engine::EngineCommand::StopProfile(Box::new(move |r| {
+            let _ = tx.send(r);
+        })))
+        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    let files = rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?.map_err(profile_error)?;
+    Ok(Json(json!({"trace": files.trace.display().to_string(), "summary": files.summary.display().to_string(), "steps": files.steps})))
 }
 
 /// The client's `X-Request-Id` (echoed back), or a fresh random id.

@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// Steps to dump at most.
     #[arg(long, env = "GLASSBOX_DUMP_MAX_STEPS")]
     pub dump_max_steps: Option<u64>,
+    /// Where POST /start_profile ... /stop_profile write traces (default: the cache
+    /// directory's `profiles`). Clients never choose paths.
+    #[arg(long)]
+    pub profile_dir: Option<std::path::PathBuf>,
 }
 
 /// The dump configuration from hook patterns and a layer filter (patterns are never dumped).
@@ -149,6 +153,7 @@ pub struct AppState {
     pub steering_vectors: steering_vectors::SteeringVectors,
     /// Where `POST /debug/dump` writes (clients never choose paths).
     pub dump_dir: std::path::PathBuf,
+    pub profile_dir: std::path::PathBuf,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -182,6 +187,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => Some(dump_config(dir.clone(), &args.dump_hooks, &args.dump_layers, args.dump_skip_steps, args.dump_max_steps, &model.model.hook_names())?),
         None => None,
     };
+    let profile_dir = args.profile_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("profiles"));
     let cfg = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -190,6 +196,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         crash_dump_dir: Some(args.crash_dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("crash-dumps"))),
         max_capture_bytes: size_flag("max-capture-bytes", args.max_capture_bytes)?,
         dump,
+        profile_dir: Some(profile_dir.clone()),
         ..Default::default()
     };
     let core = EngineCore::new(model.clone(), cfg)?;
@@ -249,6 +256,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         captures: capture_store::CaptureStore::new(size_flag("capture-store-bytes", args.capture_store_bytes)?, Duration::from_secs(args.capture_ttl)),
         steering_vectors,
         dump_dir: args.dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("dumps")),
+        profile_dir,
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
@@ -348,6 +356,8 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::dump_state))
         .routes(routes!(handlers::tensor_dump))
+        .routes(routes!(handlers::start_profile))
+        .routes(routes!(handlers::stop_profile))
         .routes(routes!(handlers::get_capture))
         .routes(routes!(handlers::add_steering_vector, handlers::list_steering_vectors))
         .split_for_parts();

@@ -278,3 +278,14 @@ pub struct TensorDumpRequest {
     pub skip_steps: Option<u64>,
     pub max_steps: Option<u64>,
 }
+
+/// `POST /start_profile` (every field optional; the body may be empty).
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartProfileRequest {
+    /// Stop by itself after this many engine steps.
+    #[schema(minimum = 1)]
+    pub num_steps: Option<u64>,
+    /// A label for the files: letters, digits, `-`, `_`.
+    pub name: Option<String>,
+}
