@@ -182,7 +182,8 @@ def test_openapi_describes_every_endpoint():
         assert status == 200 and doc["openapi"].startswith("3.")
         paths = set(doc["paths"])
         assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/debug/dump_state", "/health", "/version",
-                         "/tokenize", "/detokenize", "/metrics", "/v1/captures/{id}", "/v1/steering_vectors", "/debug/dump", "/start_profile", "/stop_profile"}, paths
+                         "/tokenize", "/detokenize", "/metrics", "/v1/captures/{id}", "/v1/steering_vectors", "/debug/dump", "/start_profile", "/stop_profile",
+                         "/debug/requests", "/debug/kv", "/debug/steps"}, paths
         schemas = doc["components"]["schemas"]
         # The server's own limits are in the document.
         assert schemas["Common"]["properties"]["model"]["enum"] == ["stories260K"]

@@ -64,3 +64,39 @@ def test_profile_engine_steps_and_requests():
         assert status == 400, out
     finally:
         s.stop()
+
+
+def test_live_debug_views_follow_a_running_request():
+    import socket
+    s = Server("--served-model-name", "smollm2")  # the default model: slow enough to watch
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        body = json.dumps({"prompt": "Write a long story about a dragon.", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                           "capture": {"hooks": ["blocks.3.hook_resid_post"], "positions": "last"}}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        seen = []
+        deadline = time.time() + 30
+        while len(seen) < 3 and time.time() < deadline:
+            status, out, _ = s.request("GET", "/debug/requests")
+            assert status == 200, out
+            if out["data"]:
+                (r,) = out["data"]
+                (seq,) = r["sequences"]
+                assert r["capture"] == {"hooks": 1, "positions": "last"} and seq["state"] == "running" and seq["blocks"] > 0
+                seen.append((seq["generated"], seq["tokens_computed"], r["id"]))
+            time.sleep(0.3)
+        assert len(seen) == 3 and seen[0][0] < seen[-1][0], f"token counts did not grow: {seen}"
+        status, out, _ = s.request("GET", "/debug/steps?last=5")
+        assert status == 200 and len(out["data"]) == 5, out
+        assert all(st["batch"] and st["batch"][0]["request"] == seen[0][2] for st in out["data"]), out["data"]
+        assert all(st["duration_ms"] > 0 for st in out["data"])
+        status, out, _ = s.request("GET", "/debug/kv?tables=true")
+        assert status == 200 and out["data"]["blocks_used"] > 0 and len(out["data"]["block_tables"]) == 1, out
+        sock.close()
+        s.wait_idle(timeout=30)
+        status, out, _ = s.request("GET", "/debug/requests")
+        assert out["data"] == []
+    finally:
+        s.stop()

@@ -71,6 +71,11 @@ impl BlockPool {
         self.free.len()
     }
 
+    /// Full blocks registered in the prefix cache.
+    pub fn num_cached(&self) -> usize {
+        self.cached.len()
+    }
+
     /// Blocks referenced by some sequence.
     pub fn num_used(&self) -> usize {
         self.blocks.len() - self.free.len()

@@ -27,7 +27,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// KV cache size: bytes, or a fraction of the memory available at startup.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -86,6 +86,14 @@ pub struct EngineConfig {
     /// Where profiles started with `start_profile` are written.
     #[serde(default)]
     pub profile_dir: Option<PathBuf>,
+}
+
+/// Which live view `inspect` returns.
+#[derive(Clone, Debug)]
+pub enum Inspect {
+    Requests,
+    Kv { tables: bool },
+    Steps { last: usize },
 }
 
 /// Why a profile could not start or stop (the server answers 409 for the first two).
@@ -365,6 +373,9 @@ pub struct EngineCore {
     lens: LogitLens,
     dumper: Option<Dumper>,
     profiler: Option<(Profiler, std::time::Instant)>,
+    /// The last steps' batch composition and timing, for `/debug/steps`.
+    recent_steps: std::collections::VecDeque<Value>,
+    started_at: Instant,
     /// Every output decided so far and not yet handed out. Kept in `self` (not a local of
     /// `step`) so that a panic never loses outputs decided before it.
     outbox: Vec<EngineOutput>,
@@ -491,6 +502,8 @@ impl EngineCore {
             lens: LogitLens::default(),
             dumper,
             profiler: None,
+            recent_steps: Default::default(),
+            started_at: Instant::now(),
             outbox: vec![],
             step_failures: vec![],
             current_step: None,
@@ -644,7 +657,8 @@ impl EngineCore {
     /// One engine step: schedule, execute, update. Returns every output decided since the
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
-        let t_step = self.profiler.is_some().then(Instant::now);
+        let step_started = Instant::now();
+        let t_step = self.profiler.is_some().then_some(step_started);
         let plan = self.sched.schedule();
         // A preempted sequence keeps its captured rows: the rows it recomputes arrive again
         // (deduplicated at assembly), the rows the prefix cache serves back do not.
@@ -676,9 +690,92 @@ impl EngineCore {
             if let (Some(t0), Some(t1), Some(t2)) = (t_step, t_prepared, t_forward) {
                 self.profile_step(&plan, &owners, [t0, t1, t2, Instant::now()]);
             }
+            self.record_step(&plan, step_started);
             self.current_step = None;
         }
         std::mem::take(&mut self.outbox)
+    }
+
+    /// Keep the step's composition and duration in the ring buffer behind `/debug/steps`.
+    fn record_step(&mut self, plan: &SchedulerOutput, started: Instant) {
+        const KEPT: usize = 256;
+        let batch: Vec<Value> = plan
+            .scheduled
+            .iter()
+            .map(|s| {
+                let owner = self.current_step.as_ref().and_then(|r| r.rows.iter().find(|x| x.seq == s.id).map(|x| (x.request, x.index)));
+                json!({"seq": s.id, "request": owner.map(|o| o.0), "completion": owner.map(|o| o.1), "start": s.start, "tokens": s.len})
+            })
+            .collect();
+        if self.recent_steps.len() == KEPT {
+            self.recent_steps.pop_front();
+        }
+        self.recent_steps.push_back(json!({
+            "step": self.stats.steps,
+            "at_ms": started.duration_since(self.started_at).as_secs_f64() * 1e3,
+            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+            "tokens": plan.num_tokens(),
+            "preempted": plan.preempted.len(),
+            "batch": batch,
+        }));
+    }
+
+    /// Live views for the debug endpoints, as plain JSON: `requests`, `kv`, `steps`.
+    pub fn inspect(&self, what: &Inspect) -> Value {
+        match what {
+            Inspect::Requests => Value::Array(
+                self.requests_in_order()
+                    .into_iter()
+                    .filter_map(|id| self.requests.get(&id).map(|e| (id, e)))
+                    .map(|(id, e)| {
+                        let seqs: Vec<Value> = e
+                            .seqs
+                            .iter()
+                            .filter_map(|s| {
+                                let st = self.sched.seqs.get(s)?;
+                                Some(json!({
+                                    "completion": self.seqs.get(s).map_or(0, |r| r.index),
+                                    "state": if st.status == SeqStatus::Running { "running" } else { "waiting" },
+                                    "tokens_computed": st.num_computed,
+                                    "tokens_total": st.tokens.len(),
+                                    "generated": st.tokens.len() - st.prompt_len,
+                                    "blocks": st.blocks.len(),
+                                    "preemptions": st.preemptions,
+                                }))
+                            })
+                            .collect();
+                        let r = &e.request;
+                        json!({
+                            "id": id,
+                            "age_ms": e.arrived.elapsed().as_secs_f64() * 1e3,
+                            "prompt_tokens": r.prompt.len(),
+                            "max_tokens": r.sampling.max_tokens,
+                            "capture": r.capture.as_ref().map(|c| json!({"hooks": c.hooks.len(), "positions": format!("{:?}", c.positions).to_lowercase()})),
+                            "steer": r.steer.iter().map(|s| s.hook.to_string()).collect::<Vec<_>>(),
+                            "sequences": seqs,
+                        })
+                    })
+                    .collect(),
+            ),
+            Inspect::Kv { tables } => {
+                let pool = &self.sched.pool;
+                let mut v = json!({
+                    "blocks_total": pool.num_blocks(),
+                    "blocks_used": pool.num_used(),
+                    "blocks_free": pool.num_free(),
+                    "block_size": pool.block_size,
+                    "prefix_cached_blocks": pool.num_cached(),
+                    "prefix_hit_rate": pool.hit_rate(),
+                });
+                if *tables {
+                    let t: serde_json::Map<String, Value> =
+                        self.seqs.iter().filter_map(|(s, rt)| Some((format!("{}/{}", rt.request, rt.index), json!(self.sched.seqs.get(s)?.blocks)))).collect();
+                    v["block_tables"] = Value::Object(t);
+                }
+                v
+            }
+            Inspect::Steps { last } => Value::Array(self.recent_steps.iter().rev().take(*last).rev().cloned().collect()),
+        }
     }
 
     /// Record a step in the running profile: its phases (schedule and prepare, forward,
@@ -799,7 +896,7 @@ impl EngineCore {
             .iter()
             .map(|s| {
                 let rt = self.seqs.get(&s.id);
-                let r = StepRows { request: rt.map_or(0, |r| r.request), index: rt.map_or(0, |r| r.index), row, start: s.start, len: s.len };
+                let r = StepRows { seq: s.id, request: rt.map_or(0, |r| r.request), index: rt.map_or(0, |r| r.index), row, start: s.start, len: s.len };
                 row += s.len;
                 r
             })

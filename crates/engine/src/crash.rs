@@ -80,6 +80,9 @@ pub struct StepRecord {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepRows {
+    /// The engine's sequence id.
+    #[serde(default)]
+    pub seq: u64,
     pub request: RequestId,
     /// The completion (`n` > 1) this sequence is.
     pub index: usize,

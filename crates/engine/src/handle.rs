@@ -18,6 +18,8 @@ pub enum EngineCommand {
     Abort(RequestId),
     /// Write a dump of every request in flight without stopping (SIGQUIT, /debug/dump_state).
     DumpState(DumpReply),
+    /// A live view of the engine (`/debug/requests`, `/debug/kv`, `/debug/steps`).
+    Inspect(crate::core::Inspect, Box<dyn FnOnce(serde_json::Value) + Send>),
     /// Start a profile (`POST /start_profile`).
     StartProfile(crate::profile::ProfileOptions, Box<dyn FnOnce(Result<(), crate::core::ProfileError>) + Send>),
     /// Stop it and write its files (`POST /stop_profile`).
@@ -117,6 +119,7 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                 }
                 EngineCommand::SetTensorDump(cfg, reply) => reply(core.set_dump(cfg)),
                 EngineCommand::StartProfile(opts, reply) => reply(core.start_profile(&opts)),
+                EngineCommand::Inspect(what, reply) => reply(core.inspect(&what)),
                 EngineCommand::StopProfile(reply) => reply(core.stop_profile()),
                 EngineCommand::Shutdown => shutdown = true,
             }

@@ -16,7 +16,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod steer;
 
-pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Limits, ProfileError};
+pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Inspect, Limits, ProfileError};
 pub use crash::CrashDump;
 pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

@@ -115,6 +115,50 @@ pub async fn tensor_dump(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     }
 }
 
+/// Ask the engine thread for a live view.
+async fn inspect(st: &AppState, what: glassbox_engine::Inspect) -> AppResult<Json<Value>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.engine
+        .control(glassbox_engine::EngineCommand::Inspect(what, Box::new(move |v| {
+            let _ = tx.send(v);
+        })))
+        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    let v = rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?;
+    Ok(Json(json!({"data": v})))
+}
+
+/// `GET /debug/requests`: every live request (state, tokens computed/total, generated, blocks
+/// held, preemptions, capture/steer in short).
+#[utoipa::path(get, path = "/debug/requests", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{data: [...]}`")))]
+pub async fn debug_requests(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    inspect(&st, glassbox_engine::Inspect::Requests).await
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub struct KvQuery {
+    /// Include every sequence's block table.
+    #[serde(default)]
+    tables: bool,
+}
+
+/// `GET /debug/kv`: KV block usage, prefix-cache entries and hit rate (`?tables=true`: block tables).
+#[utoipa::path(get, path = "/debug/kv", tag = "debug", security(("api_key" = [])), params(KvQuery), responses((status = 200, description = "`{data: {...}}`")))]
+pub async fn debug_kv(State(st): State<Arc<AppState>>, axum::extract::Query(q): axum::extract::Query<KvQuery>) -> AppResult<Json<Value>> {
+    inspect(&st, glassbox_engine::Inspect::Kv { tables: q.tables }).await
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub struct StepsQuery {
+    /// How many of the most recent steps (at most 256 are kept; default 20).
+    last: Option<usize>,
+}
+
+/// `GET /debug/steps?last=N`: the last steps' batch composition and durations.
+#[utoipa::path(get, path = "/debug/steps", tag = "debug", security(("api_key" = [])), params(StepsQuery), responses((status = 200, description = "`{data: [...]}`")))]
+pub async fn debug_steps(State(st): State<Arc<AppState>>, axum::extract::Query(q): axum::extract::Query<StepsQuery>) -> AppResult<Json<Value>> {
+    inspect(&st, glassbox_engine::Inspect::Steps { last: q.last.unwrap_or(20) }).await
+}
+
 fn profile_error(e: glassbox_engine::ProfileError) -> ApiError {
     match e {
         glassbox_engine::ProfileError::Failed(m) => ApiError::bad_request(m),
