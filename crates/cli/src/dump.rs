@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use glassbox_protocol::{HookName, Site};
+use glassbox_protocol::{DType, HookName, Site};
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -67,13 +67,13 @@ fn load(path: &Path) -> Result<HookTensors> {
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let Ok(hook) = name.parse::<HookName>() else { continue };
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
             other => bail!("{}: tensor {name} has type {other:?}; expected float32, float16 or bfloat16", path.display()),
         };
+        let values = dtype.decode(view.data());
         out.insert(forward_key(hook), (hook, view.shape().to_vec(), values));
     }
     if out.is_empty() {

@@ -341,7 +341,6 @@ struct SeqRuntime {
     sampler: Sampler,
     detok: Detokenizer,
     generated: usize,
-    captures: bool,
 }
 
 /// A request in flight: its sequences and the request as submitted (seed resolved), which a
@@ -372,7 +371,7 @@ pub struct EngineCore {
     steering: Steering,
     lens: LogitLens,
     dumper: Option<Dumper>,
-    profiler: Option<(Profiler, std::time::Instant)>,
+    profiler: Option<Profiler>,
     /// The last steps' batch composition and timing, for `/debug/steps`.
     recent_steps: std::collections::VecDeque<Value>,
     started_at: Instant,
@@ -483,12 +482,9 @@ impl EngineCore {
             num_layers: mc.num_layers,
         };
         let head_dim = limits.head_dim;
-        let dumper = match &cfg.dump {
-            Some(d) => Some(Dumper::start(d.clone()).map_err(|e| EngineError::Config(format!("cannot dump tensors to {}: {e}", d.dir.display())))?),
-            None => None,
-        };
+        let dump = cfg.dump.clone();
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
-        Ok(EngineCore {
+        let mut core = EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
             kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row),
             seed_rng: cfg.seed,
@@ -500,7 +496,7 @@ impl EngineCore {
             collector: CaptureCollector::default(),
             steering: Steering::new(head_dim),
             lens: LogitLens::default(),
-            dumper,
+            dumper: None,
             profiler: None,
             recent_steps: Default::default(),
             started_at: Instant::now(),
@@ -512,7 +508,9 @@ impl EngineCore {
             next_seq: 0,
             next_arrival: 0,
             stats: EngineStats::default(),
-        })
+        };
+        core.set_dump(dump).map_err(EngineError::Config)?;
+        Ok(core)
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
@@ -527,18 +525,17 @@ impl EngineCore {
 
     /// Start profiling the engine (`POST /start_profile`).
     pub fn start_profile(&mut self, opts: &ProfileOptions) -> Result<(), ProfileError> {
-        if let Some((_, since)) = &self.profiler {
-            return Err(ProfileError::AlreadyRunning(since.elapsed().as_secs_f64()));
+        if let Some(p) = &self.profiler {
+            return Err(ProfileError::AlreadyRunning(p.running_for()));
         }
         let dir = self.cfg.profile_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("profiles"));
-        self.profiler = Some((Profiler::start(&dir, opts).map_err(ProfileError::Failed)?, std::time::Instant::now()));
+        self.profiler = Some(Profiler::start(&dir, opts).map_err(ProfileError::Failed)?);
         Ok(())
     }
 
     /// Stop profiling and write the trace and summary (`POST /stop_profile`).
     pub fn stop_profile(&mut self) -> Result<ProfileFiles, ProfileError> {
-        let (p, _) = self.profiler.take().ok_or(ProfileError::NotRunning)?;
-        p.finish().map_err(ProfileError::Failed)
+        self.profiler.take().ok_or(ProfileError::NotRunning)?.finish().map_err(ProfileError::Failed)
     }
 
     /// Start, change or stop tensor dumps (`POST /debug/dump`).
@@ -607,7 +604,6 @@ impl EngineCore {
             self.outbox.push(EngineOutput::error(req.id, format!("request id {} is already in use", req.id)));
             return;
         }
-        let captures = req.capture.is_some();
         // Prompt rows served from the prefix cache are not recomputed, so a capture that
         // includes prompt positions computes the whole prompt.
         let use_prefix_cache = req.capture.as_ref().is_none_or(|c| !c.positions.needs_prompt_rows())
@@ -639,7 +635,6 @@ impl EngineCore {
                     sampler: Sampler::new(req.sampling.clone(), base_seed.wrapping_add(index as u64)),
                     detok: Detokenizer::new(req.sampling.stop.clone()),
                     generated: 0,
-                    captures,
                 },
             );
             ids.push(id);
@@ -677,47 +672,38 @@ impl EngineCore {
             self.stats.steps += 1;
             self.current_step = Some(self.step_record(&plan));
             let plan = self.prepare(plan);
-            // Profiling: who owns each row, read before finished sequences are removed.
-            let owners: Vec<Option<(RequestId, usize, usize)>> = match self.profiler {
-                Some(_) => plan.scheduled.iter().map(|s| Some((self.seqs.get(&s.id)?.request, self.seqs.get(&s.id)?.index, self.sched.seqs.get(&s.id)?.prompt_len))).collect(),
-                None => vec![],
-            };
             let t_prepared = self.profiler.is_some().then(Instant::now);
             let rows = self.execute(&plan);
             let t_forward = self.profiler.is_some().then(Instant::now);
             self.update(&plan, rows);
             self.answer_failures();
             if let (Some(t0), Some(t1), Some(t2)) = (t_step, t_prepared, t_forward) {
-                self.profile_step(&plan, &owners, [t0, t1, t2, Instant::now()]);
+                self.profile_step(&plan, [t0, t1, t2, Instant::now()]);
             }
-            self.record_step(&plan, step_started);
+            self.record_step(step_started);
             self.current_step = None;
         }
         std::mem::take(&mut self.outbox)
     }
 
     /// Keep the step's composition and duration in the ring buffer behind `/debug/steps`.
-    fn record_step(&mut self, plan: &SchedulerOutput, started: Instant) {
+    fn record_step(&mut self, started: Instant) {
         const KEPT: usize = 256;
-        let batch: Vec<Value> = plan
-            .scheduled
-            .iter()
-            .map(|s| {
-                let owner = self.current_step.as_ref().and_then(|r| r.rows.iter().find(|x| x.seq == s.id).map(|x| (x.request, x.index)));
-                json!({"seq": s.id, "request": owner.map(|o| o.0), "completion": owner.map(|o| o.1), "start": s.start, "tokens": s.len})
-            })
-            .collect();
+        let Some(step) = &self.current_step else { return };
+        let batch: Vec<Value> =
+            step.rows.iter().map(|r| json!({"seq": r.seq, "request": r.request, "completion": r.index, "start": r.start, "tokens": r.len})).collect();
+        let entry = json!({
+            "step": step.number,
+            "at_ms": started.duration_since(self.started_at).as_secs_f64() * 1e3,
+            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+            "tokens": step.rows.iter().map(|r| r.len).sum::<usize>(),
+            "preempted": step.preempted.len(),
+            "batch": batch,
+        });
         if self.recent_steps.len() == KEPT {
             self.recent_steps.pop_front();
         }
-        self.recent_steps.push_back(json!({
-            "step": self.stats.steps,
-            "at_ms": started.duration_since(self.started_at).as_secs_f64() * 1e3,
-            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-            "tokens": plan.num_tokens(),
-            "preempted": plan.preempted.len(),
-            "batch": batch,
-        }));
+        self.recent_steps.push_back(entry);
     }
 
     /// Live views for the debug endpoints, as plain JSON: `requests`, `kv`, `steps`.
@@ -781,28 +767,27 @@ impl EngineCore {
     /// Record a step in the running profile: its phases (schedule and prepare, forward,
     /// update = sampling, detokenization, stop checks) with the batch composition, and each
     /// request's share; auto-stop after `num_steps`.
-    fn profile_step(&mut self, plan: &SchedulerOutput, owners: &[Option<(RequestId, usize, usize)>], [t0, t1, t2, t3]: [Instant; 4]) {
-        let Some((prof, _)) = self.profiler.as_mut() else { return };
+    fn profile_step(&mut self, plan: &SchedulerOutput, [t0, t1, t2, t3]: [Instant; 4]) {
+        let (Some(prof), Some(step)) = (self.profiler.as_mut(), &self.current_step) else { return };
         let mut per_request = vec![];
         let (mut prefill_rows, mut decode_rows) = (0, 0);
-        for (s, owner) in plan.scheduled.iter().zip(owners) {
-            let Some((request, index, prompt_len)) = *owner else { continue };
-            let rt = (request, index);
-            let prefill = s.start < prompt_len;
+        // The rows that ran (a sequence that failed its preparation left the plan).
+        for r in step.rows.iter().filter(|r| plan.scheduled.iter().any(|s| s.id == r.seq)) {
+            let prefill = r.start < r.prompt_len;
             if prefill {
-                prefill_rows += s.len;
+                prefill_rows += r.len;
             } else {
-                decode_rows += s.len;
+                decode_rows += r.len;
             }
-            per_request.push(json!({"request": rt.0, "completion": rt.1, "tokens": s.len, "prefill": prefill}));
-            if let Some(e) = self.requests.get_mut(&rt.0) {
+            per_request.push(json!({"request": r.request, "completion": r.index, "tokens": r.len, "prefill": prefill}));
+            if let Some(e) = self.requests.get_mut(&r.request) {
                 if !e.started {
                     e.started = true;
-                    prof.request_span(rt.0, "queued", e.arrived, t0, json!({"prompt_tokens": prompt_len}));
+                    prof.request_span(r.request, "queued", e.arrived, t0, json!({"prompt_tokens": r.prompt_len}));
                 }
             }
             let name = if prefill { "prefill chunk" } else { "decode" };
-            prof.request_span(rt.0, name, t1, t2, json!({"completion": rt.1, "tokens": s.len, "positions": [s.start, s.start + s.len]}));
+            prof.request_span(r.request, name, t1, t2, json!({"completion": r.index, "tokens": r.len, "positions": [r.start, r.start + r.len]}));
         }
         for o in self.outbox.iter().filter(|o| o.finish.is_some()) {
             prof.request_mark(o.id, "finished", t3, json!({"completion": o.index, "reason": o.finish.as_ref().map(|f| f.as_str()), "completion_tokens": o.completion_tokens}));
@@ -813,7 +798,7 @@ impl EngineCore {
         prof.span("update", t2, t3, json!({"step": step}));
         prof.span("step", t0, t3, json!({"step": step, "requests": per_request.len(), "prefill_rows": prefill_rows, "decode_rows": decode_rows, "batch": per_request, "preempted": plan.preempted.len()}));
         if prof.step_done() {
-            if let Some((p, _)) = self.profiler.take() {
+            if let Some(p) = self.profiler.take() {
                 match p.finish() {
                     Ok(f) => tracing::info!("profile auto-stopped after {} steps: {} and {}", f.steps, f.trace.display(), f.summary.display()),
                     Err(e) => tracing::error!("writing the profile failed: {e}"),
@@ -828,10 +813,8 @@ impl EngineCore {
     pub fn recover(&mut self, panic: &str) -> Vec<EngineOutput> {
         let msg = format!("internal error in the engine step: {panic}");
         tracing::error!("{msg}");
-        let mut failures = std::mem::take(&mut self.step_failures);
-        let ids: Vec<RequestId> = self.requests_in_order();
-        failures.extend(ids.iter().map(|&id| (id, msg.clone())));
-        self.step_failures = failures;
+        let everyone: Vec<(RequestId, String)> = self.requests_in_order().into_iter().map(|id| (id, msg.clone())).collect();
+        self.step_failures.extend(everyone);
         self.answer_failures();
         self.current_step = None;
         std::mem::take(&mut self.outbox)
@@ -896,7 +879,8 @@ impl EngineCore {
             .iter()
             .map(|s| {
                 let rt = self.seqs.get(&s.id);
-                let r = StepRows { seq: s.id, request: rt.map_or(0, |r| r.request), index: rt.map_or(0, |r| r.index), row, start: s.start, len: s.len };
+                let prompt_len = self.sched.seqs.get(&s.id).map_or(0, |st| st.prompt_len);
+                let r = StepRows { seq: s.id, request: rt.map_or(0, |r| r.request), index: rt.map_or(0, |r| r.index), row, prompt_len, start: s.start, len: s.len };
                 row += s.len;
                 r
             })
@@ -904,12 +888,16 @@ impl EngineCore {
         StepRecord { number: self.stats.steps, rows, preempted: plan.preempted.clone() }
     }
 
-    /// Test builds: strike if the fault plan targets `phase` and this request.
+    /// Test builds: the fault plan, if it targets `phase` of request `req`. (Takes the two
+    /// fields it reads, so it can be called while a sequence's state is borrowed.)
+    fn fault_for(fault: &Option<FaultPlan>, requests: &HashMap<RequestId, RequestEntry>, phase: Phase, req: RequestId) -> Option<FaultPlan> {
+        let f = fault.as_ref()?;
+        f.targets(phase, requests.get(&req)?.request.sampling.seed).then_some(*f)
+    }
+
+    /// Test builds: strike if the fault plan targets `phase` of this request.
     fn fault(&self, phase: Phase, req: RequestId) -> Result<(), String> {
-        match (&self.fault, self.requests.get(&req)) {
-            (Some(f), Some(e)) => f.check(phase, e.request.sampling.seed, req),
-            _ => Ok(()),
-        }
+        Self::fault_for(&self.fault, &self.requests, phase, req).map_or(Ok(()), |f| f.strike(req))
     }
 
     /// Each sequence's own preparation for the step; a sequence that fails here leaves the
@@ -957,7 +945,7 @@ impl EngineCore {
             let seq = &self.sched.seqs[id];
             tokens.extend_from_slice(&seq.tokens[*start..start + len]);
             let completes = start + len == seq.tokens.len();
-            let wants_all = self.seqs[id].captures && self.collector.wants(*id, logits_hook);
+            let wants_all = self.collector.wants(*id, logits_hook);
             let rows = match (completes, wants_all) {
                 (_, true) => LogitRows::All,
                 (true, false) => LogitRows::Last,
@@ -975,24 +963,18 @@ impl EngineCore {
             if let Some(set) = self.lens.hook_set_of(*id) {
                 hookset.union(set);
             }
-            if let Some(f) = &self.fault {
-                let req = self.seqs[id].request;
-                if f.phase == Phase::Hook && self.requests.get(&req).is_some_and(|e| e.request.sampling.seed == Some(f.seed)) {
-                    fault_key = Some((*id, req, *f));
-                    hookset.insert(HookName::block(0, Site::ResidPost));
-                }
+            let req = self.seqs[id].request;
+            if let Some(f) = Self::fault_for(&self.fault, &self.requests, Phase::Hook, req) {
+                fault_key = Some((*id, req, f));
+                hookset.insert(HookName::block(0, Site::ResidPost));
             }
         }
         // Test builds: the requests of this pass that a forward fault targets.
-        let forward_fault: Vec<(FaultPlan, RequestId)> = match self.fault {
-            Some(f) if f.phase == Phase::Forward => scheduled
-                .iter()
-                .map(|s| self.seqs[&s.id].request)
-                .filter(|r| self.requests.get(r).is_some_and(|e| e.request.sampling.seed == Some(f.seed)))
-                .map(|r| (f, r))
-                .collect(),
-            _ => vec![],
-        };
+        let forward_fault: Vec<(FaultPlan, RequestId)> = scheduled
+            .iter()
+            .map(|s| self.seqs[&s.id].request)
+            .filter_map(|r| Some((Self::fault_for(&self.fault, &self.requests, Phase::Forward, r)?, r)))
+            .collect();
         // Tensor dumps: the whole batch of this step, for the dump's hooks.
         let dumping = may_dump && self.dumper.as_ref().is_some_and(|d| d.wants(self.stats.steps));
         let dump_set = match (&self.dumper, dumping) {
@@ -1009,7 +991,7 @@ impl EngineCore {
         let (kv, collector, steering, lens) = (&mut self.kv, &mut self.collector, &self.steering, &mut self.lens);
         let result = guarded("the forward pass", || {
             for (f, req) in &forward_fault {
-                f.check(Phase::Forward, Some(f.seed), *req)?;
+                f.strike(*req)?;
             }
             let mut cache = kv.with_tables(&tables);
             let logits = if hookset.is_empty() {
@@ -1097,10 +1079,8 @@ impl EngineCore {
         let sampled = rt.sampler.sample(row, &seq.tokens, &banned);
         let token = sampled.token;
         rt.generated += 1;
-        if let Some(f) = &self.fault {
-            if let Some(e) = self.requests.get(&req) {
-                f.check(Phase::Detokenize, e.request.sampling.seed, req)?;
-            }
+        if let Some(f) = Self::fault_for(&self.fault, &self.requests, Phase::Detokenize, req) {
+            f.strike(req)?;
         }
         let stop_hit = matches!(rt.detok.push(&self.model.tokenizer, token)?, StopMatch::Stop);
         let eos_hit = !p.ignore_eos && eos.contains(&token);
@@ -1126,21 +1106,26 @@ impl EngineCore {
         };
         if finish.is_some() {
             out.logit_lens = self.lens.finish(id);
-        }
-        if finish.is_some() && rt.captures {
             // Handed over as captured; the receiver assembles (not on this thread).
             out.capture = self.collector.take_parts(id);
         }
         Ok((out, finish.is_some()))
     }
 
-    /// Forget a sequence that has sent its finishing output.
-    fn finish_seq(&mut self, id: SeqId) {
-        let Some(rt) = self.seqs.remove(&id) else { return };
-        self.sched.remove(id);
+    /// Drop everything the engine holds for sequence `id` (its blocks are freed). Every
+    /// per-sequence table is cleared here, and only here.
+    fn forget_seq(&mut self, id: SeqId) -> Option<(SeqRuntime, Option<SeqState>)> {
+        let rt = self.seqs.remove(&id)?;
+        let state = self.sched.remove(id);
         self.collector.discard(id);
         self.steering.remove(id);
         self.lens.remove(id);
+        Some((rt, state))
+    }
+
+    /// Forget a sequence that has sent its finishing output.
+    fn finish_seq(&mut self, id: SeqId) {
+        let Some((rt, _)) = self.forget_seq(id) else { return };
         if let Some(e) = self.requests.get_mut(&rt.request) {
             e.seqs.retain(|&x| x != id);
             if e.seqs.is_empty() {
@@ -1154,11 +1139,7 @@ impl EngineCore {
     fn finish_request(&mut self, req: RequestId, reason: FinishReason) {
         let Some(entry) = self.requests.remove(&req) else { return };
         for s in entry.seqs {
-            let Some(rt) = self.seqs.remove(&s) else { continue };
-            let state = self.sched.remove(s);
-            self.collector.discard(s);
-            self.steering.remove(s);
-            self.lens.remove(s);
+            let Some((rt, state)) = self.forget_seq(s) else { continue };
             let mut out = EngineOutput::error(req, "");
             out.index = rt.index;
             out.finish = Some(reason.clone());
@@ -1175,11 +1156,9 @@ impl EngineCore {
             return;
         }
         let mut failures = std::mem::take(&mut self.step_failures);
-        let mut seen = vec![];
-        failures.retain(|(r, _)| !seen.contains(r) && self.requests.contains_key(r) && {
-            seen.push(*r);
-            true
-        });
+        // Each request once (its first failure), and only if it is still in flight.
+        let mut seen = std::collections::HashSet::new();
+        failures.retain(|(r, _)| self.requests.contains_key(r) && seen.insert(*r));
         let reason = failures.first().map(|f| f.1.clone()).unwrap_or_default();
         let failed = failures.iter().map(|(r, m)| FailedRequest { request: *r, message: m.clone() }).collect();
         let dump = self.cfg.crash_dump_dir.as_ref().map(|dir| crash::write(dir, "crash", &self.crash_dump(&reason, failed)));
@@ -1215,7 +1194,7 @@ struct FaultyHook<'a> {
 impl HookHandler for FaultyHook<'_> {
     fn on_hook(&mut self, name: HookName, x: &candle_core::Tensor, rows: HookRows, layout: &BatchLayout) -> glassbox_model::Result<Option<candle_core::Tensor>> {
         if layout.seqs.iter().any(|s| s.key == self.key) {
-            self.plan.check(Phase::Hook, Some(self.plan.seed), self.req).map_err(ModelError::BadConfig)?;
+            self.plan.strike(self.req).map_err(ModelError::BadConfig)?;
         }
         self.inner.on_hook(name, x, rows, layout)
     }

@@ -88,6 +88,9 @@ pub struct StepRows {
     pub index: usize,
     /// Rows `row..row + len` of the flat batch hold positions `start..start + len`.
     pub row: usize,
+    /// The request's prompt length (positions below it are prefill).
+    #[serde(default)]
+    pub prompt_len: usize,
     pub start: usize,
     pub len: usize,
 }

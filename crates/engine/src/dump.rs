@@ -125,7 +125,7 @@ fn write_step(dir: &Path, manifest: &Manifest, dump: StepDump) -> std::result::R
     let captures: Vec<Capture> = dump
         .tensors
         .into_iter()
-        .map(|(hook, shape, data)| Capture { hook, shape, dtype: DType::F32, data: data.iter().flat_map(|v| v.to_le_bytes()).collect(), positions: vec![] })
+        .map(|(hook, shape, data)| Capture { hook, shape, dtype: DType::F32, data: DType::F32.encode(&data), positions: vec![] })
         .collect();
     let mut meta = std::collections::HashMap::new();
     meta.insert("manifest".to_string(), serde_json::to_string(manifest).map_err(|e| e.to_string())?);
@@ -158,7 +158,7 @@ pub fn slice(dir: &Path, request: RequestId, index: usize) -> std::result::Resul
             let hook: HookName = name.parse().map_err(|e| format!("{name}: {e}"))?;
             let shape = view.shape().to_vec();
             let width: usize = shape[1..].iter().product();
-            let data: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let data = DType::F32.decode(view.data());
             let (range, first_pos) = if hook.site == Site::Logits { (mine.logit_rows, mine.logit_position) } else { (mine.rows, mine.positions[0]) };
             let entry = rows.entry(hook).or_insert_with(|| (shape[1..].to_vec(), BTreeMap::new()));
             for (k, r) in (range[0]..range[1]).enumerate() {
@@ -175,7 +175,7 @@ pub fn slice(dir: &Path, request: RequestId, index: usize) -> std::result::Resul
             let mut shape = vec![by_pos.len()];
             shape.extend(inner);
             let positions = by_pos.keys().copied().collect();
-            let data = by_pos.into_values().flatten().flat_map(|v| v.to_le_bytes()).collect();
+            let data = DType::F32.encode(&by_pos.into_values().flatten().collect::<Vec<f32>>());
             Capture { hook, shape, dtype: DType::F32, data, positions }
         })
         .collect())

@@ -74,15 +74,26 @@ impl FaultPlan {
         Ok(FaultPlan { phase, kind, seed })
     }
 
-    /// Strike if this plan targets `phase` and a request with `seed`.
-    pub fn check(&self, phase: Phase, seed: Option<u64>, request: u64) -> Result<(), String> {
-        if self.phase != phase || seed != Some(self.seed) {
-            return Ok(());
-        }
-        let msg = format!("injected fault ({phase:?}, {:?}) in request {request}", self.kind);
+    /// Does this plan target `phase` for a request with `seed`?
+    pub fn targets(&self, phase: Phase, seed: Option<u64>) -> bool {
+        self.phase == phase && seed == Some(self.seed)
+    }
+
+    /// Fail `request` as planned: panic, or an error.
+    pub fn strike(&self, request: u64) -> Result<(), String> {
+        let msg = format!("injected fault ({:?}, {:?}) in request {request}", self.phase, self.kind);
         match self.kind {
             FaultKind::Panic => panic!("{msg}"),
             FaultKind::Error => Err(msg),
+        }
+    }
+
+    /// Strike if this plan targets `phase` and a request with `seed`.
+    pub fn check(&self, phase: Phase, seed: Option<u64>, request: u64) -> Result<(), String> {
+        if self.targets(phase, seed) {
+            self.strike(request)
+        } else {
+            Ok(())
         }
     }
 }

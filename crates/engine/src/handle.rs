@@ -62,16 +62,6 @@ impl EngineHandle {
         self.tx.send(cmd).map_err(|_| SubmitError::Stopped)
     }
 
-    /// Start, change or stop tensor dumps (`POST /debug/dump`).
-    pub fn set_tensor_dump(&self, cfg: Option<crate::dump::DumpConfig>, reply: Box<dyn FnOnce(Result<(), String>) + Send>) -> Result<(), SubmitError> {
-        self.tx.send(EngineCommand::SetTensorDump(cfg, reply)).map_err(|_| SubmitError::Stopped)
-    }
-
-    /// Ask the engine thread to write a state dump; `reply` gets the file's path.
-    pub fn dump_state(&self, reply: DumpReply) -> Result<(), SubmitError> {
-        self.tx.send(EngineCommand::DumpState(reply)).map_err(|_| SubmitError::Stopped)
-    }
-
     /// Ask the thread to abort everything, answer it, and stop (without waiting).
     pub fn stop(&self) {
         let _ = self.tx.send(EngineCommand::Shutdown);

@@ -42,12 +42,7 @@ impl LogitLens {
         let end = s.entries.iter().map(|e| e.position + 1).max().unwrap_or(0);
         let mut by_key: std::collections::BTreeMap<(usize, usize), LensEntry> = Default::default();
         for e in s.entries {
-            let keep = match &s.spec.positions {
-                CapturePositions::Last => e.position + 1 == end,
-                CapturePositions::At(v) => v.iter().any(|&i| (if i < 0 { end as i64 + i } else { i }) == e.position as i64),
-                _ => true,
-            };
-            if keep {
+            if s.spec.positions.keeps(e.position, s.prompt_len, end) {
                 by_key.entry((e.position, e.layer)).or_insert(e);
             }
         }
@@ -65,13 +60,7 @@ impl LogitLens {
             if !s.set.contains(name) {
                 continue;
             }
-            let keeps = |pos: usize| match &s.spec.positions {
-                CapturePositions::All | CapturePositions::Last => true,
-                CapturePositions::Prompt => pos < s.prompt_len,
-                CapturePositions::Generated => pos >= s.prompt_len,
-                CapturePositions::At(v) => v.iter().any(|&i| i < 0 || i as usize == pos),
-            };
-            let mut wanted: Vec<usize> = (0..seq.len).filter(|&k| keeps(seq.pos + k)).collect();
+            let mut wanted: Vec<usize> = (0..seq.len).filter(|&k| s.spec.positions.may_keep(seq.pos + k, s.prompt_len)).collect();
             if s.spec.positions == CapturePositions::Last {
                 // Only the newest row can still be the last.
                 wanted = wanted.last().copied().into_iter().collect();

@@ -7,7 +7,7 @@
 use glassbox_protocol::RequestId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,7 +40,7 @@ pub struct Profiler {
     pub steps: u64,
     events: Vec<Value>,
     /// Requests seen, for track names.
-    tracks: BTreeMap<RequestId, ()>,
+    tracks: BTreeSet<RequestId>,
 }
 
 impl Profiler {
@@ -53,7 +53,12 @@ impl Profiler {
             return Err("`num_steps` must be at least 1".into());
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the profile directory {}: {e}", dir.display()))?;
-        Ok(Profiler { dir: dir.to_path_buf(), name, t0: Instant::now(), steps_left: opts.num_steps, steps: 0, events: vec![], tracks: BTreeMap::new() })
+        Ok(Profiler { dir: dir.to_path_buf(), name, t0: Instant::now(), steps_left: opts.num_steps, steps: 0, events: vec![], tracks: BTreeSet::new() })
+    }
+
+    /// Seconds since the profile started.
+    pub fn running_for(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
     }
 
     fn us(&self, t: Instant) -> f64 {
@@ -68,14 +73,14 @@ impl Profiler {
 
     /// A span on a request's track.
     pub fn request_span(&mut self, request: RequestId, name: &str, start: Instant, end: Instant, args: Value) {
-        self.tracks.insert(request, ());
+        self.tracks.insert(request);
         let (ts, dur) = (self.us(start), self.us(end) - self.us(start));
         self.events.push(json!({"name": name, "cat": "request", "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": REQUEST_TRACK + request, "args": args}));
     }
 
     /// A moment on a request's track (finished, preempted).
     pub fn request_mark(&mut self, request: RequestId, name: &str, at: Instant, args: Value) {
-        self.tracks.insert(request, ());
+        self.tracks.insert(request);
         let ts = self.us(at);
         self.events.push(json!({"name": name, "cat": "request", "ph": "i", "s": "t", "ts": ts, "pid": 1, "tid": REQUEST_TRACK + request, "args": args}));
     }
@@ -100,21 +105,18 @@ impl Profiler {
             json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "glassbox engine"}}),
             json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": ENGINE_TRACK, "args": {"name": "engine thread (steps)"}}),
         ];
-        for id in self.tracks.keys() {
+        for id in &self.tracks {
             meta.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": REQUEST_TRACK + id, "args": {"name": format!("request {id}")}}));
         }
         meta.append(&mut self.events);
+        let summary_text = summarize(&meta, self.steps);
         let trace = stem.with_extension("trace.json");
         let doc = json!({"traceEvents": meta, "displayTimeUnit": "ms", "otherData": {"steps": self.steps}});
         std::fs::write(&trace, serde_json::to_vec(&doc).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", trace.display()))?;
         let summary = stem.with_extension("summary.txt");
-        std::fs::write(&summary, summarize(&meta_events(&doc), self.steps)).map_err(|e| format!("{}: {e}", summary.display()))?;
+        std::fs::write(&summary, summary_text).map_err(|e| format!("{}: {e}", summary.display()))?;
         Ok(ProfileFiles { trace, summary, steps: self.steps })
     }
-}
-
-fn meta_events(doc: &Value) -> Vec<Value> {
-    doc["traceEvents"].as_array().cloned().unwrap_or_default()
 }
 
 /// Spans aggregated by name, largest total first.

@@ -140,19 +140,6 @@ struct Wanted {
     prompt_len: usize,
 }
 
-impl Wanted {
-    /// Can a row at `pos` still be returned?
-    fn keeps(&self, pos: usize) -> bool {
-        match &self.spec.positions {
-            CapturePositions::All | CapturePositions::Last => true,
-            CapturePositions::Prompt => pos < self.prompt_len,
-            CapturePositions::Generated => pos >= self.prompt_len,
-            // Negative positions are known only at the end.
-            CapturePositions::At(v) => v.iter().any(|&i| i < 0 || i as usize == pos),
-        }
-    }
-}
-
 /// A chunk of rows and the forward pass that captured it.
 struct Chunk {
     pass: u64,
@@ -200,10 +187,6 @@ impl CaptureCollector {
         s
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.wanted.is_empty()
-    }
-
     /// Does sequence `key` capture `name`?
     pub fn wants(&self, key: u64, name: HookName) -> bool {
         self.wanted.get(&key).is_some_and(|w| w.set.contains(name))
@@ -231,7 +214,7 @@ impl CaptureCollector {
         let Some(w) = self.wanted.get(&key) else { return Ok(()) };
         let last_only = w.spec.positions == CapturePositions::Last;
         // Runs of consecutive kept rows become one chunk each.
-        let kept: Vec<usize> = (0..positions.len()).filter(|&i| w.keeps(positions[i])).collect();
+        let kept: Vec<usize> = (0..positions.len()).filter(|&i| w.spec.positions.may_keep(positions[i], w.prompt_len)).collect();
         let kept = if last_only { kept.last().copied().into_iter().collect() } else { kept };
         if kept.is_empty() {
             return Ok(());

@@ -5,7 +5,7 @@
 //! (the server's handler, the offline API) calls [`CaptureParts::assemble`], so the concatenating,
 //! filtering and type conversion never run on the engine thread.
 
-use crate::{Capture, CapturePositions, CaptureSpec, DType, HookName, Site};
+use crate::{Capture, CaptureSpec, HookName, Site};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -38,24 +38,14 @@ impl CaptureParts {
 fn assemble(hook: HookName, chunks: &[CaptureChunk], spec: &CaptureSpec, prompt_len: usize) -> Capture {
     let pattern = hook.site == Site::Pattern;
     let end = chunks.iter().flat_map(|c| c.positions.iter()).max().map_or(0, |&p| p + 1);
-    let wanted = |p: usize| match &spec.positions {
-        CapturePositions::All | CapturePositions::Last => true,
-        CapturePositions::Prompt => p < prompt_len,
-        CapturePositions::Generated => p >= prompt_len,
-        CapturePositions::At(v) => v.iter().any(|&i| (if i < 0 { end as i64 + i } else { i }) == p as i64),
-    };
     // position -> (chunk, row within it), first occurrence.
     let mut rows: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
     for (c, chunk) in chunks.iter().enumerate() {
         for (r, &p) in chunk.positions.iter().enumerate() {
-            if wanted(p) {
+            if spec.positions.keeps(p, prompt_len, end) {
                 rows.entry(p).or_insert((c, r));
             }
         }
-    }
-    if spec.positions == CapturePositions::Last {
-        let last = rows.keys().next_back().copied();
-        rows.retain(|&p, _| Some(p) == last);
     }
     let n = rows.len();
     let (shape, values) = if n == 0 {
@@ -84,14 +74,5 @@ fn assemble(hook: HookName, chunks: &[CaptureChunk], spec: &CaptureSpec, prompt_
         shape.extend(inner);
         (shape, out)
     };
-    Capture { hook, shape, dtype: spec.dtype, data: encode(&values, spec.dtype), positions: rows.into_keys().collect() }
-}
-
-/// Little-endian bytes of `values` in `dtype` (f16/bf16 round to nearest).
-fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-    }
+    Capture { hook, shape, dtype: spec.dtype, data: spec.dtype.encode(&values), positions: rows.into_keys().collect() }
 }

@@ -85,6 +85,26 @@ impl CapturePositions {
         }
     }
 
+    /// While a sequence runs: can a row at `pos` still be returned? (Which row is last, and
+    /// where negative positions land, is known only at the end.)
+    pub fn may_keep(&self, pos: usize, prompt_len: usize) -> bool {
+        match self {
+            CapturePositions::All | CapturePositions::Last => true,
+            CapturePositions::Prompt => pos < prompt_len,
+            CapturePositions::Generated => pos >= prompt_len,
+            CapturePositions::At(v) => v.iter().any(|&i| i < 0 || i as usize == pos),
+        }
+    }
+
+    /// At the end, with positions `0..end` computed: is `pos` returned?
+    pub fn keeps(&self, pos: usize, prompt_len: usize, end: usize) -> bool {
+        match self {
+            CapturePositions::Last => pos + 1 == end,
+            CapturePositions::At(v) => v.iter().any(|&i| (if i < 0 { end as i64 + i } else { i }) == pos as i64),
+            _ => self.may_keep(pos, prompt_len),
+        }
+    }
+
     /// Rows the prompt's prefix-cache hits would skip are needed: the whole prompt is computed.
     pub fn needs_prompt_rows(&self) -> bool {
         !matches!(self, CapturePositions::Generated | CapturePositions::Last)
@@ -145,6 +165,25 @@ impl DType {
     pub fn parse(s: &str) -> Option<DType> {
         [DType::F32, DType::F16, DType::BF16].into_iter().find(|d| d.name() == s)
     }
+
+    /// Little-endian bytes of `values` in this type (f16/bf16 round to nearest).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+
+    /// The values of little-endian `bytes` of this type, as f32 (exact: f16 and bf16 widen
+    /// without loss).
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        }
+    }
 }
 
 /// One captured activation as plain data: little-endian bytes, row-major `shape`.
@@ -159,13 +198,9 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// The values as f32 (exact for every dtype: f16 and bf16 widen without loss).
+    /// The values as f32 (exact for every dtype).
     pub fn to_f32(&self) -> Vec<f32> {
-        match self.dtype {
-            DType::F32 => self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DType::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::BF16 => self.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        }
+        self.dtype.decode(&self.data)
     }
 }
 

@@ -17,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use glassbox_engine::EngineCommand;
 use glassbox_model::ChatContext;
 use glassbox_protocol::{
     Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, LensEntry, LensSpec, RequestId, SamplingParams,
@@ -72,18 +73,22 @@ pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
 /// name the file. The server keeps serving.
 #[utoipa::path(post, path = "/debug/dump_state", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{\"path\": ...}`: the dump written under --crash-dump-dir"), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 500, description = "The dump could not be written", body = ErrorBody)))]
 pub async fn dump_state(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    let answer = ask(&st, EngineCommand::DumpState);
+    let path = tokio::time::timeout(std::time::Duration::from_secs(60), answer)
+        .await
+        .map_err(|_| ApiError::internal("the engine did not answer within 60 s (a step may be running long)"))??
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"path": path.display().to_string()})))
+}
+
+/// Send the engine thread a control command carrying a reply callback, and wait for the reply.
+async fn ask<T: Send + 'static>(st: &AppState, command: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> EngineCommand) -> AppResult<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    st.engine
-        .dump_state(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
-    match tokio::time::timeout(std::time::Duration::from_secs(60), rx).await {
-        Ok(Ok(Ok(path))) => Ok(Json(json!({"path": path.display().to_string()}))),
-        Ok(Ok(Err(e))) => Err(ApiError::internal(e)),
-        Ok(Err(_)) => Err(ApiError::internal("the engine stopped before writing the dump")),
-        Err(_) => Err(ApiError::internal("the engine did not answer within 60 s (a step may be running long)")),
-    }
+    let reply = Box::new(move |v| {
+        let _ = tx.send(v);
+    });
+    st.engine.control(command(reply)).map_err(|_| ApiError::overloaded("the engine has stopped"))?;
+    rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))
 }
 
 /// `POST /debug/dump`: start, change or stop tensor dumps at run time. Files go under the
@@ -104,26 +109,13 @@ pub async fn tensor_dump(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         Some(cfg)
     };
     let summary = json!({"enabled": cfg.is_some(), "dir": st.dump_dir.display().to_string(), "hooks": cfg.as_ref().map_or(0, |c| c.hooks.len())});
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.engine.set_tensor_dump(cfg, Box::new(move |r| {
-        let _ = tx.send(r);
-    })).map_err(|_| ApiError::overloaded("the engine has stopped"))?;
-    match rx.await {
-        Ok(Ok(())) => Ok(Json(summary)),
-        Ok(Err(e)) => Err(ApiError::internal(e)),
-        Err(_) => Err(ApiError::internal("the engine stopped before answering")),
-    }
+    ask(&st, |reply| EngineCommand::SetTensorDump(cfg, reply)).await?.map_err(ApiError::internal)?;
+    Ok(Json(summary))
 }
 
 /// Ask the engine thread for a live view.
 async fn inspect(st: &AppState, what: glassbox_engine::Inspect) -> AppResult<Json<Value>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.engine
-        .control(glassbox_engine::EngineCommand::Inspect(what, Box::new(move |v| {
-            let _ = tx.send(v);
-        })))
-        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
-    let v = rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?;
+    let v = ask(st, |reply| EngineCommand::Inspect(what, reply)).await?;
     Ok(Json(json!({"data": v})))
 }
 
@@ -175,26 +167,14 @@ pub async fn start_profile(State(st): State<Arc<AppState>>, body: Result<Bytes, 
         _ => parse(body)?,
     };
     let opts = glassbox_engine::profile::ProfileOptions { num_steps: req.num_steps, name: req.name };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.engine
-        .control(glassbox_engine::EngineCommand::StartProfile(opts, Box::new(move |r| {
-            let _ = tx.send(r);
-        })))
-        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
-    rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?.map_err(profile_error)?;
+    ask(&st, |reply| EngineCommand::StartProfile(opts, reply)).await?.map_err(profile_error)?;
     Ok(Json(json!({"status": "started", "dir": st.profile_dir.display().to_string()})))
 }
 
 /// `POST /stop_profile`: stop the running profile; names the trace and summary files.
 #[utoipa::path(post, path = "/stop_profile", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{trace, summary, steps}`"), (status = 409, description = "No profile is running", body = ErrorBody)))]
 pub async fn stop_profile(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    st.engine
-        .control(glassbox_engine::EngineCommand::StopProfile(Box::new(move |r| {
-            let _ = tx.send(r);
-        })))
-        .map_err(|_| ApiError::overloaded("the engine has stopped"))?;
-    let files = rx.await.map_err(|_| ApiError::internal("the engine stopped before answering"))?.map_err(profile_error)?;
+    let files = ask(&st, EngineCommand::StopProfile).await?.map_err(profile_error)?;
     Ok(Json(json!({"trace": files.trace.display().to_string(), "summary": files.summary.display().to_string(), "steps": files.steps})))
 }
 

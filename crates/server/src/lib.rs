@@ -295,10 +295,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
 async fn dump_on_sigquit(state: Arc<AppState>) {
     let Ok(mut quit) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()) else { return };
     while quit.recv().await.is_some() {
-        let asked = state.engine.dump_state(Box::new(|r| match r {
+        let asked = state.engine.control(glassbox_engine::EngineCommand::DumpState(Box::new(|r| match r {
             Ok(p) => eprintln!("SIGQUIT: engine state dumped to {}", p.display()),
             Err(e) => eprintln!("SIGQUIT: the state dump failed: {e}"),
-        }));
+        })));
         if asked.is_err() {
             eprintln!("SIGQUIT: the engine has stopped; no dump");
         }
