@@ -18,8 +18,9 @@ use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 use crate::dump::{DumpConfig, Dumper, StepDump};
 use crate::lens::LogitLens;
 use crate::profile::{ProfileFiles, ProfileOptions, Profiler};
+use crate::stats::{EngineStats, RequestClock};
 use crate::steer::{StepHooks, Steering};
-use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, Hooks, LoadedModel, LogitRows, ModelError};
+use glassbox_model::{BatchLayout, CaptureCollector, HookHandler, HookRows, HookSet, ForwardCtx, LoadedModel, LogitRows, ModelError};
 use glassbox_protocol::{CaptureSpec, EngineOutput, EngineRequest, FinishReason, HookName, RequestId, Site, SteerOp, SteerSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -132,37 +133,6 @@ impl Default for EngineConfig {
 pub enum EngineError {
     #[error("invalid engine configuration: {0}")]
     Config(String),
-}
-
-/// A snapshot for metrics; plain data.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EngineStats {
-    pub running: usize,
-    pub waiting: usize,
-    pub kv_blocks_total: usize,
-    pub kv_blocks_used: usize,
-    pub prefix_queries: u64,
-    pub prefix_hits: u64,
-    pub preemptions: u64,
-    pub steps: u64,
-    pub prompt_tokens_computed: u64,
-}
-
-impl EngineStats {
-    pub fn kv_usage(&self) -> f64 {
-        if self.kv_blocks_total == 0 {
-            0.0
-        } else {
-            self.kv_blocks_used as f64 / self.kv_blocks_total as f64
-        }
-    }
-    pub fn prefix_hit_rate(&self) -> f64 {
-        if self.prefix_queries == 0 {
-            0.0
-        } else {
-            self.prefix_hits as f64 / self.prefix_queries as f64
-        }
-    }
 }
 
 /// What a request is checked against; plain data, shared with the API layer so it can answer
@@ -350,9 +320,7 @@ struct RequestEntry {
     request: EngineRequest,
     /// Arrival order, for dumps.
     arrival: u64,
-    arrived: std::time::Instant,
-    /// Scheduled at least once (the end of its queued span in a profile).
-    started: bool,
+    clock: RequestClock,
 }
 
 /// One sequence's result from the forward pass: its last logits row if it completes its known
@@ -538,6 +506,13 @@ impl EngineCore {
         self.profiler.take().ok_or(ProfileError::NotRunning)?.finish().map_err(ProfileError::Failed)
     }
 
+    /// Add the API side of an HTTP request to the running profile, if one runs.
+    pub fn profile_api(&mut self, t: &crate::profile::ApiTrace) {
+        if let Some(p) = &mut self.profiler {
+            p.api(t);
+        }
+    }
+
     /// Start, change or stop tensor dumps (`POST /debug/dump`).
     pub fn set_dump(&mut self, dump: Option<DumpConfig>) -> Result<(), String> {
         self.dumper = match &dump {
@@ -640,7 +615,8 @@ impl EngineCore {
             ids.push(id);
         }
         self.next_arrival += 1;
-        self.requests.insert(req.id, RequestEntry { seqs: ids, request: req, arrival: self.next_arrival, arrived: std::time::Instant::now(), started: false });
+        tracing::debug!(request_id = req.tag.as_deref().unwrap_or(""), engine_id = req.id, prompt_tokens = req.prompt.len(), n = req.sampling.n, "queued");
+        self.requests.insert(req.id, RequestEntry { seqs: ids, request: req, arrival: self.next_arrival, clock: RequestClock::new(Instant::now()) });
         self.stalled = false;
     }
 
@@ -653,11 +629,17 @@ impl EngineCore {
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
         let step_started = Instant::now();
+        let _span = tracing::trace_span!("step", n = self.stats.steps + 1).entered();
         let t_step = self.profiler.is_some().then_some(step_started);
         let plan = self.sched.schedule();
         // A preempted sequence keeps its captured rows: the rows it recomputes arrive again
         // (deduplicated at assembly), the rows the prefix cache serves back do not.
         self.stats.preemptions += plan.preempted.len() as u64;
+        for p in &plan.preempted {
+            if let Some(e) = self.seqs.get(p).and_then(|rt| self.requests.get_mut(&rt.request)) {
+                e.clock.preemptions += 1;
+            }
+        }
         for &f in &plan.failed {
             if let Some(req) = self.seqs.get(&f).map(|r| r.request) {
                 let msg = format!(
@@ -672,6 +654,11 @@ impl EngineCore {
             self.stats.steps += 1;
             self.current_step = Some(self.step_record(&plan));
             let plan = self.prepare(plan);
+            for s in &plan.scheduled {
+                if let Some(e) = self.seqs.get(&s.id).and_then(|rt| self.requests.get_mut(&rt.request)) {
+                    e.clock.scheduled(self.stats.steps, step_started);
+                }
+            }
             let t_prepared = self.profiler.is_some().then(Instant::now);
             let rows = self.execute(&plan);
             let t_forward = self.profiler.is_some().then(Instant::now);
@@ -681,6 +668,9 @@ impl EngineCore {
                 self.profile_step(&plan, [t0, t1, t2, Instant::now()]);
             }
             self.record_step(step_started);
+            let tokens: usize = plan.scheduled.iter().map(|s| s.len).sum();
+            self.stats.step_tokens.observe(tokens as f64);
+            self.stats.step_seconds.observe(step_started.elapsed().as_secs_f64());
             self.current_step = None;
         }
         std::mem::take(&mut self.outbox)
@@ -721,7 +711,8 @@ impl EngineCore {
                                 let st = self.sched.seqs.get(s)?;
                                 Some(json!({
                                     "completion": self.seqs.get(s).map_or(0, |r| r.index),
-                                    "state": if st.status == SeqStatus::Running { "running" } else { "waiting" },
+                                    "state": st.status().as_str(),
+                                    "in_state_ms": st.time_in_status().as_secs_f64() * 1e3,
                                     "tokens_computed": st.num_computed,
                                     "tokens_total": st.tokens.len(),
                                     "generated": st.tokens.len() - st.prompt_len,
@@ -733,7 +724,7 @@ impl EngineCore {
                         let r = &e.request;
                         json!({
                             "id": id,
-                            "age_ms": e.arrived.elapsed().as_secs_f64() * 1e3,
+                            "age_ms": e.clock.arrived.elapsed().as_secs_f64() * 1e3,
                             "prompt_tokens": r.prompt.len(),
                             "max_tokens": r.sampling.max_tokens,
                             "capture": r.capture.as_ref().map(|c| json!({"hooks": c.hooks.len(), "positions": format!("{:?}", c.positions).to_lowercase()})),
@@ -780,10 +771,9 @@ impl EngineCore {
                 decode_rows += r.len;
             }
             per_request.push(json!({"request": r.request, "completion": r.index, "tokens": r.len, "prefill": prefill}));
-            if let Some(e) = self.requests.get_mut(&r.request) {
-                if !e.started {
-                    e.started = true;
-                    prof.request_span(r.request, "queued", e.arrived, t0, json!({"prompt_tokens": r.prompt_len}));
+            if let Some(e) = self.requests.get(&r.request) {
+                if e.clock.first_scheduled == Some(t0) {
+                    prof.request_span(r.request, "queued", e.clock.arrived, t0, json!({"prompt_tokens": r.prompt_len}));
                 }
             }
             let name = if prefill { "prefill chunk" } else { "decode" };
@@ -843,7 +833,7 @@ impl EngineCore {
                             index: self.seqs.get(s).map_or(0, |r| r.index),
                             generated: st.tokens[st.prompt_len..].to_vec(),
                             num_computed: st.num_computed,
-                            running: st.status == SeqStatus::Running,
+                            running: st.status() == SeqStatus::Running,
                         })
                     })
                     .collect(),
@@ -988,22 +978,28 @@ impl EngineCore {
         let completes: Vec<bool> = scheduled.iter().map(|s| s.start + s.len == self.sched.seqs[&s.id].tokens.len()).collect();
         self.collector.begin_pass();
         let model = self.model.clone();
+        // A profile with layers: per-layer and per-op timings of this pass.
+        let mut ops = self.profiler.as_ref().is_some_and(|p| p.with_layers).then(Vec::new);
         let (kv, collector, steering, lens) = (&mut self.kv, &mut self.collector, &self.steering, &mut self.lens);
         let result = guarded("the forward pass", || {
             for (f, req) in &forward_fault {
                 f.strike(*req)?;
             }
             let mut cache = kv.with_tables(&tables);
-            let logits = if hookset.is_empty() {
-                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::none())
-            } else if let Some((key, req, plan)) = fault_key {
-                let mut inner = StepHooks { steering, collector, lens, model: &model.model, dump: dump_set.as_ref().map(|s| (s, &mut step_dump)) };
-                let mut handler = FaultyHook { inner: &mut inner, key, req, plan };
-                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
-            } else {
-                let mut handler = StepHooks { steering, collector, lens, model: &model.model, dump: dump_set.as_ref().map(|s| (s, &mut step_dump)) };
-                model.model.forward(&tokens, &layout, &mut cache, &mut Hooks::new(&hookset, &mut handler))
+            let mut hooks = StepHooks { steering, collector, lens, model: &model.model, dump: dump_set.as_ref().map(|s| (s, &mut step_dump)) };
+            let mut faulty;
+            let handler: &mut dyn HookHandler = match fault_key {
+                Some((key, req, plan)) => {
+                    faulty = FaultyHook { inner: &mut hooks, key, req, plan };
+                    &mut faulty
+                }
+                None => &mut hooks,
             };
+            let mut ctx = ForwardCtx::new(&layout, &mut cache).with_hooks(&hookset, handler);
+            if let Some(ops) = ops.as_mut() {
+                ctx = ctx.with_ops(ops);
+            }
+            let logits = model.model.forward(&tokens, &mut ctx);
             let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
             // The last logits row of each sequence that completes, in plan order.
             Ok(completes
@@ -1015,11 +1011,15 @@ impl EngineCore {
                 })
                 .collect())
         });
+        if let (Some(p), Some(ops)) = (self.profiler.as_mut(), ops) {
+            p.ops(&ops);
+        }
         if result.is_err() {
             self.collector.rollback_pass();
         } else if let (true, Some(d)) = (dumping, self.dumper.as_mut()) {
             let owners: Vec<(RequestId, usize)> = scheduled.iter().map(|s| self.seqs.get(&s.id).map_or((0, 0), |r| (r.request, r.index))).collect();
             d.send(self.stats.steps, &layout, &owners, step_dump);
+            self.stats.dumps_written += 1;
         }
         result
     }
@@ -1103,7 +1103,17 @@ impl EngineCore {
             prompt_tokens: prompt_len,
             completion_tokens: rt.generated,
             cached_tokens: cached,
+            timings: None,
         };
+        let now = Instant::now();
+        if let Some(e) = self.requests.get_mut(&req) {
+            e.clock.token(now);
+            if let Some(f) = &finish {
+                let t = e.clock.timings(now);
+                tracing::debug!(request_id = e.request.tag.as_deref().unwrap_or(""), engine_id = req, completion = out.index, reason = f.as_str(), tokens = out.completion_tokens, queued_s = t.queued, prefill_s = t.prefill, decode_s = t.decode, steps = t.steps, "finished");
+                out.timings = Some(t);
+            }
+        }
         if finish.is_some() {
             out.logit_lens = self.lens.finish(id);
             // Handed over as captured; the receiver assembles (not on this thread).
@@ -1138,6 +1148,8 @@ impl EngineCore {
     /// blocks. Each sequence gets exactly one finishing output.
     fn finish_request(&mut self, req: RequestId, reason: FinishReason) {
         let Some(entry) = self.requests.remove(&req) else { return };
+        let timings = entry.clock.timings(Instant::now());
+        tracing::debug!(request_id = entry.request.tag.as_deref().unwrap_or(""), engine_id = req, reason = reason.as_str(), "finished");
         for s in entry.seqs {
             let Some((rt, state)) = self.forget_seq(s) else { continue };
             let mut out = EngineOutput::error(req, "");
@@ -1145,6 +1157,7 @@ impl EngineCore {
             out.finish = Some(reason.clone());
             out.prompt_tokens = state.as_ref().map_or(0, |st| st.prompt_len);
             out.completion_tokens = rt.generated;
+            out.timings = Some(timings.clone());
             self.outbox.push(out);
         }
     }

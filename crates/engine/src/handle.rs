@@ -3,7 +3,8 @@
 //! so that neither a submit nor an abort ever blocks the caller (an async runtime, say):
 //! admission limits belong to the API layer, which answers overload with 503.
 
-use crate::core::{panic_message, EngineCore, EngineStats};
+use crate::core::{panic_message, EngineCore};
+use crate::stats::EngineStats;
 use glassbox_protocol::{EngineOutput, EngineRequest, RequestId};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -24,6 +25,8 @@ pub enum EngineCommand {
     StartProfile(crate::profile::ProfileOptions, Box<dyn FnOnce(Result<(), crate::core::ProfileError>) + Send>),
     /// Stop it and write its files (`POST /stop_profile`).
     StopProfile(Box<dyn FnOnce(Result<crate::profile::ProfileFiles, crate::core::ProfileError>) + Send>),
+    /// The API side of an HTTP request, for the running profile (dropped when none runs).
+    ApiTrace(Box<crate::profile::ApiTrace>),
     /// Start, change or stop tensor dumps; the reply says whether it worked.
     SetTensorDump(Option<crate::dump::DumpConfig>, Box<dyn FnOnce(Result<(), String>) + Send>),
     /// Abort everything still running and stop the thread.
@@ -111,6 +114,7 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
                 EngineCommand::StartProfile(opts, reply) => reply(core.start_profile(&opts)),
                 EngineCommand::Inspect(what, reply) => reply(core.inspect(&what)),
                 EngineCommand::StopProfile(reply) => reply(core.stop_profile()),
+                EngineCommand::ApiTrace(t) => core.profile_api(&t),
                 EngineCommand::Shutdown => shutdown = true,
             }
         }

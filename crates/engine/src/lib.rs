@@ -14,9 +14,11 @@ pub mod llm;
 pub mod profile;
 pub mod sampler;
 pub mod scheduler;
+pub mod stats;
 pub mod steer;
 
-pub use crate::core::{EngineConfig, EngineCore, EngineError, EngineStats, KvMemory, Inspect, Limits, ProfileError};
+pub use crate::core::{EngineConfig, EngineCore, EngineError, KvMemory, Inspect, Limits, ProfileError};
 pub use crash::CrashDump;
+pub use stats::{EngineStats, Histogram};
 pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

@@ -4,6 +4,7 @@
 //! finished), and writes a Chrome trace-event JSON (Perfetto and chrome://tracing open it)
 //! plus a plain-text summary of the top spans, like torch profiler's `key_averages()`.
 
+use glassbox_model::OpSpan;
 use glassbox_protocol::RequestId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -18,6 +19,10 @@ pub struct ProfileOptions {
     pub num_steps: Option<u64>,
     /// A label for the files (letters, digits, `-` and `_`).
     pub name: Option<String>,
+    /// Also record every layer and op of each forward pass (attention, each matmul, norms,
+    /// hook handlers).
+    #[serde(default)]
+    pub with_layers: bool,
 }
 
 /// The files a finished profile wrote.
@@ -28,9 +33,23 @@ pub struct ProfileFiles {
     pub steps: u64,
 }
 
-/// The engine thread's track; requests get `REQUEST_TRACK + id`.
+/// The API layer's view of one HTTP request, sent to a running profile as plain data: its
+/// phases (parse, render template, tokenize, wait, stream) as `(name, start, end)`.
+#[derive(Clone, Debug)]
+pub struct ApiTrace {
+    /// The client-visible request id.
+    pub tag: String,
+    pub path: String,
+    /// The engine requests it became.
+    pub requests: Vec<RequestId>,
+    pub spans: Vec<(&'static str, Instant, Instant)>,
+}
+
+/// The engine thread's track; requests get `REQUEST_TRACK + id`, the API side of an HTTP
+/// request `API_TRACK + its first engine request's id`.
 const ENGINE_TRACK: u64 = 1;
-const REQUEST_TRACK: u64 = 1000;
+const REQUEST_TRACK: u64 = 1_000_000_000;
+const API_TRACK: u64 = 2_000_000_000;
 
 pub struct Profiler {
     dir: PathBuf,
@@ -38,9 +57,12 @@ pub struct Profiler {
     t0: Instant,
     steps_left: Option<u64>,
     pub steps: u64,
+    pub with_layers: bool,
     events: Vec<Value>,
     /// Requests seen, for track names.
     tracks: BTreeSet<RequestId>,
+    /// API tracks: (track id, name).
+    api_tracks: Vec<(u64, String)>,
 }
 
 impl Profiler {
@@ -53,7 +75,7 @@ impl Profiler {
             return Err("`num_steps` must be at least 1".into());
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the profile directory {}: {e}", dir.display()))?;
-        Ok(Profiler { dir: dir.to_path_buf(), name, t0: Instant::now(), steps_left: opts.num_steps, steps: 0, events: vec![], tracks: BTreeSet::new() })
+        Ok(Profiler { dir: dir.to_path_buf(), name, t0: Instant::now(), steps_left: opts.num_steps, steps: 0, with_layers: opts.with_layers, events: vec![], tracks: BTreeSet::new(), api_tracks: vec![] })
     }
 
     /// Seconds since the profile started.
@@ -69,6 +91,32 @@ impl Profiler {
     pub fn span(&mut self, name: &str, start: Instant, end: Instant, args: Value) {
         let (ts, dur) = (self.us(start), self.us(end) - self.us(start));
         self.events.push(json!({"name": name, "cat": "engine", "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": ENGINE_TRACK, "args": args}));
+    }
+
+    /// One forward pass's layers and ops, on the engine track (they nest inside `forward`).
+    pub fn ops(&mut self, ops: &[OpSpan]) {
+        for o in ops {
+            let (ts, dur) = (self.us(o.start), self.us(o.end) - self.us(o.start));
+            // The summary groups by `group`: every layer's `q_proj` is one row.
+            let (cat, name, group) = match (o.op, o.hook) {
+                ("layer", _) => ("layer", format!("layer {}", o.layer.unwrap_or(0)), "layer".to_string()),
+                (_, Some(h)) => ("op", format!("hook {}", h.site.suffix()), format!("hook {}", h.site.suffix())),
+                (op, None) => ("op", op.to_string(), op.to_string()),
+            };
+            let hook = o.hook.map(|h| h.to_string());
+            self.events.push(json!({"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": ENGINE_TRACK, "args": {"layer": o.layer, "hook": hook, "group": group}}));
+        }
+    }
+
+    /// The API side of one HTTP request, on its own track (its spans nest in `request`).
+    pub fn api(&mut self, t: &ApiTrace) {
+        let Some(&first) = t.requests.first() else { return };
+        let tid = API_TRACK + first;
+        self.api_tracks.push((tid, format!("api {} {}", t.path, t.tag)));
+        for &(name, start, end) in &t.spans {
+            let (ts, dur) = (self.us(start), self.us(end) - self.us(start));
+            self.events.push(json!({"name": name, "cat": "api", "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": {"request_id": t.tag, "engine_requests": t.requests}}));
+        }
     }
 
     /// A span on a request's track.
@@ -108,6 +156,9 @@ impl Profiler {
         for id in &self.tracks {
             meta.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": REQUEST_TRACK + id, "args": {"name": format!("request {id}")}}));
         }
+        for (tid, name) in &self.api_tracks {
+            meta.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
+        }
         meta.append(&mut self.events);
         let summary_text = summarize(&meta, self.steps);
         let trace = stem.with_extension("trace.json");
@@ -123,7 +174,8 @@ impl Profiler {
 fn summarize(events: &[Value], steps: u64) -> String {
     let mut by_name: BTreeMap<(String, String), (u64, f64, f64)> = BTreeMap::new();
     for e in events.iter().filter(|e| e["ph"] == "X") {
-        let key = (e["cat"].as_str().unwrap_or("").to_string(), e["name"].as_str().unwrap_or("").to_string());
+        let name = e["args"]["group"].as_str().or(e["name"].as_str()).unwrap_or("");
+        let key = (e["cat"].as_str().unwrap_or("").to_string(), name.to_string());
         let dur = e["dur"].as_f64().unwrap_or(0.0);
         let entry = by_name.entry(key).or_insert((0, 0.0, 0.0));
         entry.0 += 1;
@@ -133,12 +185,12 @@ fn summarize(events: &[Value], steps: u64) -> String {
     let engine_total: f64 = by_name.iter().filter(|((c, n), _)| c == "engine" && n == "step").map(|(_, v)| v.1).sum();
     let mut rows: Vec<_> = by_name.into_iter().collect();
     rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-    let mut out = format!("glassbox engine profile: {steps} steps\n\n{:<10} {:<22} {:>8} {:>12} {:>11} {:>11} {:>8}\n", "track", "span", "count", "total ms", "mean us", "max us", "% step");
-    out += &"-".repeat(88);
+    let mut out = format!("glassbox engine profile: {steps} steps\n\n{:<8} {:<32} {:>8} {:>12} {:>11} {:>11} {:>8}\n", "track", "span", "count", "total ms", "mean us", "max us", "% step");
+    out += &"-".repeat(96);
     out.push('\n');
     for ((cat, name), (count, total, max)) in rows {
-        let share = if cat == "engine" && engine_total > 0.0 { format!("{:.1}", 100.0 * total / engine_total) } else { String::new() };
-        out += &format!("{cat:<10} {name:<22} {count:>8} {:>12.3} {:>11.1} {max:>11.1} {share:>8}\n", total / 1000.0, total / count as f64);
+        let share = if matches!(cat.as_str(), "engine" | "layer" | "op") && engine_total > 0.0 { format!("{:.1}", 100.0 * total / engine_total) } else { String::new() };
+        out += &format!("{cat:<8} {name:<32} {count:>8} {:>12.3} {:>11.1} {max:>11.1} {share:>8}\n", total / 1000.0, total / count as f64);
     }
     out
 }

@@ -16,16 +16,37 @@ use std::collections::{HashMap, VecDeque};
 
 pub type SeqId = u64;
 
+/// Where a sequence is in its life. Finished sequences are removed, not kept in a state.
+///
+/// ```text
+/// Waiting ──admit──> Running ──out of KV blocks──> Preempted ──readmit──> Running
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeqStatus {
+    /// Queued, never scheduled.
     Waiting,
+    /// Holds KV blocks and is scheduled every step until it finishes.
     Running,
+    /// Its blocks were taken back; it waits (at the front) to recompute its tokens.
+    Preempted,
 }
 
-/// A sequence's scheduling state: an explicit state machine (Waiting <-> Running, then gone).
+impl SeqStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeqStatus::Waiting => "waiting",
+            SeqStatus::Running => "running",
+            SeqStatus::Preempted => "preempted",
+        }
+    }
+}
+
+/// A sequence's scheduling state.
 #[derive(Clone, Debug)]
 pub struct SeqState {
-    pub status: SeqStatus,
+    status: SeqStatus,
+    /// When it entered `status`.
+    since: std::time::Instant,
     /// Prompt and generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -45,9 +66,27 @@ pub struct SeqState {
 }
 
 impl SeqState {
+    pub fn status(&self) -> SeqStatus {
+        self.status
+    }
+
+    /// How long it has been in its status.
+    pub fn time_in_status(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    /// The one place a status changes; only the transitions drawn on [`SeqStatus`] happen.
+    fn enter(&mut self, to: SeqStatus) {
+        use SeqStatus::*;
+        debug_assert!(matches!((self.status, to), (Waiting | Preempted, Running) | (Running, Preempted)), "{:?} -> {to:?}", self.status);
+        self.status = to;
+        self.since = std::time::Instant::now();
+    }
+
     pub fn new(tokens: Vec<u32>, salt: u64, use_prefix_cache: bool, leader: Option<SeqId>) -> Self {
         SeqState {
             status: SeqStatus::Waiting,
+            since: std::time::Instant::now(),
             prompt_len: tokens.len(),
             tokens,
             num_computed: 0,
@@ -199,7 +238,7 @@ impl Scheduler {
                 }
                 self.waiting.remove(k);
                 let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
-                seq.status = SeqStatus::Running;
+                seq.enter(SeqStatus::Running);
                 out.scheduled.push(ScheduledSeq { id, start: seq.num_computed, len });
                 self.running.push(id);
                 budget -= len;
@@ -232,7 +271,8 @@ impl Scheduler {
         let seq = self.seqs.get_mut(&id).expect("sequence exists");
         seq.num_computed = hit.len() * bs;
         seq.hashes = hashes[..hit.len()].to_vec();
-        if seq.preemptions == 0 {
+        // Counted once, at first admission (a preempted sequence's hits are its own blocks).
+        if seq.status == SeqStatus::Waiting {
             seq.cached_tokens = seq.num_computed;
         }
         seq.blocks = hit;
@@ -266,7 +306,7 @@ impl Scheduler {
     fn preempt(&mut self, id: SeqId) {
         self.release_blocks(id);
         let seq = self.seqs.get_mut(&id).expect("sequence exists");
-        seq.status = SeqStatus::Waiting;
+        seq.enter(SeqStatus::Preempted);
         seq.preemptions += 1;
         self.waiting.push_front(id);
     }

@@ -1,12 +1,11 @@
 //! One generic decoder for every supported architecture; [`ModelConfig`] switches the parts.
 //!
 //! Architecture invariant: every activation named in HOOKS.md passes through exactly one
-//! `hooks.hook(..)` call here, and a hook that nobody asked for returns its input untouched.
+//! `ctx.hook(..)` call here, and a hook that nobody asked for returns its input untouched.
 
-use crate::batch::{BatchLayout, KvCache};
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::hooks::Hooks;
+use crate::forward::ForwardCtx;
 use crate::kernels::{attention, AttnShape};
 use crate::layers::{activate, RmsNorm, Rope};
 use crate::weights::{to_vec, Linear, Vb};
@@ -154,9 +153,11 @@ impl DecoderModel {
         }
     }
 
-    /// One forward pass over a flat batch. Returns logits for `layout.logit_rows`, `[rows, vocab]`.
-    pub fn forward(&self, tokens: &[u32], layout: &BatchLayout, cache: &mut dyn KvCache, hooks: &mut Hooks) -> Result<Tensor> {
+    /// One forward pass over a flat batch (`ctx.layout` says which rows belong to whom).
+    /// Returns logits for `ctx.layout.logit_rows`, `[rows, vocab]`.
+    pub fn forward(&self, tokens: &[u32], ctx: &mut ForwardCtx) -> Result<Tensor> {
         let d = self.cfg.hidden_size;
+        let t = ctx.start();
         let mut rows = Vec::with_capacity(tokens.len() * d);
         for &t in tokens {
             let t = t as usize;
@@ -166,15 +167,20 @@ impl DecoderModel {
             rows.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
         }
         let x = Tensor::from_vec(rows, (tokens.len(), d), &Device::Cpu)?;
-        let mut x = hooks.hook(HookName::global(Site::Embed), x, layout)?;
-        let (cos_g, sin_g) = self.rope_global.cos_sin(&layout.positions)?;
-        let (cos_l, sin_l) = self.rope_local.cos_sin(&layout.positions)?;
+        ctx.done(t, None, "embed");
+        let mut x = ctx.hook(HookName::global(Site::Embed), x)?;
+        let positions = &ctx.layout.positions;
+        let (cos_g, sin_g) = self.rope_global.cos_sin(positions)?;
+        let (cos_l, sin_l) = self.rope_local.cos_sin(positions)?;
         for (i, block) in self.layers.iter().enumerate() {
             let rope = if block.sliding { (&cos_l, &sin_l) } else { (&cos_g, &sin_g) };
-            x = block.forward(x, i, &self.cfg, rope, layout, cache, hooks)?;
+            let t = ctx.start();
+            x = block.forward(x, i, &self.cfg, rope, ctx)?;
+            ctx.done(t, Some(i), "layer");
         }
-        let x = self.norm.forward(&x)?;
-        let x = hooks.hook(HookName::global(Site::LnFinal), x, layout)?;
+        let x = ctx.timed(None, "final_norm", || self.norm.forward(&x))?;
+        let x = ctx.hook(HookName::global(Site::LnFinal), x)?;
+        let layout = ctx.layout;
         if layout.logit_rows.is_empty() {
             // A step of prompt chunks only: nothing to project.
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
@@ -185,99 +191,95 @@ impl DecoderModel {
             let rows = Tensor::new(layout.logit_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
             x.index_select(&rows, 0)?
         };
-        let logits = self.lm_head.forward(&x)?;
-        hooks.hook(HookName::global(Site::Logits), logits, layout)
+        let logits = ctx.timed(None, "lm_head", || self.lm_head.forward(&x))?;
+        ctx.hook(HookName::global(Site::Logits), logits)
     }
 }
 
 impl Block {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: Tensor,
-        layer: usize,
-        cfg: &ModelConfig,
-        rope: (&Tensor, &Tensor),
-        layout: &BatchLayout,
-        cache: &mut dyn KvCache,
-        hooks: &mut Hooks,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: Tensor, layer: usize, cfg: &ModelConfig, rope: (&Tensor, &Tensor), ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
-        let x = hooks.hook(name(Site::ResidPre), x, layout)?;
-        let h = hooks.hook(name(Site::Ln1), self.ln1.forward(&x)?, layout)?;
-        let mut a = self.attn.forward(&h, layer, cfg, self.sliding, rope, layout, cache, hooks)?;
+        let l = Some(layer);
+        let x = ctx.hook(name(Site::ResidPre), x)?;
+        let h = ctx.timed(l, "attn_norm", || self.ln1.forward(&x))?;
+        let h = ctx.hook(name(Site::Ln1), h)?;
+        let mut a = self.attn.forward(&h, layer, cfg, self.sliding, rope, ctx)?;
         if let Some(n) = &self.ln1_post {
-            a = hooks.hook(name(Site::Ln1Post), n.forward(&a)?, layout)?;
+            let normed = ctx.timed(l, "post_attn_norm", || n.forward(&a))?;
+            a = ctx.hook(name(Site::Ln1Post), normed)?;
         }
-        let a = hooks.hook(name(Site::AttnOut), a, layout)?;
-        let x = hooks.hook(name(Site::ResidMid), (x + a)?, layout)?;
-        let h = hooks.hook(name(Site::Ln2), self.ln2.forward(&x)?, layout)?;
-        let mut m = self.mlp.forward(&h, layer, layout, hooks)?;
+        let a = ctx.hook(name(Site::AttnOut), a)?;
+        let x = ctx.hook(name(Site::ResidMid), (x + a)?)?;
+        let h = ctx.timed(l, "mlp_norm", || self.ln2.forward(&x))?;
+        let h = ctx.hook(name(Site::Ln2), h)?;
+        let mut m = self.mlp.forward(&h, layer, ctx)?;
         if let Some(n) = &self.ln2_post {
-            m = hooks.hook(name(Site::Ln2Post), n.forward(&m)?, layout)?;
+            let normed = ctx.timed(l, "post_mlp_norm", || n.forward(&m))?;
+            m = ctx.hook(name(Site::Ln2Post), normed)?;
         }
-        let m = hooks.hook(name(Site::MlpOut), m, layout)?;
-        hooks.hook(name(Site::ResidPost), (x + m)?, layout)
+        let m = ctx.hook(name(Site::MlpOut), m)?;
+        ctx.hook(name(Site::ResidPost), (x + m)?)
     }
 }
 
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        cfg: &ModelConfig,
-        sliding: bool,
-        (cos, sin): (&Tensor, &Tensor),
-        layout: &BatchLayout,
-        cache: &mut dyn KvCache,
-        hooks: &mut Hooks,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, cfg: &ModelConfig, sliding: bool, (cos, sin): (&Tensor, &Tensor), ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
-        let n = layout.n_tokens();
+        let l = Some(layer);
+        let n = ctx.layout.n_tokens();
         let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let q = hooks.hook(name(Site::Q), self.q.forward(x)?.reshape((n, h, dh))?, layout)?;
-        let k = hooks.hook(name(Site::K), self.k.forward(x)?.reshape((n, kvh, dh))?, layout)?;
-        let v = hooks.hook(name(Site::V), self.v.forward(x)?.reshape((n, kvh, dh))?, layout)?;
+        let q = ctx.timed(l, "q_proj", || Ok(self.q.forward(x)?.reshape((n, h, dh))?))?;
+        let q = ctx.hook(name(Site::Q), q)?;
+        let k = ctx.timed(l, "k_proj", || Ok(self.k.forward(x)?.reshape((n, kvh, dh))?))?;
+        let k = ctx.hook(name(Site::K), k)?;
+        let v = ctx.timed(l, "v_proj", || Ok(self.v.forward(x)?.reshape((n, kvh, dh))?))?;
+        let v = ctx.hook(name(Site::V), v)?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (
-                hooks.hook(name(Site::QNormed), qn.forward(&q)?, layout)?,
-                hooks.hook(name(Site::KNormed), kn.forward(&k)?, layout)?,
-            ),
+            (Some(qn), Some(kn)) => {
+                let (q, k) = ctx.timed(l, "qk_norm", || Ok((qn.forward(&q)?, kn.forward(&k)?)))?;
+                (ctx.hook(name(Site::QNormed), q)?, ctx.hook(name(Site::KNormed), k)?)
+            }
             _ => (q, k),
         };
-        let q = hooks.hook(name(Site::RotQ), Rope::apply(&q, cos, sin)?, layout)?;
-        let k = hooks.hook(name(Site::RotK), Rope::apply(&k, cos, sin)?, layout)?;
+        let (q, k) = ctx.timed(l, "rope", || Ok((Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?)))?;
+        let q = ctx.hook(name(Site::RotQ), q)?;
+        let k = ctx.hook(name(Site::RotK), k)?;
         let window = if sliding { cfg.sliding_window } else { None };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window };
-        let want_pattern = hooks.wants(name(Site::Pattern));
+        let want_pattern = ctx.wants(name(Site::Pattern));
+        let t = ctx.start();
         let (qf, kf, vf) = (to_vec(&q)?, to_vec(&k)?, to_vec(&v)?);
         let (qrow, kvrow) = (h * dh, kvh * dh);
         let mut z = Vec::with_capacity(n * qrow);
-        for (s, seq) in layout.seqs.iter().enumerate() {
+        for (s, seq) in ctx.layout.seqs.iter().enumerate() {
             let rows = seq.start..seq.start + seq.len;
-            cache.write(layer, seq, &kf[rows.start * kvrow..rows.end * kvrow], &vf[rows.start * kvrow..rows.end * kvrow])?;
-            let view = cache.view(layer, seq)?;
+            ctx.cache.write(layer, seq, &kf[rows.start * kvrow..rows.end * kvrow], &vf[rows.start * kvrow..rows.end * kvrow])?;
+            let view = ctx.cache.view(layer, seq)?;
             let (zs, probs) = attention(&qf[rows.start * qrow..rows.end * qrow], seq.pos, seq.len, &view, &shape, want_pattern);
             if let Some(p) = probs {
                 let p = Tensor::from_vec(p, (h, seq.len, seq.ctx_len()), &Device::Cpu)?;
                 // Attention patterns are observed, not replaced: the output is already computed.
-                hooks.hook_seq(name(Site::Pattern), s, p, layout)?;
+                ctx.hook_seq(name(Site::Pattern), s, p)?;
             }
             z.extend(zs);
         }
-        let z = hooks.hook(name(Site::Z), Tensor::from_vec(z, (n, h, dh), &Device::Cpu)?, layout)?;
-        self.o.forward(&z.reshape((n, h * dh))?)
+        let z = Tensor::from_vec(z, (n, h, dh), &Device::Cpu)?;
+        ctx.done(t, l, "attention");
+        let z = ctx.hook(name(Site::Z), z)?;
+        ctx.timed(l, "o_proj", || self.o.forward(&z.reshape((n, h * dh))?))
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, layer: usize, layout: &BatchLayout, hooks: &mut Hooks) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
-        let gate = hooks.hook(name(Site::MlpPre), self.gate.forward(x)?, layout)?;
-        let up = hooks.hook(name(Site::MlpPreLinear), self.up.forward(x)?, layout)?;
-        let post = hooks.hook(name(Site::MlpPost), (activate(self.act, &gate)? * up)?, layout)?;
-        self.down.forward(&post)
+        let l = Some(layer);
+        let gate = ctx.timed(l, "gate_proj", || self.gate.forward(x))?;
+        let gate = ctx.hook(name(Site::MlpPre), gate)?;
+        let up = ctx.timed(l, "up_proj", || self.up.forward(x))?;
+        let up = ctx.hook(name(Site::MlpPreLinear), up)?;
+        let post = ctx.timed(l, "act", || Ok((activate(self.act, &gate)? * up)?))?;
+        let post = ctx.hook(name(Site::MlpPost), post)?;
+        ctx.timed(l, "down_proj", || self.down.forward(&post))
     }
 }

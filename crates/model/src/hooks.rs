@@ -17,6 +17,8 @@ pub struct HookSet {
 }
 
 impl HookSet {
+    pub const EMPTY: HookSet = HookSet { bits: Vec::new() };
+
     pub fn insert(&mut self, name: HookName) {
         let i = name.index();
         if self.bits.len() <= i / 64 {
@@ -67,55 +69,6 @@ pub enum HookRows {
 pub trait HookHandler {
     /// Called only for names in the step's [`HookSet`]. Return `Some` to replace the activation.
     fn on_hook(&mut self, name: HookName, x: &Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Option<Tensor>>;
-}
-
-/// The model's view of hooks during one forward pass.
-pub struct Hooks<'a> {
-    active: &'a HookSet,
-    handler: Option<&'a mut dyn HookHandler>,
-}
-
-static NO_HOOKS: HookSet = HookSet { bits: Vec::new() };
-
-impl<'a> Hooks<'a> {
-    pub fn none() -> Hooks<'static> {
-        Hooks { active: &NO_HOOKS, handler: None }
-    }
-
-    pub fn new(active: &'a HookSet, handler: &'a mut dyn HookHandler) -> Self {
-        Hooks { active, handler: Some(handler) }
-    }
-
-    #[inline]
-    pub fn wants(&self, name: HookName) -> bool {
-        self.active.contains(name)
-    }
-
-    /// A hook over the step's rows.
-    #[inline]
-    pub fn hook(&mut self, name: HookName, x: Tensor, layout: &BatchLayout) -> Result<Tensor> {
-        if !self.active.contains(name) {
-            return Ok(x);
-        }
-        self.call(name, x, HookRows::Batch, layout)
-    }
-
-    /// A hook over one sequence's tensor (attention patterns).
-    #[inline]
-    pub fn hook_seq(&mut self, name: HookName, seq: usize, x: Tensor, layout: &BatchLayout) -> Result<Tensor> {
-        if !self.active.contains(name) {
-            return Ok(x);
-        }
-        self.call(name, x, HookRows::Seq(seq), layout)
-    }
-
-    #[cold]
-    fn call(&mut self, name: HookName, x: Tensor, rows: HookRows, layout: &BatchLayout) -> Result<Tensor> {
-        match &mut self.handler {
-            Some(h) => Ok(h.on_hook(name, &x, rows, layout)?.unwrap_or(x)),
-            None => Ok(x),
-        }
-    }
 }
 
 /// Collects captures for sequences of the batch, keyed by the layout's sequence `key`

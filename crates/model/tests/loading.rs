@@ -6,7 +6,7 @@
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use glassbox_model::loader::hub_snapshot_in;
-use glassbox_model::{load, BatchLayout, ContiguousKvCache, Hooks, LoadOptions, LogitRows, ModelSource};
+use glassbox_model::{load, BatchLayout, ContiguousKvCache, ForwardCtx, LoadOptions, LogitRows, ModelSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ fn logits(source: ModelSource) -> Vec<f32> {
     let m = load(&source, LoadOptions::default()).unwrap();
     let ids = [1u32, 403, 407, 261, 378];
     let layout = BatchLayout::single(ids.len(), 0, LogitRows::All);
-    let out = m.model.forward(&ids, &layout, &mut ContiguousKvCache::default(), &mut Hooks::none()).unwrap();
+    let out = m.model.forward(&ids, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
     out.flatten_all().unwrap().to_vec1().unwrap()
 }
 

@@ -7,7 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use glassbox_model::{
-    load, BatchLayout, CaptureCollector, ContiguousKvCache, HookHandler, HookSet, Hooks, LoadOptions, LogitRows,
+    load, BatchLayout, CaptureCollector, ContiguousKvCache, HookHandler, HookSet, ForwardCtx, LoadOptions, LogitRows,
     ModelSource,
 };
 use glassbox_protocol::{CapturePositions, CaptureSpec, HookName};
@@ -72,7 +72,7 @@ fn check_model(source: ModelSource, reference: &str) {
         let mut cache = ContiguousKvCache::default();
         let logits = {
             let handler: &mut dyn HookHandler = &mut collector;
-            m.model.forward(&input, &layout, &mut cache, &mut Hooks::new(&set, handler)).unwrap()
+            m.model.forward(&input, &mut ForwardCtx::new(&layout, &mut cache).with_hooks(&set, handler)).unwrap()
         };
         let captures = collector.finish(0).unwrap();
         let mut report = vec![];
@@ -109,7 +109,7 @@ fn check_model(source: ModelSource, reference: &str) {
         for _ in 0..expect.len() {
             let pos = tokens.len() - step_input.len();
             let layout = BatchLayout::single(step_input.len(), pos, LogitRows::Last);
-            let logits = m.model.forward(&step_input, &layout, &mut cache, &mut Hooks::none()).unwrap();
+            let logits = m.model.forward(&step_input, &mut ForwardCtx::new(&layout, &mut cache)).unwrap();
             let next = logits.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
             got.push(next);
             tokens.push(next);
@@ -152,7 +152,7 @@ fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64, greed
     for case in cases(reference) {
         let input = ids(&case.tensors["input_ids"]);
         let layout = BatchLayout::single(input.len(), 0, LogitRows::All);
-        let logits = m.model.forward(&input, &layout, &mut ContiguousKvCache::default(), &mut Hooks::none()).unwrap();
+        let logits = m.model.forward(&input, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
         let ours = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
         let refs = candle_nn::ops::log_softmax(&case.tensors["logits"], 1).unwrap().to_vec2::<f32>().unwrap();
         for (o, r) in ours.iter().zip(&refs) {
@@ -164,7 +164,7 @@ fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64, greed
         let (mut step, mut pos, mut got) = (input.clone(), 0, vec![]);
         for _ in 0..expect.len() {
             let layout = BatchLayout::single(step.len(), pos, LogitRows::Last);
-            let logits = m.model.forward(&step, &layout, &mut cache, &mut Hooks::none()).unwrap();
+            let logits = m.model.forward(&step, &mut ForwardCtx::new(&layout, &mut cache)).unwrap();
             let next = logits.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
             pos += step.len();
             got.push(next);

@@ -245,6 +245,10 @@ pub struct EngineRequest {
     /// The final norm and unembedding applied to chosen layers' residual streams.
     #[serde(default)]
     pub logit_lens: Option<LensSpec>,
+    /// The client-visible request id (`X-Request-Id`), carried into the engine's log lines
+    /// and profile tracks; never interpreted.
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 /// Logit lens: at `hook_resid_post` of each layer, the top tokens of `softmax(unembed(norm(x)))`.
@@ -327,6 +331,26 @@ pub struct EngineOutput {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
+    /// On a finishing output: where the request's time in the engine went.
+    #[serde(default)]
+    pub timings: Option<RequestTimings>,
+}
+
+/// Where one request's time in the engine went, in seconds from its arrival at the engine.
+/// Prefill is first scheduled to first token, decode first token to finish (vLLM's split).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestTimings {
+    /// Arrival to first scheduled (time in queue).
+    pub queued: f64,
+    /// Arrival to its first sampled token, if it got one.
+    pub first_token: Option<f64>,
+    pub prefill: f64,
+    pub decode: f64,
+    /// Arrival to finish.
+    pub total: f64,
+    /// Engine steps the request took part in.
+    pub steps: u64,
+    pub preemptions: u64,
 }
 
 impl EngineOutput {
@@ -343,6 +367,7 @@ impl EngineOutput {
             prompt_tokens: 0,
             completion_tokens: 0,
             cached_tokens: 0,
+            timings: None,
         }
     }
 }

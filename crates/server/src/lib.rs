@@ -6,6 +6,7 @@
 
 mod capture_store;
 mod error;
+mod generate;
 mod handlers;
 mod metrics;
 mod openai;
@@ -351,8 +352,8 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
     use utoipa_axum::{router::OpenApiRouter, routes};
     // Behind the API key when one is set.
     let (protected, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(handlers::completions))
-        .routes(routes!(handlers::chat_completions))
+        .routes(routes!(generate::completions))
+        .routes(routes!(generate::chat_completions))
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::dump_state))
         .routes(routes!(handlers::tensor_dump))

@@ -288,4 +288,8 @@ pub struct StartProfileRequest {
     pub num_steps: Option<u64>,
     /// A label for the files: letters, digits, `-`, `_`.
     pub name: Option<String>,
+    /// Also time every layer and op of each forward pass (attention, each matmul, norms,
+    /// hook handlers).
+    #[serde(default)]
+    pub with_layers: bool,
 }

@@ -1,0 +1,115 @@
+//! [`ForwardCtx`]: everything one forward pass needs besides the weights and the tokens — the
+//! batch layout, the KV cache, the hooks someone asked for, and (when a profile with layers
+//! runs) a place for per-layer and per-op timings.
+//!
+//! Architecture invariant: with no hooks and no op trace, each hook site and each timed op
+//! costs one branch and the numerics are those of a pass without a context at all.
+
+use crate::batch::{BatchLayout, KvCache};
+use crate::error::Result;
+use crate::hooks::{HookHandler, HookRows, HookSet};
+use candle_core::Tensor;
+use glassbox_protocol::HookName;
+use std::time::Instant;
+
+/// One timed piece of a forward pass (recorded only when an op trace is attached).
+#[derive(Clone, Debug)]
+pub struct OpSpan {
+    /// The block it ran in; `None` for the embedding, the final norm and the unembedding.
+    pub layer: Option<usize>,
+    /// `layer` for a whole block, else the op (`q_proj`, `attention`, `hook`, ...).
+    pub op: &'static str,
+    /// For `hook` spans: which hook's handler ran.
+    pub hook: Option<HookName>,
+    pub start: Instant,
+    pub end: Instant,
+}
+
+static NO_HOOKS: HookSet = HookSet::EMPTY;
+
+pub struct ForwardCtx<'a> {
+    pub layout: &'a BatchLayout,
+    pub cache: &'a mut dyn KvCache,
+    active: &'a HookSet,
+    handler: Option<&'a mut dyn HookHandler>,
+    ops: Option<&'a mut Vec<OpSpan>>,
+}
+
+impl<'a> ForwardCtx<'a> {
+    /// A plain pass: no hooks, no timings.
+    pub fn new(layout: &'a BatchLayout, cache: &'a mut dyn KvCache) -> Self {
+        ForwardCtx { layout, cache, active: &NO_HOOKS, handler: None, ops: None }
+    }
+
+    /// Call `handler` at the hook points in `active` (and only there).
+    pub fn with_hooks(mut self, active: &'a HookSet, handler: &'a mut dyn HookHandler) -> Self {
+        self.active = active;
+        self.handler = Some(handler);
+        self
+    }
+
+    /// Record per-layer and per-op timings into `ops`.
+    pub fn with_ops(mut self, ops: &'a mut Vec<OpSpan>) -> Self {
+        self.ops = Some(ops);
+        self
+    }
+
+    #[inline]
+    pub fn wants(&self, name: HookName) -> bool {
+        self.active.contains(name)
+    }
+
+    /// A hook over the step's rows.
+    #[inline]
+    pub fn hook(&mut self, name: HookName, x: Tensor) -> Result<Tensor> {
+        if !self.active.contains(name) {
+            return Ok(x);
+        }
+        self.call(name, x, HookRows::Batch)
+    }
+
+    /// A hook over one sequence's tensor (attention patterns).
+    #[inline]
+    pub fn hook_seq(&mut self, name: HookName, seq: usize, x: Tensor) -> Result<Tensor> {
+        if !self.active.contains(name) {
+            return Ok(x);
+        }
+        self.call(name, x, HookRows::Seq(seq))
+    }
+
+    #[cold]
+    fn call(&mut self, name: HookName, x: Tensor, rows: HookRows) -> Result<Tensor> {
+        let t = self.start();
+        let out = match &mut self.handler {
+            Some(h) => h.on_hook(name, &x, rows, self.layout)?.unwrap_or(x),
+            None => x,
+        };
+        if let (Some(ops), Some(start)) = (&mut self.ops, t) {
+            ops.push(OpSpan { layer: name.layer.map(|l| l as usize), op: "hook", hook: Some(name), start, end: Instant::now() });
+        }
+        Ok(out)
+    }
+
+    /// The start of a timed op: `Some(now)` only while an op trace is attached.
+    #[inline]
+    pub fn start(&self) -> Option<Instant> {
+        self.ops.as_ref().map(|_| Instant::now())
+    }
+
+    /// The end of a timed op begun with [`ForwardCtx::start`].
+    #[inline]
+    pub fn done(&mut self, start: Option<Instant>, layer: Option<usize>, op: &'static str) {
+        if let (Some(ops), Some(start)) = (&mut self.ops, start) {
+            ops.push(OpSpan { layer, op, hook: None, start, end: Instant::now() });
+        }
+    }
+
+    /// Run `f` as op `op` of `layer` (timed when an op trace is attached).
+    #[inline]
+    pub fn timed<T>(&mut self, layer: Option<usize>, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = self.start();
+        let out = f()?;
+        self.done(t, layer, op);
+        Ok(out)
+    }
+}
