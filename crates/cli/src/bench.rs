@@ -59,6 +59,8 @@ pub struct ThroughputArgs {
     /// steering costs.
     #[arg(long)]
     pub steer: Option<String>,
+    #[command(flatten)]
+    pub profile: crate::profile::ProfileArgs,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -132,6 +134,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     );
     let bar = indicatif::ProgressBar::new(a.num_prompts as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} requests {elapsed_precise}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    a.profile.start(&mut llm)?;
     let start = Instant::now();
     for r in requests {
         llm.core_mut().add_request(r);
@@ -148,6 +151,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
+    a.profile.finish(&mut llm)?;
     if errors > 0 {
         bail!("{errors} requests failed");
     }

@@ -43,6 +43,8 @@ pub struct GenerateArgs {
     /// Run GGUF weights dequantized to f32 (reference numerics; slower).
     #[arg(long)]
     pub dequantize: bool,
+    #[command(flatten)]
+    pub profile: crate::profile::ProfileArgs,
 }
 
 pub fn load_model(model: Option<&str>, dequantize: bool, batch_invariant: bool) -> Result<LoadedModel> {
@@ -74,6 +76,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     let mut llm = LLM::from_model(model.clone(), EngineConfig::default())?;
+    a.profile.start(&mut llm)?;
     llm.core_mut().add_request(EngineRequest { id: 0, prompt: prompt.clone(), sampling, capture, ..Default::default() });
     let mut stdout = std::io::stdout();
     let mut result = Ok(());
@@ -87,6 +90,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         captures.extend(out.capture.map(|p| p.assemble()).unwrap_or_default());
     });
     println!();
+    a.profile.finish(&mut llm)?;
     result?;
     if !a.capture.is_empty() {
         crate::capture_file::write(&a.capture_out, &captures, &prompt, &model.name)?;

@@ -4,6 +4,7 @@ mod bench;
 mod capture_file;
 mod commands;
 mod dump;
+mod profile;
 mod replay;
 
 use clap::{Parser, Subcommand};
@@ -14,6 +15,17 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as one JSON object per line (fields included: request ids, the
+    /// access log's method, path, status, tokens and time). Which lines: `GLASSBOX_LOG` (or
+    /// `RUST_LOG`) filters, e.g. `glassbox=debug` or `warn,glassbox::access=info`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GLASSBOX_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,11 +50,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GLASSBOX_LOG").unwrap_or_else(|_| "warn,glassbox=info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GLASSBOX_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "warn,glassbox=info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+    }
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Serve(a) => glassbox_server::serve(a),

@@ -506,6 +506,11 @@ impl EngineCore {
         self.profiler.take().ok_or(ProfileError::NotRunning)?.finish().map_err(ProfileError::Failed)
     }
 
+    /// Stop profiling and write the trace to `trace` (offline `--profile out.json`).
+    pub fn stop_profile_to(&mut self, trace: &std::path::Path) -> Result<ProfileFiles, ProfileError> {
+        self.profiler.take().ok_or(ProfileError::NotRunning)?.finish_to(trace).map_err(ProfileError::Failed)
+    }
+
     /// Add the API side of an HTTP request to the running profile, if one runs.
     pub fn profile_api(&mut self, t: &crate::profile::ApiTrace) {
         if let Some(p) = &mut self.profiler {

@@ -146,9 +146,14 @@ impl Profiler {
     }
 
     /// Write the trace and the summary; returns their paths.
-    pub fn finish(mut self) -> Result<ProfileFiles, String> {
+    pub fn finish(self) -> Result<ProfileFiles, String> {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-        let stem = self.dir.join(format!("{}-{stamp}", self.name));
+        let trace = self.dir.join(format!("{}-{stamp}.trace.json", self.name));
+        self.finish_to(&trace)
+    }
+
+    /// Write the trace to `trace` and the summary beside it (`x.json` -> `x.summary.txt`).
+    pub fn finish_to(mut self, trace: &Path) -> Result<ProfileFiles, String> {
         let mut meta = vec![
             json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "glassbox engine"}}),
             json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": ENGINE_TRACK, "args": {"name": "engine thread (steps)"}}),
@@ -161,12 +166,11 @@ impl Profiler {
         }
         meta.append(&mut self.events);
         let summary_text = summarize(&meta, self.steps);
-        let trace = stem.with_extension("trace.json");
         let doc = json!({"traceEvents": meta, "displayTimeUnit": "ms", "otherData": {"steps": self.steps}});
-        std::fs::write(&trace, serde_json::to_vec(&doc).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", trace.display()))?;
-        let summary = stem.with_extension("summary.txt");
+        std::fs::write(trace, serde_json::to_vec(&doc).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", trace.display()))?;
+        let summary = trace.with_extension("").with_extension("summary.txt");
         std::fs::write(&summary, summary_text).map_err(|e| format!("{}: {e}", summary.display()))?;
-        Ok(ProfileFiles { trace, summary, steps: self.steps })
+        Ok(ProfileFiles { trace: trace.to_path_buf(), summary, steps: self.steps })
     }
 }
 

@@ -28,15 +28,17 @@ impl Histogram {
         self.count += 1;
     }
 
-    /// The Prometheus text format (`_bucket` lines are cumulative there).
+    /// The Prometheus text format (`_bucket` lines are cumulative there); `labels` like
+    /// `model_name="m"` or empty.
     pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let (sep, set) = if labels.is_empty() { ("", String::new()) } else { (",", format!("{{{labels}}}")) };
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (b, c) in self.buckets.iter().zip(&self.counts) {
             cumulative += c;
-            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}\n{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}", self.count, self.sum, self.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}\n{name}_sum{set} {}\n{name}_count{set} {}", self.count, self.sum, self.count);
     }
 }
 
@@ -177,6 +179,6 @@ mod tests {
         }
         let mut out = String::new();
         h.render(&mut out, "x", "help", "");
-        assert!(out.contains("x_bucket{le=\"1\"} 1\nx_bucket{le=\"10\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_sum{} 60.5\nx_count{} 4"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 1\nx_bucket{le=\"10\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_sum 60.5\nx_count 4"), "{out}");
     }
 }

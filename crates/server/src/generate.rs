@@ -7,6 +7,7 @@ use crate::handlers::{parse, request_id, AppResult};
 use crate::metrics::RequestTiming;
 use crate::openai::{CapturePositionsRequest, CaptureRequest, ChatRequest, Common, CompletionRequest, ErrorBody, LensLayers, LensRequest, Prompt, SteerPositionsRequest, SteerRequest};
 use crate::router::RouterMsg;
+use crate::telemetry::{AccessTokens, ApiClock};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -17,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use glassbox_model::ChatContext;
 use glassbox_protocol::{
-    Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, LensEntry, LensSpec, RequestId, SamplingParams,
+    Capture, CapturePositions, CaptureSpec, DType, EngineOutput, EngineRequest, FinishReason, HookError, HookName, LensEntry, LensSpec, RequestId, RequestTimings,
+    SamplingParams,
     SteerOp, SteerPositions, SteerSpec, TokenLogprob,
 };
 use serde_json::{json, Value};
@@ -45,6 +47,11 @@ struct Job {
     /// For tracing: the client's `X-Request-Id` or a random one; echoed in the response.
     request_id: String,
     intro: Introspection,
+    /// Add each choice's engine timings (`return_timings`).
+    timings: bool,
+    /// The API side of the request's time (for a running profile).
+    clock: Option<ApiClock>,
+    path: &'static str,
 }
 
 /// What a request asks to see or change inside the model.
@@ -64,8 +71,10 @@ fn introspection(st: &AppState, c: &Common) -> AppResult<Introspection> {
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("api_key" = [])), request_body = CompletionRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
 pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let mut clock = ApiClock::start();
     let request_id = request_id(&headers)?;
     let req: CompletionRequest = parse(body)?;
+    clock.lap("parse");
     check_model(&st, &req.common)?;
     let prompts: Vec<Vec<u32>> = match req.prompt {
         Prompt::Text(t) => vec![encode(&st, &t)?],
@@ -74,6 +83,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         Prompt::TokenLists(ls) if !ls.is_empty() => ls,
         _ => return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt")),
     };
+    clock.lap("tokenize");
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt"));
     }
@@ -95,21 +105,28 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         chat_logprobs: false,
         echo,
         request_id,
+        timings: req.common.return_timings,
         intro,
+        clock: Some(clock),
+        path: "/v1/completions",
     };
     run(st, job).await
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("api_key" = [])), request_body = ChatRequest, params(("X-Request-Id" = Option<String>, Header, description = "Echoed in the response header", pattern = "^[!-~]{1,128}$")), responses((status = 200, description = "A chat completion (JSON), or server-sent events when `stream` is true"), (status = 400, description = "Bad parameters", body = ErrorBody), (status = 401, description = "Missing or wrong API key", body = ErrorBody), (status = 404, description = "Unknown model", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 503, description = "At capacity or stopped; see Retry-After", body = ErrorBody)))]
 pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> AppResult<Response> {
+    let mut clock = ApiClock::start();
     let request_id = request_id(&headers)?;
     let req: ChatRequest = parse(body)?;
+    clock.lap("parse");
     check_model(&st, &req.common)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
     }
     let text = render_chat(&st, req.messages, req.add_generation_prompt, req.chat_template_kwargs)?;
+    clock.lap("render template");
     let prompt = st.model.tokenizer.encode(&text, false)?;
+    clock.lap("tokenize");
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (false, Some(_)) => return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`").param("top_logprobs")),
         (true, Some(k @ 0..=20)) => Some(k as usize),
@@ -129,7 +146,10 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         chat_logprobs: req.logprobs,
         echo: vec![],
         request_id,
+        timings: req.common.return_timings,
         intro,
+        clock: Some(clock),
+        path: "/v1/chat/completions",
     };
     run(st, job).await
 }
@@ -352,6 +372,7 @@ impl Drop for Inflight {
                 finish: "abort",
                 prompt_tokens: 0,
                 generation_tokens: 0,
+                engine: vec![],
             });
         }
         self.st.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -378,6 +399,10 @@ struct Progress {
     captures: Vec<Vec<Capture>>,
     /// Logit lens entries per choice, from its finishing output.
     lens: Vec<Vec<LensEntry>>,
+    /// The engine's timings per choice, from its finishing output.
+    timings: Vec<Option<RequestTimings>>,
+    /// Token counts for the access log.
+    access: AccessTokens,
 }
 
 impl Progress {
@@ -409,6 +434,10 @@ impl Progress {
         self.texts[c].push_str(&o.text);
         self.logprobs[c].extend(o.logprobs.iter().cloned());
         self.completion_tokens[c] = self.completion_tokens[c].max(o.completion_tokens);
+        self.access.set(self.prompt_tokens, self.completion_tokens.iter().sum());
+        if o.timings.is_some() {
+            self.timings[c] = o.timings.take();
+        }
         match &o.finish {
             // The engine fails a whole request at once (and the router stops routing it):
             // every choice of that prompt ends with the error.
@@ -449,6 +478,7 @@ impl Progress {
             finish: finish.unwrap_or("abort"),
             prompt_tokens: self.prompt_tokens,
             generation_tokens: self.completion_tokens.iter().sum(),
+            engine: self.timings.iter().flatten().cloned().collect(),
         });
     }
 }
@@ -488,6 +518,13 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     for req in requests {
         st.engine.submit(req).map_err(|_| ApiError::overloaded("the engine is shutting down"))?;
     }
+    if !job.intro.steer.is_empty() {
+        st.metrics.steered();
+    }
+    let mut job = job;
+    if let Some(c) = &mut job.clock {
+        c.lap("submit");
+    }
     let choices = ids.len() * n;
     let mut prog = Progress {
         n,
@@ -505,6 +542,8 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         tokens: vec![vec![]; choices],
         captures: vec![vec![]; choices],
         lens: vec![vec![]; choices],
+        timings: vec![None; choices],
+        access: AccessTokens::default(),
     };
     // Random, as vLLM's: ids never repeat across restarts or replicas.
     let rid = match job.kind {
@@ -522,6 +561,9 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
         }
         guard.finished = true;
         prog.record(&st);
+        if let Some(c) = &mut job.clock {
+            c.lap("wait for engine");
+        }
         let choices: Vec<Value> = (0..choices)
             .map(|c| {
                 let text = match job.echo.get(c / n) {
@@ -531,12 +573,18 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
                 let mut choice = full_choice(&st, &job, c, text, &prog.logprobs[c], prog.finish[c].as_ref());
                 attach_lens(&st, &job, &mut prog, c, &mut choice);
                 attach_capture(&st, &job, &mut prog, c, &mut choice);
+                attach_timings(&job, &prog, c, &mut choice);
                 choice
             })
             .collect();
         let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
         let mut resp = Json(json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices, "usage": prog.usage()})).into_response();
         resp.headers_mut().insert("x-request-id", id_header);
+        resp.extensions_mut().insert(prog.access.clone());
+        if let Some(mut c) = job.clock.take() {
+            c.lap("respond");
+            c.send(&st, &job.request_id, job.path, &ids);
+        }
         return Ok(resp);
     }
 
@@ -544,9 +592,12 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     let st2 = st.clone();
     let object = if job.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     // Phases: 0 streaming tokens, 1 usage sent (only [DONE] left), 2 done.
-    let stream = futures_util::stream::unfold((rx, prog, guard, 0u8, job), move |(mut rx, mut prog, mut guard, phase, job)| {
+    let access = prog.access.clone();
+    let engine_ids = ids.clone();
+    let stream = futures_util::stream::unfold((rx, prog, guard, 0u8, job), move |(mut rx, mut prog, mut guard, phase, mut job)| {
         let st = st2.clone();
         let rid = rid.clone();
+        let engine_ids = engine_ids.clone();
         async move {
             let chunk = |choices: Value| json!({"id": rid, "object": object, "created": created, "model": st.served_name, "choices": choices});
             match phase {
@@ -557,6 +608,10 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             if prog.done() {
                 guard.finished = true;
                 prog.record(&st);
+                if let Some(mut c) = job.clock.take() {
+                    c.lap("stream");
+                    c.send(&st, &job.request_id, job.path, &engine_ids);
+                }
                 if job.include_usage {
                     let mut c = chunk(json!([]));
                     c["usage"] = prog.usage();
@@ -577,6 +632,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             if o.finish.is_some() {
                 attach_lens(&st, &job, &mut prog, c, &mut choice);
                 attach_capture(&st, &job, &mut prog, c, &mut choice);
+                attach_timings(&job, &prog, c, &mut choice);
             }
             let mut ev = chunk(json!([choice]));
             if job.include_usage {
@@ -587,6 +643,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
     });
     let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     resp.headers_mut().insert("x-request-id", id_header);
+    resp.extensions_mut().insert(access);
     Ok(resp)
 }
 
@@ -621,12 +678,14 @@ fn attach_capture(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choic
             Ok(id) => {
                 capture["url"] = json!(format!("/v1/captures/{id}"));
                 capture["bytes"] = json!(len);
+                st.metrics.capture_bytes(len);
             }
             Err(m) => return fail_choice(choice, m),
         }
     } else {
         use base64::Engine;
         capture["data"] = json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
+        st.metrics.capture_bytes(bytes.len());
     }
     choice["capture"] = capture;
 }
@@ -645,6 +704,21 @@ fn attach_lens(st: &AppState, job: &Job, prog: &mut Progress, c: usize, choice: 
         })
         .collect();
     choice["logit_lens"] = Value::Array(json);
+}
+
+/// `return_timings`: where choice `c`'s time in the engine went, in milliseconds.
+fn attach_timings(job: &Job, prog: &Progress, c: usize, choice: &mut Value) {
+    let (true, Some(t)) = (job.timings, &prog.timings[c]) else { return };
+    let ms = |s: f64| (s * 1e6).round() / 1e3;
+    choice["timings"] = json!({
+        "queued_ms": ms(t.queued),
+        "first_token_ms": t.first_token.map(ms),
+        "prefill_ms": ms(t.prefill),
+        "decode_ms": ms(t.decode),
+        "engine_ms": ms(t.total),
+        "steps": t.steps,
+        "preemptions": t.preemptions,
+    });
 }
 
 fn fail_choice(choice: &mut Value, message: String) {

@@ -156,12 +156,14 @@ pub async fn start_profile(State(st): State<Arc<AppState>>, body: Result<Bytes, 
     };
     let opts = glassbox_engine::profile::ProfileOptions { num_steps: req.num_steps, name: req.name, with_layers: req.with_layers };
     ask(&st, |reply| EngineCommand::StartProfile(opts, reply)).await?.map_err(profile_error)?;
+    st.profiling.store(true, Ordering::Relaxed);
     Ok(Json(json!({"status": "started", "dir": st.profile_dir.display().to_string()})))
 }
 
 /// `POST /stop_profile`: stop the running profile; names the trace and summary files.
 #[utoipa::path(post, path = "/stop_profile", tag = "debug", security(("api_key" = [])), responses((status = 200, description = "`{trace, summary, steps}`"), (status = 409, description = "No profile is running", body = ErrorBody)))]
 pub async fn stop_profile(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    st.profiling.store(false, Ordering::Relaxed);
     let files = ask(&st, EngineCommand::StopProfile).await?.map_err(profile_error)?;
     Ok(Json(json!({"trace": files.trace.display().to_string(), "summary": files.summary.display().to_string(), "steps": files.steps})))
 }

@@ -12,6 +12,7 @@ mod metrics;
 mod openai;
 mod router;
 mod steering_vectors;
+mod telemetry;
 
 pub use error::ApiError;
 
@@ -155,6 +156,9 @@ pub struct AppState {
     /// Where `POST /debug/dump` writes (clients never choose paths).
     pub dump_dir: std::path::PathBuf,
     pub profile_dir: std::path::PathBuf,
+    /// A profile was started and not yet stopped: the API side of requests is sent to it.
+    /// (After a `num_steps` auto-stop the engine drops what arrives until `/stop_profile`.)
+    pub profiling: AtomicBool,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -258,6 +262,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         steering_vectors,
         dump_dir: args.dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("dumps")),
         profile_dir,
+        profiling: AtomicBool::new(false),
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
@@ -381,6 +386,7 @@ pub fn app(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/openapi.json", get(move || async move { axum::Json(api.as_ref().clone()) }))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(telemetry::access_log))
         .with_state(state)
 }
 

@@ -1,44 +1,24 @@
-//! Prometheus metrics: the engine's snapshot (running, waiting, KV usage, prefix cache) plus
-//! what the API layer measures per request (latencies, token counts, finish reasons).
+//! Prometheus metrics, named after vLLM's (`vllm:` families as `glassbox:`): the engine's
+//! snapshot (running, waiting, KV usage, prefix cache, per-step tokens and durations, dumps)
+//! plus what the API layer sees per request (latencies, the engine's queue/prefill/decode split,
+//! token counts, finish reasons, capture bytes, steered requests).
 
-use glassbox_engine::EngineStats;
+use glassbox_engine::{EngineStats, Histogram};
+use glassbox_protocol::RequestTimings;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-
-struct Histogram {
-    buckets: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(buckets: &'static [f64]) -> Self {
-        Histogram { buckets, counts: vec![0; buckets.len()], sum: 0.0, count: 0 }
-    }
-    fn observe(&mut self, v: f64) {
-        for (b, c) in self.buckets.iter().zip(self.counts.iter_mut()) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.buckets.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
-    }
-}
 
 struct Inner {
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
+    queue: Histogram,
+    prefill: Histogram,
+    decode: Histogram,
+    inference: Histogram,
+    capture_bytes: u64,
+    steered: u64,
     finished: BTreeMap<&'static str, u64>,
     prompt_tokens: u64,
     generation_tokens: u64,
@@ -59,6 +39,12 @@ impl Default for Metrics {
                 ttft: Histogram::new(TTFT),
                 itl: Histogram::new(ITL),
                 e2e: Histogram::new(E2E),
+                queue: Histogram::new(E2E),
+                prefill: Histogram::new(E2E),
+                decode: Histogram::new(E2E),
+                inference: Histogram::new(E2E),
+                capture_bytes: 0,
+                steered: 0,
                 finished: BTreeMap::new(),
                 prompt_tokens: 0,
                 generation_tokens: 0,
@@ -75,6 +61,8 @@ pub struct RequestTiming {
     pub finish: &'static str,
     pub prompt_tokens: usize,
     pub generation_tokens: usize,
+    /// The engine's account of each engine request (one per prompt).
+    pub engine: Vec<RequestTimings>,
 }
 
 impl Metrics {
@@ -87,9 +75,29 @@ impl Metrics {
             m.itl.observe(v);
         }
         m.e2e.observe(t.e2e);
+        for e in &t.engine {
+            m.queue.observe(e.queued);
+            m.prefill.observe(e.prefill);
+            m.decode.observe(e.decode);
+            m.inference.observe(e.prefill + e.decode);
+        }
         *m.finished.entry(t.finish).or_default() += 1;
         m.prompt_tokens += t.prompt_tokens as u64;
         m.generation_tokens += t.generation_tokens as u64;
+    }
+
+    /// Bytes of captures handed to clients (inline or stored for download).
+    pub fn capture_bytes(&self, n: usize) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.capture_bytes += n as u64;
+        }
+    }
+
+    /// A request that steers activations was accepted.
+    pub fn steered(&self) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.steered += 1;
+        }
     }
 
     pub fn render(&self, s: &EngineStats, model: &str) -> String {
@@ -108,7 +116,13 @@ impl Metrics {
         counter(&mut out, "glassbox:prefix_cache_queries_total", "Full prompt blocks looked up in the prefix cache.", s.prefix_queries);
         counter(&mut out, "glassbox:prefix_cache_hits_total", "Full prompt blocks served from the prefix cache.", s.prefix_hits);
         counter(&mut out, "glassbox:num_preemptions_total", "Sequences preempted for lack of KV blocks.", s.preemptions);
+        counter(&mut out, "glassbox:tensor_dump_steps_total", "Engine steps written to a tensor dump.", s.dumps_written);
+        let labels = format!("model_name=\"{model}\"");
+        s.step_tokens.render(&mut out, "glassbox:iteration_tokens_total", "Tokens computed per engine step.", &labels);
+        s.step_seconds.render(&mut out, "glassbox:step_duration_seconds", "Wall time of one engine step.", &labels);
         let Ok(m) = self.inner.lock() else { return out };
+        counter(&mut out, "glassbox:capture_bytes_total", "Bytes of activation captures returned to clients.", m.capture_bytes);
+        counter(&mut out, "glassbox:steer_requests_total", "Requests that steered activations.", m.steered);
         counter(&mut out, "glassbox:prompt_tokens_total", "Prompt tokens of finished requests.", m.prompt_tokens);
         counter(&mut out, "glassbox:generation_tokens_total", "Generated tokens of finished requests.", m.generation_tokens);
         let _ = writeln!(out, "# HELP glassbox:request_success_total Finished requests by finish reason.\n# TYPE glassbox:request_success_total counter");
@@ -116,9 +130,13 @@ impl Metrics {
             let v = m.finished.get(reason).copied().unwrap_or(0);
             let _ = writeln!(out, "glassbox:request_success_total{{model_name=\"{model}\",finished_reason=\"{reason}\"}} {v}");
         }
-        m.ttft.render(&mut out, "glassbox:time_to_first_token_seconds", "Time to first token.");
-        m.itl.render(&mut out, "glassbox:inter_token_latency_seconds", "Time between tokens of a request.");
-        m.e2e.render(&mut out, "glassbox:e2e_request_latency_seconds", "Request latency, arrival to last token.");
+        m.ttft.render(&mut out, "glassbox:time_to_first_token_seconds", "Time to first token.", &labels);
+        m.itl.render(&mut out, "glassbox:inter_token_latency_seconds", "Time between tokens of a request.", &labels);
+        m.e2e.render(&mut out, "glassbox:e2e_request_latency_seconds", "Request latency, arrival to last token.", &labels);
+        m.queue.render(&mut out, "glassbox:request_queue_time_seconds", "Time a request waited in the engine before its first step.", &labels);
+        m.prefill.render(&mut out, "glassbox:request_prefill_time_seconds", "First step to first token.", &labels);
+        m.decode.render(&mut out, "glassbox:request_decode_time_seconds", "First token to the last.", &labels);
+        m.inference.render(&mut out, "glassbox:request_inference_time_seconds", "First step to the last token (prefill + decode).", &labels);
         out
     }
 }

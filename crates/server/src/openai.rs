@@ -86,6 +86,10 @@ pub struct Common {
     /// Per layer and position, the top tokens of the final norm + unembedding applied to that
     /// layer's `hook_resid_post` (returned in each choice's `logit_lens`).
     pub logit_lens: Option<LensRequest>,
+    /// Add each choice's `timings`: time queued, to first token, in prefill and decode
+    /// (milliseconds, from its arrival at the engine), engine steps and preemptions.
+    #[serde(default)]
+    pub return_timings: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, ToSchema)]
