@@ -100,3 +100,127 @@ def test_live_debug_views_follow_a_running_request():
         assert out["data"] == []
     finally:
         s.stop()
+
+
+def nests(inner, outer, slack=1e-3):
+    return outer["ts"] - slack <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + slack
+
+
+def test_profile_with_layers_api_tracks_timings_metrics_and_access_log():
+    profiles = tempfile.mkdtemp(prefix="glassbox-e2e-profiles-")
+    s = Server("--model", STORIES, "--profile-dir", profiles, "--log-format", "json", env={"GLASSBOX_LOG": "warn,glassbox=info"})
+    try:
+        status, out, _ = s.request("POST", "/start_profile", {"name": "layers", "with_layers": True})
+        assert status == 200, out
+        bodies = [{"prompt": p, "max_tokens": 6, "ignore_eos": True, "return_timings": True} for p in ["Once upon a time", "The dog"]]
+        bodies[1]["stream"] = True
+        with ThreadPoolExecutor(2) as ex:
+            results = list(ex.map(lambda b: s.request("POST", "/v1/completions", b, headers={"X-Request-Id": "rid-" + b["prompt"][:3]}), bodies))
+        assert all(r[0] == 200 for r in results), results
+        timings = results[0][1]["choices"][0]["timings"]
+        assert timings["steps"] == 6 and timings["preemptions"] == 0, timings
+        assert 0 <= timings["queued_ms"] <= timings["first_token_ms"] <= timings["engine_ms"], timings
+        assert abs(timings["queued_ms"] + timings["prefill_ms"] + timings["decode_ms"] - timings["engine_ms"]) < 0.05, timings
+        # Streaming: the final chunk of the choice carries its timings.
+        events = [json.loads(l[6:]) for l in results[1][1].splitlines() if l.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["choices"][0]["timings"]["steps"] == 6, events[-1]
+        # API spans are sent when the stream ends; give them a moment to reach the engine.
+        time.sleep(0.3)
+        status, files, _ = s.request("POST", "/stop_profile")
+        assert status == 200, files
+        events = json.loads(Path(files["trace"]).read_text())["traceEvents"]
+        spans = [e for e in events if e["ph"] == "X"]
+        forwards = [e for e in spans if e["cat"] == "engine" and e["name"] == "forward"]
+        layers = [e for e in spans if e["cat"] == "layer"]
+        ops = [e for e in spans if e["cat"] == "op"]
+        # stories260K has 5 layers: every forward pass holds 5 layer spans, each op nests in
+        # its layer (or, for embed/final_norm/lm_head, in the forward pass).
+        assert len(layers) == 5 * len(forwards), (len(layers), len(forwards))
+        for layer in layers:
+            assert any(nests(layer, f) for f in forwards), layer
+        assert {"q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "attn_norm", "lm_head"} <= {o["name"] for o in ops}
+        for op in ops:
+            container = layers if op["args"]["layer"] is not None else forwards
+            assert any(nests(op, c) for c in container if c["tid"] == op["tid"]), op
+        # The API side: one track per HTTP request, its phases nested in `request`.
+        names = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+        api_tracks = {t: n for t, n in names.items() if n.startswith("api ")}
+        assert sorted(api_tracks.values()) == ["api /v1/completions rid-Onc", "api /v1/completions rid-The"], names
+        for tid in api_tracks:
+            mine = [e for e in spans if e["tid"] == tid]
+            (whole,) = [e for e in mine if e["name"] == "request"]
+            phases = [e for e in mine if e["name"] != "request"]
+            assert {"parse", "tokenize", "submit"} <= {p["name"] for p in phases}
+            assert {"wait for engine", "stream"} & {p["name"] for p in phases}
+            assert all(nests(p, whole) for p in phases), mine
+        summary = Path(files["summary"]).read_text()
+        assert "q_proj" in summary and "layer" in summary and "api" in summary
+        # Metrics named after vLLM's.
+        m = s.metrics()
+        assert m['glassbox:request_queue_time_seconds_count{model_name="stories260K"}'] == 2
+        assert m['glassbox:request_decode_time_seconds_count{model_name="stories260K"}'] == 2
+        assert m['glassbox:iteration_tokens_total_count{model_name="stories260K"}'] >= 6
+        assert m['glassbox:step_duration_seconds_count{model_name="stories260K"}'] >= 6
+        assert 'glassbox:capture_bytes_total{model_name="stories260K"}' in m and 'glassbox:steer_requests_total{model_name="stories260K"}' in m
+        # One JSON access-log line per request, with its id, status and tokens.
+        access = [json.loads(l) for l in s.log if l.startswith("{") and '"glassbox::access"' in l]
+        mine = {a["request_id"]: a for a in access if a["path"] == "/v1/completions"}
+        assert set(mine) == {"rid-Onc", "rid-The"}, access
+        assert all(a["status"] == 200 and a["completion_tokens"] == 6 and a["prompt_tokens"] > 0 for a in mine.values()), mine
+    finally:
+        s.stop()
+
+
+def test_otlp_spans_reach_a_collector():
+    """A stand-in OTLP/HTTP collector receives one `llm_request` span per request, with
+    vLLM's GenAI attributes, as a child of the caller's `traceparent`."""
+    import http.server
+    import threading
+    received = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers.get("Content-Type"), json.loads(body)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    s = Server("--model", STORIES, "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.server_port}")
+    try:
+        parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        assert s.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 5, "ignore_eos": True, "temperature": 0.5}, headers={"traceparent": parent, "X-Request-Id": "traced"})[0] == 200
+        assert s.request("POST", "/v1/completions", {"prompt": "The cat", "max_tokens": 3, "ignore_eos": True})[0] == 200
+        spans = []
+        deadline = time.time() + 15
+        while time.time() < deadline and len(spans) < 2:
+            time.sleep(0.2)
+            spans = [sp for _, _, doc in list(received) for rs in doc["resourceSpans"] for ss in rs["scopeSpans"] for sp in ss["spans"]]
+        assert len(spans) == 2, received
+        assert all(path == "/v1/traces" and ctype.startswith("application/json") for path, ctype, _ in received)
+        service = {a["key"]: a["value"] for a in received[0][2]["resourceSpans"][0]["resource"]["attributes"]}
+        assert service["service.name"] == {"stringValue": "glassbox"}
+
+        def attrs(sp):
+            return {a["key"]: next(iter(a["value"].values())) for a in sp["attributes"]}
+        by_id = {attrs(sp)["gen_ai.request.id"]: sp for sp in spans}
+        traced = by_id["traced"]
+        a = attrs(traced)
+        assert traced["name"] == "llm_request" and traced["kind"] == 2  # SERVER
+        assert traced["traceId"].lower() == "4bf92f3577b34da6a3ce929d0e0e4736" and traced["parentSpanId"].lower() == "00f067aa0ba902b7", traced
+        assert a["gen_ai.response.model"] == "stories260K" and int(a["gen_ai.usage.completion_tokens"]) == 5 and int(a["gen_ai.usage.prompt_tokens"]) >= 2
+        assert int(a["gen_ai.request.max_tokens"]) == 5 and abs(a["gen_ai.request.temperature"] - 0.5) < 1e-6 and int(a["gen_ai.request.n"]) == 1
+        for k in ["gen_ai.latency.time_to_first_token", "gen_ai.latency.time_in_queue", "gen_ai.latency.time_in_model_prefill", "gen_ai.latency.time_in_model_decode", "gen_ai.latency.e2e"]:
+            assert 0 <= a[k] <= a["gen_ai.latency.e2e"], (k, a)
+        assert int(traced["endTimeUnixNano"]) > int(traced["startTimeUnixNano"])
+        other = [sp for k, sp in by_id.items() if k != "traced"][0]
+        assert other["traceId"].lower() != traced["traceId"].lower() and not other.get("parentSpanId")
+    finally:
+        s.stop()
+        collector.shutdown()

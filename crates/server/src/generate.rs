@@ -52,6 +52,8 @@ struct Job {
     /// The API side of the request's time (for a running profile).
     clock: Option<ApiClock>,
     path: &'static str,
+    /// The caller's W3C trace context, for the OTLP span.
+    traceparent: Option<String>,
 }
 
 /// What a request asks to see or change inside the model.
@@ -108,6 +110,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, bo
         timings: req.common.return_timings,
         intro,
         clock: Some(clock),
+        traceparent: traceparent(&headers),
         path: "/v1/completions",
     };
     run(st, job).await
@@ -149,9 +152,14 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
         timings: req.common.return_timings,
         intro,
         clock: Some(clock),
+        traceparent: traceparent(&headers),
         path: "/v1/chat/completions",
     };
     run(st, job).await
+}
+
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 /// The API's `capture` object as an engine `CaptureSpec` (globs resolved against this model's
@@ -464,7 +472,8 @@ impl Progress {
         json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
     }
 
-    fn record(&self, st: &AppState) {
+    /// Metrics, and the OTLP span when exporting.
+    fn record(&self, st: &AppState, job: &Job) {
         let finish = self.finish.iter().flatten().map(FinishReason::as_str).max_by_key(|r| match *r {
             "error" => 3,
             "abort" => 2,
@@ -480,6 +489,26 @@ impl Progress {
             generation_tokens: self.completion_tokens.iter().sum(),
             engine: self.timings.iter().flatten().cloned().collect(),
         });
+        if let Some(otlp) = &st.otlp {
+            let engine: Vec<RequestTimings> = self.timings.iter().flatten().cloned().collect();
+            let now = std::time::SystemTime::now();
+            otlp.request(&crate::otlp::RequestSpan {
+                request_id: &job.request_id,
+                traceparent: job.traceparent.as_deref(),
+                model: &st.served_name,
+                start: now - self.started.elapsed(),
+                end: now,
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens.iter().sum(),
+                max_tokens: job.sampling.max_tokens,
+                temperature: job.sampling.temperature,
+                top_p: job.sampling.top_p,
+                n: job.sampling.n,
+                ttft: self.first.map(|f| (f - self.started).as_secs_f64()),
+                finish: finish.unwrap_or("abort"),
+                engine: &engine,
+            });
+        }
     }
 }
 
@@ -560,7 +589,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             prog.absorb(&mut o);
         }
         guard.finished = true;
-        prog.record(&st);
+        prog.record(&st, &job);
         if let Some(c) = &mut job.clock {
             c.lap("wait for engine");
         }
@@ -607,7 +636,7 @@ async fn run(st: Arc<AppState>, job: Job) -> AppResult<Response> {
             }
             if prog.done() {
                 guard.finished = true;
-                prog.record(&st);
+                prog.record(&st, &job);
                 if let Some(mut c) = job.clock.take() {
                     c.lap("stream");
                     c.send(&st, &job.request_id, job.path, &engine_ids);

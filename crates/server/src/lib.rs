@@ -10,6 +10,7 @@ mod generate;
 mod handlers;
 mod metrics;
 mod openai;
+mod otlp;
 mod router;
 mod steering_vectors;
 mod telemetry;
@@ -106,6 +107,10 @@ pub struct ServeArgs {
     /// directory's `profiles`). Clients never choose paths.
     #[arg(long)]
     pub profile_dir: Option<std::path::PathBuf>,
+    /// Export one OpenTelemetry span per request (`llm_request`, GenAI attributes) over
+    /// OTLP/HTTP JSON to this collector, e.g. http://localhost:4318.
+    #[arg(long, env = "GLASSBOX_OTLP_TRACES_ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
 }
 
 /// The dump configuration from hook patterns and a layer filter (patterns are never dumped).
@@ -159,6 +164,7 @@ pub struct AppState {
     /// A profile was started and not yet stopped: the API side of requests is sent to it.
     /// (After a `num_steps` auto-stop the engine drops what arrives until `/stop_profile`.)
     pub profiling: AtomicBool,
+    pub otlp: Option<Arc<otlp::Otlp>>,
 }
 
 /// Lives in the engine thread's sink: when the thread ends (even by a panic), the router
@@ -176,11 +182,21 @@ impl Drop for EngineLife {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // The exporter's blocking HTTP client lives outside the async runtime.
+    let otlp = match &args.otlp_traces_endpoint {
+        Some(e) => Some(Arc::new(otlp::Otlp::new(e, "glassbox").with_context(|| format!("--otlp-traces-endpoint {e}"))?)),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve_async(args))
+    let result = rt.block_on(serve_async(args, otlp.clone()));
+    drop(rt);
+    if let Some(o) = otlp {
+        o.shutdown();
+    }
+    result
 }
 
-async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_async(args: ServeArgs, otlp: Option<Arc<otlp::Otlp>>) -> anyhow::Result<()> {
     let source = glassbox_model::resolve(args.model.as_deref())?;
     let opts = LoadOptions { dequantize: args.dequantize, batch_invariant: args.batch_invariant };
     let model = Arc::new(glassbox_model::load(&source, opts).with_context(|| format!("loading {}", source.path().display()))?);
@@ -263,6 +279,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         dump_dir: args.dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("dumps")),
         profile_dir,
         profiling: AtomicBool::new(false),
+        otlp,
     });
     #[cfg(unix)]
     tokio::spawn(dump_on_sigquit(state.clone()));
