@@ -181,3 +181,30 @@ fn hostile_gguf_files_are_clear_errors() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Timing every op (a profile with layers) changes no number, and records each layer once
+/// with its ops inside it.
+#[test]
+fn op_trace_changes_nothing_and_nests() {
+    let m = load(&ModelSource::HfDir(stories()), LoadOptions::default()).unwrap();
+    let ids = [1u32, 403, 407, 261, 378];
+    let layout = BatchLayout::single(ids.len(), 0, LogitRows::All);
+    let plain = m.model.forward(&ids, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
+    let mut ops = vec![];
+    let timed = m.model.forward(&ids, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default()).with_ops(&mut ops)).unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (plain.flatten_all().unwrap().to_vec1().unwrap(), timed.flatten_all().unwrap().to_vec1().unwrap());
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "an op trace must not change the logits");
+    let layers: Vec<_> = ops.iter().filter(|o| o.op == "layer").collect();
+    assert_eq!(layers.iter().map(|l| l.layer).collect::<Vec<_>>(), (0..m.model.cfg.num_layers).map(Some).collect::<Vec<_>>());
+    for o in ops.iter().filter(|o| o.op != "layer") {
+        match o.layer {
+            Some(l) => {
+                let layer = layers[l];
+                assert!(layer.start <= o.start && o.end <= layer.end, "{} of layer {l} outside its layer", o.op);
+            }
+            None => assert!(["embed", "final_norm", "lm_head"].contains(&o.op), "{}", o.op),
+        }
+    }
+    let per_layer: Vec<&str> = ops.iter().filter(|o| o.layer == Some(0) && o.op != "layer").map(|o| o.op).collect();
+    assert_eq!(per_layer, ["attn_norm", "q_proj", "k_proj", "v_proj", "rope", "attention", "o_proj", "mlp_norm", "gate_proj", "up_proj", "act", "down_proj"]);
+}
