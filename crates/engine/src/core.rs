@@ -660,8 +660,12 @@ impl EngineCore {
             self.current_step = Some(self.step_record(&plan));
             let plan = self.prepare(plan);
             for s in &plan.scheduled {
-                if let Some(e) = self.seqs.get(&s.id).and_then(|rt| self.requests.get_mut(&rt.request)) {
-                    e.clock.scheduled(self.stats.steps, step_started);
+                let Some(req) = self.seqs.get(&s.id).map(|rt| rt.request) else { continue };
+                let Some(e) = self.requests.get_mut(&req) else { continue };
+                if e.clock.scheduled(self.stats.steps, step_started) {
+                    if let Some(p) = &mut self.profiler {
+                        p.request_span(req, "queued", e.clock.arrived, step_started, json!({"prompt_tokens": e.request.prompt.len()}));
+                    }
                 }
             }
             let t_prepared = self.profiler.is_some().then(Instant::now);
@@ -776,11 +780,6 @@ impl EngineCore {
                 decode_rows += r.len;
             }
             per_request.push(json!({"request": r.request, "completion": r.index, "tokens": r.len, "prefill": prefill}));
-            if let Some(e) = self.requests.get(&r.request) {
-                if e.clock.first_scheduled == Some(t0) {
-                    prof.request_span(r.request, "queued", e.clock.arrived, t0, json!({"prompt_tokens": r.prompt_len}));
-                }
-            }
             let name = if prefill { "prefill chunk" } else { "decode" };
             prof.request_span(r.request, name, t1, t2, json!({"completion": r.index, "tokens": r.len, "positions": [r.start, r.start + r.len]}));
         }
