@@ -1,5 +1,6 @@
 //! The `glassbox` command line.
 
+mod batch;
 mod bench;
 mod capture_file;
 mod commands;
@@ -44,6 +45,8 @@ enum Command {
     /// Work with capture files and tensor dumps.
     #[command(subcommand)]
     Dump(dump::DumpCommand),
+    /// Run a JSONL file through a multi-stage prompt pipeline (in-process or against servers).
+    Batch(batch::BatchArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Replay(a) => replay::replay(a),
         Command::Dump(d) => dump::run(d),
         Command::Bench(b) => bench::run(b),
+        Command::Batch(a) => batch::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
