@@ -191,6 +191,8 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
         "data": [{
             "id": st.served_name, "object": "model", "created": st.created, "owned_by": "glassbox",
             "root": st.model.source.path().display().to_string(), "max_model_len": st.limits.max_model_len,
+            // glassbox's own: clients (like `glassbox batch`) choose chat or completions by it.
+            "has_chat_template": st.chat_template.is_some(),
         }]
     }))
 }

@@ -255,10 +255,12 @@ impl Backend for Http {
     }
 }
 
-/// The served model's name (for requests and the family guess), from `/v1/models`.
-pub fn served_model(url: &str) -> Result<String> {
+/// The served model's name (for requests and the family guess) from `/v1/models`, and whether
+/// it has a chat template (glassbox says; other servers are taken to have one).
+pub fn served_model(url: &str) -> Result<(String, bool)> {
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
     let text = agent.get(&format!("{}/v1/models", url.trim_end_matches('/'))).call().with_context(|| format!("asking {url} for its model"))?.body_mut().read_to_string()?;
     let doc: Value = serde_json::from_str(&text)?;
-    doc["data"][0]["id"].as_str().map(str::to_string).context("the server lists no model at /v1/models")
+    let name = doc["data"][0]["id"].as_str().map(str::to_string).context("the server lists no model at /v1/models")?;
+    Ok((name, doc["data"][0]["has_chat_template"].as_bool().unwrap_or(true)))
 }

@@ -76,11 +76,9 @@ pub fn run(a: BatchArgs) -> Result<()> {
         let family = family::choose(spec.family.as_deref(), &model.name, model.chat_template().is_ok())?;
         (Box::new(backend::Local::new(model, a.max_inflight)?), family)
     } else {
-        let name = match &a.served_model_name {
-            Some(n) => n.clone(),
-            None => backend::served_model(&a.url[0])?,
-        };
-        let family = family::choose(spec.family.as_deref(), &name, true)?;
+        let (listed, has_template) = backend::served_model(&a.url[0])?;
+        let name = a.served_model_name.clone().unwrap_or(listed);
+        let family = family::choose(spec.family.as_deref(), &name, has_template)?;
         (Box::new(backend::Http::new(a.url.clone(), Some(name), a.max_inflight)), family)
     };
     eprintln!(
