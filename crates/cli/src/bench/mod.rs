@@ -1,5 +1,9 @@
-//! `glassbox bench throughput`: offline throughput through the real engine, like
-//! `vllm bench throughput` with its random dataset.
+//! Benchmarks. `glassbox bench throughput`: offline throughput through the real engine, like
+//! `vllm bench throughput` with its random dataset. `bench serve` (serve.rs) drives any
+//! OpenAI-compatible server; `bench compare` (report.rs) puts runs side by side.
+
+mod report;
+mod serve;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -14,6 +18,11 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Offline throughput: N prompts through the engine, batched.
     Throughput(ThroughputArgs),
+    /// Drive an OpenAI-compatible server (glassbox, llama-server, vLLM) under load: latency
+    /// percentiles, throughput, goodput.
+    Serve(serve::ServeArgs),
+    /// Runs of `bench serve` side by side, with ratios to the first (and a plot).
+    Compare(report::CompareArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +75,8 @@ pub struct ThroughputArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Throughput(a) => throughput(a),
+        BenchCommand::Serve(a) => serve::run(a),
+        BenchCommand::Compare(a) => report::compare(a),
     }
 }
 
