@@ -46,5 +46,17 @@ def test_bench_serve_and_compare():
         cmp = bench("compare", str(tmp / "a.json"), str(tmp / "b.json"), "--plot", str(tmp / "cmp.svg"))
         assert "ratio" in cmp.stdout and "mixture" in cmp.stdout and "Successful requests" in cmp.stdout
         assert (tmp / "cmp.svg").exists()
+        # Ctrl-C: no new requests, and what was measured is still reported and written.
+        import signal
+        import time
+        p = subprocess.Popen([BIN, "bench", "serve", "--url", s.url, "--num-prompts", "200", "--input-len", "8", "--output-len", "4",
+                              "--request-rate", "10", "--output-json", str(tmp / "c.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        c = json.loads((tmp / "c.json").read_text())
+        assert 1 <= c["completed"] < 200 and c["cancelled"] == 200 - c["completed"] - c["failed"], c
+        assert "stopping" in err and "Successful requests" in out
     finally:
         s.stop()
