@@ -249,23 +249,32 @@ enum Vocab {
 impl Vocab {
     fn new(agent: &ureq::Agent, base: &str, tokenizer: Option<&str>) -> Result<Vocab> {
         if let Some(m) = tokenizer {
-            let source = glassbox_model::resolve(Some(m))?;
-            let tok = glassbox_model::load_tokenizer(&source)?.tokenizer;
-            let ids: Vec<u32> = (0..tok.vocab_size() as u32).filter(|&i| !tok.is_special(i)).collect();
-            if ids.len() < 100 {
-                bail!("the tokenizer of {m} has too few ordinary tokens to build prompts");
-            }
-            return Ok(Vocab::Local { ids, tok });
+            return Self::local(Some(m));
         }
-        // The server's own tokenizer on plain English: ids it certainly knows.
-        let ids = tokenize(agent, base, CORPUS).context("building prompts needs token ids: the server has no usable /tokenize; give --tokenizer MODEL")?;
-        let mut ids: Vec<u32> = ids;
+        let mut ids = match tokenize(agent, base, CORPUS) {
+            Ok(ids) => ids,
+            Err(e) => {
+                eprintln!("warning: the server's /tokenize did not work ({e:#}); building prompts with the local default model's tokenizer (give --tokenizer MODEL to choose)");
+                return Self::local(None);
+            }
+        };
         ids.sort_unstable();
         ids.dedup();
         if ids.len() < 50 {
             bail!("the server's /tokenize gave only {} distinct ids; give --tokenizer MODEL", ids.len());
         }
         Ok(Vocab::Server { ids })
+    }
+
+    /// A local model's tokenizer (`None`: the default model's).
+    fn local(model: Option<&str>) -> Result<Vocab> {
+        let source = glassbox_model::resolve(model)?;
+        let tok = glassbox_model::load_tokenizer(&source)?.tokenizer;
+        let ids: Vec<u32> = (0..tok.vocab_size() as u32).filter(|&i| !tok.is_special(i)).collect();
+        if ids.len() < 100 {
+            bail!("the tokenizer of {} has too few ordinary tokens to build prompts", source.path().display());
+        }
+        Ok(Vocab::Local { ids, tok })
     }
 
     fn ids(&self) -> &[u32] {
@@ -298,9 +307,18 @@ fn post(agent: &ureq::Agent, url: &str, body: &Value) -> Result<Value> {
 /// `/tokenize` as glassbox and vLLM take it (`prompt`), else as llama-server does (`content`).
 fn tokenize(agent: &ureq::Agent, base: &str, text: &str) -> Result<Vec<u32>> {
     let url = format!("{base}/tokenize");
-    let doc = post(agent, &url, &json!({"prompt": text, "add_special_tokens": false})).or_else(|_| post(agent, &url, &json!({"content": text})))?;
-    let tokens = doc["tokens"].as_array().context("no `tokens` in the /tokenize answer")?;
-    Ok(tokens.iter().filter_map(|t| t.as_u64().or(t["id"].as_u64())).map(|t| t as u32).collect())
+    let ids = |doc: Value| -> Vec<u32> { doc["tokens"].as_array().map(|t| t.iter().filter_map(|t| t.as_u64().or(t["id"].as_u64())).map(|t| t as u32).collect()).unwrap_or_default() };
+    if let Ok(doc) = post(agent, &url, &json!({"prompt": text, "add_special_tokens": false})) {
+        let got = ids(doc);
+        if !got.is_empty() {
+            return Ok(got);
+        }
+    }
+    let got = ids(post(agent, &url, &json!({"content": text}))?);
+    if got.is_empty() {
+        bail!("{url} gave no tokens");
+    }
+    Ok(got)
 }
 
 fn served_model(agent: &ureq::Agent, base: &str) -> Result<String> {
