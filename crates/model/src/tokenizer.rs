@@ -110,27 +110,46 @@ fn numbers<T>(meta: &HashMap<String, GValue>, key: &str, f: impl Fn(&GValue) -> 
     arr.iter().map(f).collect()
 }
 
-/// Llama 3's family takes a pre-token found whole in the vocabulary as is (`ignore_merges`).
-fn bpe_ignores_merges(pre: &str) -> bool {
-    matches!(pre, "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral")
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen 3.5: letters include combining marks.
+const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const CJK: &str = r"[一-龥ࠀ-一가-퟿]+";
+
+/// A BPE pre-tokenizer as llama.cpp runs it for a `tokenizer.ggml.pre` value: the regexes
+/// that split the text in turn, and whether a pre-token found whole in the vocabulary is
+/// taken as is (`ignore_merges`, Llama 3's family).
+struct PreTokenizer {
+    names: &'static [&'static str],
+    regexes: &'static [&'static str],
+    ignore_merges: bool,
 }
 
-/// The pre-tokenizer regexes llama.cpp uses for each `tokenizer.ggml.pre` value.
-fn bpe_regexes(pre: &str) -> Result<Vec<&'static str>> {
-    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    Ok(match pre {
-        "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => vec![GPT2],
-        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" => vec![LLAMA3],
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" => vec![QWEN2],
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => vec![r"\p{N}", GPT2],
-        "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
-        other => {
-            return Err(ModelError::Tokenizer(format!(
-                "unsupported BPE pre-tokenizer `{other}` (known: gpt-2, llama-bpe, qwen2, smollm, starcoder, default)"
-            )))
-        }
+/// Every BPE pre-tokenizer glassbox knows; each row is checked against llama.cpp's own
+/// vocabulary tests where llama.cpp ships one (tests/conformance.rs).
+const PRE_TOKENIZERS: &[PreTokenizer] = &[
+    PreTokenizer { names: &["gpt-2", "gpt2", "mpt", "olmo", "jais"], regexes: &[GPT2], ignore_merges: false },
+    PreTokenizer { names: &["llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral"], regexes: &[LLAMA3], ignore_merges: true },
+    PreTokenizer { names: &["qwen2", "deepseek-r1-qwen", "stablelm2", "hunyuan"], regexes: &[QWEN2], ignore_merges: false },
+    PreTokenizer { names: &["qwen35"], regexes: &[QWEN35], ignore_merges: false },
+    PreTokenizer { names: &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], regexes: &[r"\p{N}", GPT2], ignore_merges: false },
+    PreTokenizer { names: &["falcon"], regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"], ignore_merges: false },
+    PreTokenizer { names: &["deepseek-coder"], regexes: &[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"], ignore_merges: false },
+    // The published second regex enumerates the cased letters (Latin, Greek, Cyrillic,
+    // Armenian, Georgian, Cherokee, ...) range by range; `Lu|Ll|Lt` names the same set.
+    PreTokenizer {
+        names: &["deepseek-llm"],
+        regexes: &[r"[\r\n]", r"\s?[\p{Lu}\p{Ll}\p{Lt}]+", r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK, r"\p{N}+"],
+        ignore_merges: false,
+    },
+    PreTokenizer { names: &["default"], regexes: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], ignore_merges: false },
+];
+
+fn pre_tokenizer(pre: &str) -> Result<&'static PreTokenizer> {
+    PRE_TOKENIZERS.iter().find(|p| p.names.contains(&pre)).ok_or_else(|| {
+        let known: Vec<&str> = PRE_TOKENIZERS.iter().flat_map(|p| p.names.iter().copied()).collect();
+        ModelError::Tokenizer(format!("unsupported BPE pre-tokenizer `{pre}` (known: {})", known.join(", ")))
     })
 }
 
@@ -189,8 +208,10 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
         }
         "gpt2" => {
             let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
-            let mut pretok: Vec<Value> = bpe_regexes(&pre)?
-                .into_iter()
+            let pt = pre_tokenizer(&pre)?;
+            let mut pretok: Vec<Value> = pt
+                .regexes
+                .iter()
                 .map(|re| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false}))
                 .collect();
             pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
@@ -203,10 +224,10 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
                 .collect();
             let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": bpe_ignores_merges(&pre), "vocab": vocab, "merges": merges});
+                "ignore_merges": pt.ignore_merges, "vocab": vocab, "merges": merges});
             let dec = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
             // llama.cpp adds BOS by default for the Llama 3 family only.
-            (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, bpe_ignores_merges(&pre))
+            (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, pt.ignore_merges)
         }
         other => {
             return Err(ModelError::Tokenizer(format!(

@@ -11,7 +11,10 @@ fn shared() -> PathBuf {
 /// Every case encodes (no BOS/EOS) to exactly the `.out` ids; decoding gives the text back
 /// where the vocabulary can represent it.
 fn check_vocab(name: &str) {
-    let dir = shared().join("tokenizers");
+    check_vocab_in(&shared().join("tokenizers"), name);
+}
+
+fn check_vocab_in(dir: &Path, name: &str) {
     let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
     let bundle = load_tokenizer(&ModelSource::Gguf(gguf.clone())).unwrap();
     let tok = &bundle.tokenizer;
@@ -41,6 +44,34 @@ fn check_vocab(name: &str) {
     }
     println!("{name}: {} cases, {round_trips} round-trip", cases.len());
     assert!(failures.is_empty(), "{name}: {} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Vocabulary types glassbox refuses with a clear error (never tokenizing silently wrong).
+const UNSUPPORTED: &[(&str, &str)] = &[("bert-bge", "unsupported GGUF tokenizer model `bert`"), ("gemma-4", "unsupported GGUF tokenizer model `gemma4`")];
+
+/// Every vocabulary test llama.cpp ships (from the llama-cpp-python source package, fetched
+/// once into the cache): all cases exact, except the vocabulary types in `UNSUPPORTED`, which
+/// must be refused.
+#[test]
+fn vocab_llama_cpp_suite() {
+    let dir = glassbox_model::fetch::llama_cpp_vocab_tests().unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_prefix("ggml-vocab-").and_then(|n| n.strip_suffix(".gguf.inp")).map(str::to_string))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 15, "{names:?}");
+    let mut passed = 0;
+    for n in &names {
+        if let Some((_, why)) = UNSUPPORTED.iter().find(|(u, _)| u == n) {
+            let err = load_tokenizer(&ModelSource::Gguf(dir.join(format!("ggml-vocab-{n}.gguf")))).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(why), "{n}: expected a clear refusal ({why}), got {err:?}");
+            continue;
+        }
+        check_vocab_in(&dir, n);
+        passed += 1;
+    }
+    println!("llama.cpp vocabulary tests: {passed}/{} vocabularies exact ({} refused: {:?})", names.len(), UNSUPPORTED.len(), UNSUPPORTED.iter().map(|u| u.0).collect::<Vec<_>>());
 }
 
 #[test]
