@@ -229,9 +229,27 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
             // llama.cpp adds BOS by default for the Llama 3 family only.
             (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, pt.ignore_merges)
         }
+        "bert" => {
+            // llama.cpp's converter stores WordPiece vocabularies with a phantom space: a
+            // word-initial piece as `▁piece`, a continuation as the bare piece. Back to `##`.
+            let mut wp = serde_json::Map::with_capacity(tokens.len());
+            for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+                let piece = match t.strip_prefix('▁') {
+                    Some(word) => word.to_string(),
+                    None if ty == CONTROL || ty == UNKNOWN || (t.starts_with('[') && t.ends_with(']')) => t.clone(),
+                    None => format!("##{t}"),
+                };
+                wp.entry(piece).or_insert(json!(i));
+            }
+            let unk = id("tokenizer.ggml.unknown_token_id").map_or_else(|| "[UNK]".to_string(), |i| tokens[i as usize].clone());
+            let model = json!({"type": "WordPiece", "unk_token": unk, "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": wp});
+            let norm = json!({"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true});
+            let dec = json!({"type": "WordPiece", "prefix": "##", "cleanup": true});
+            (norm, json!({"type": "BertPreTokenizer"}), dec, model, false)
+        }
         other => {
             return Err(ModelError::Tokenizer(format!(
-                "unsupported GGUF tokenizer model `{other}` (supported: llama (SentencePiece), gpt2 (BPE))"
+                "unsupported GGUF tokenizer model `{other}` (supported: llama (SentencePiece), gpt2 (BPE), bert (WordPiece))"
             )))
         }
     };

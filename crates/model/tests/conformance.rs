@@ -34,6 +34,10 @@ fn check_vocab_in(dir: &Path, name: &str) {
             continue;
         }
         let back = tok.decode(&got, false).unwrap();
+        // WordPiece lowercases, drops accents and normalizes spaces: no round trip to expect.
+        if name.starts_with("bert") {
+            continue;
+        }
         // SentencePiece vocabularies drop the leading space they add; byte-level BPE is exact.
         let same = back == *text || back == text.trim_start_matches(' ') || format!(" {back}") == *text;
         if same {
@@ -47,7 +51,7 @@ fn check_vocab_in(dir: &Path, name: &str) {
 }
 
 /// Vocabulary types glassbox refuses with a clear error (never tokenizing silently wrong).
-const UNSUPPORTED: &[(&str, &str)] = &[("bert-bge", "unsupported GGUF tokenizer model `bert`"), ("gemma-4", "unsupported GGUF tokenizer model `gemma4`")];
+const UNSUPPORTED: &[(&str, &str)] = &[("gemma-4", "unsupported GGUF tokenizer model `gemma4`")];
 
 /// Every vocabulary test llama.cpp ships (from the llama-cpp-python source package, fetched
 /// once into the cache): all cases exact, except the vocabulary types in `UNSUPPORTED`, which
