@@ -229,6 +229,27 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
             // llama.cpp adds BOS by default for the Llama 3 family only.
             (Value::Null, json!({"type": "Sequence", "pretokenizers": pretok}), dec, model, pt.ignore_merges)
         }
+        "gemma4" => {
+            // SentencePiece-style BPE: spaces become `▁` (no prefix), the text is split only
+            // into runs of newlines and runs of everything else, merges apply to raw UTF-8 with
+            // byte fallback, and a piece found whole in the vocabulary (a newline run) is kept.
+            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?
+                .iter()
+                .map(|m| {
+                    let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
+                    json!([a, b])
+                })
+                .collect();
+            let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i as usize].clone());
+            let model = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": true,
+                "vocab": vocab, "merges": merges});
+            let norm = json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"});
+            let pre = json!({"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated", "invert": false});
+            let dec = json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]});
+            (norm, pre, dec, model, true)
+        }
         "bert" => {
             // llama.cpp's converter stores WordPiece vocabularies with a phantom space: a
             // word-initial piece as `▁piece`, a continuation as the bare piece. Back to `##`.
@@ -249,7 +270,7 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
         }
         other => {
             return Err(ModelError::Tokenizer(format!(
-                "unsupported GGUF tokenizer model `{other}` (supported: llama (SentencePiece), gpt2 (BPE), bert (WordPiece))"
+                "unsupported GGUF tokenizer model `{other}` (supported: llama (SentencePiece), gpt2 (BPE), gemma4 (SentencePiece-style BPE), bert (WordPiece))"
             )))
         }
     };

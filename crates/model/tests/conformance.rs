@@ -51,7 +51,7 @@ fn check_vocab_in(dir: &Path, name: &str) {
 }
 
 /// Vocabulary types glassbox refuses with a clear error (never tokenizing silently wrong).
-const UNSUPPORTED: &[(&str, &str)] = &[("gemma-4", "unsupported GGUF tokenizer model `gemma4`")];
+const UNSUPPORTED: &[(&str, &str)] = &[];
 
 /// Every vocabulary test llama.cpp ships (from the llama-cpp-python source package, fetched
 /// once into the cache): all cases exact, except the vocabulary types in `UNSUPPORTED`, which
