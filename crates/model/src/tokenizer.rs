@@ -129,9 +129,21 @@ struct PreTokenizer {
 /// Every BPE pre-tokenizer glassbox knows; each row is checked against llama.cpp's own
 /// vocabulary tests where llama.cpp ships one (tests/conformance.rs).
 const PRE_TOKENIZERS: &[PreTokenizer] = &[
-    PreTokenizer { names: &["gpt-2", "gpt2", "mpt", "olmo", "jais"], regexes: &[GPT2], ignore_merges: false },
-    PreTokenizer { names: &["llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral"], regexes: &[LLAMA3], ignore_merges: true },
-    PreTokenizer { names: &["qwen2", "deepseek-r1-qwen", "stablelm2", "hunyuan"], regexes: &[QWEN2], ignore_merges: false },
+    PreTokenizer {
+        names: &[
+            "gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "jina-v1-en",
+            "jina-v2-code", "roberta-bpe", "a.x-4.0", "mellum", "modern-bert", "exaone4",
+        ],
+        regexes: &[GPT2],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["llama3", "llama-bpe", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"],
+        regexes: &[LLAMA3],
+        ignore_merges: true,
+    },
+    PreTokenizer { names: &["dbrx", "smaug-bpe"], regexes: &[LLAMA3], ignore_merges: false },
+    PreTokenizer { names: &["qwen2", "deepseek-r1-qwen", "stablelm2", "hunyuan", "kormo", "f2llmv2", "megrez"], regexes: &[QWEN2], ignore_merges: false },
     PreTokenizer { names: &["qwen35"], regexes: &[QWEN35], ignore_merges: false },
     PreTokenizer { names: &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], regexes: &[r"\p{N}", GPT2], ignore_merges: false },
     PreTokenizer { names: &["falcon"], regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"], ignore_merges: false },
