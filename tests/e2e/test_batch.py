@@ -110,3 +110,37 @@ def test_batch_against_two_servers_with_failures():
     finally:
         a.stop()
         b.stop()
+
+
+def test_batch_killed_half_way_resumes():
+    """SIGKILL a running job, rerun it: the finished records stay as they were, the rest are
+    done once, every id exactly once."""
+    import os
+    import signal
+    import time
+    s = Server("--model", STORIES)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="glassbox-e2e-batch-kill-"))
+        (tmp / "in.jsonl").write_text("".join(json.dumps({"id": f"x{i}", "desc": f"dog {i}"}) + "\n" for i in range(200)))
+        spec = {"stages": [{"name": "a", "prompt": "Once upon a time, {{ desc }}", "max_tokens": 16},
+                           {"name": "b", "prompt": "Then {{ a }}", "max_tokens": 16}]}
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        args = [BIN, "batch", "--url", s.url, "--input", str(tmp / "in.jsonl"), "--spec", str(tmp / "spec.json"), "--output", str(tmp / "out.jsonl"), "--max-inflight", "2"]
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and (not (tmp / "out.jsonl").exists() or (tmp / "out.jsonl").read_text().count("\n") < 40):
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        before = (tmp / "out.jsonl").read_text()
+        whole = before[: before.rfind("\n") + 1]
+        done_before = whole.count("\n")
+        assert 40 <= done_before < 200, done_before
+        run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and f"({done_before} already in" in run.stderr, run.stderr
+        after = (tmp / "out.jsonl").read_text()
+        assert after.startswith(whole), "finished records are kept byte for byte"
+        ids = [json.loads(l)["id"] for l in after.splitlines()]
+        assert sorted(ids) == sorted(f"x{i}" for i in range(200)), "every id exactly once"
+    finally:
+        s.stop()
