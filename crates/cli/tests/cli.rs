@@ -303,3 +303,26 @@ fn dump_diff_names_the_first_diverging_hook() {
     assert_eq!(before, 0, "{table}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench one-batch`: a row per (input length, batch size) with prefill and decode rates and
+/// peak memory, in the JSON too.
+#[test]
+fn bench_one_batch_reports_every_configuration() {
+    let model = shared().join("models/stories260K");
+    let out = std::env::temp_dir().join(format!("glassbox-one-batch-{}.json", std::process::id()));
+    let o = glassbox(&["bench", "one-batch", "--model", model.to_str().unwrap(), "--batch-size", "1,3", "--input-len", "8,20", "--output-len", "5", "--output-json", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("prefill tok/s"), "{}", stdout(&o));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = report["results"].as_array().unwrap();
+    let configs: Vec<(u64, u64)> = rows.iter().map(|r| (r["input_len"].as_u64().unwrap(), r["batch_size"].as_u64().unwrap())).collect();
+    assert_eq!(configs, [(8, 1), (8, 3), (20, 1), (20, 3)]);
+    for r in rows {
+        assert_eq!(r["decode_steps"], 4, "output_len 5: one token from the prefill step, then 4 decode steps");
+        for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_step_ms_median", "peak_rss_mib"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+    let _ = std::fs::remove_file(out);
+    check_error(&["bench", "one-batch", "--model", model.to_str().unwrap(), "--batch-size", "0"], "must be positive");
+}

@@ -2,6 +2,7 @@
 //! `vllm bench throughput` with its random dataset. `bench serve` (serve.rs) drives any
 //! OpenAI-compatible server; `bench compare` (report.rs) puts runs side by side.
 
+mod one_batch;
 mod report;
 mod serve;
 
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     /// Drive an OpenAI-compatible server (glassbox, llama-server, vLLM) under load: latency
     /// percentiles, throughput, goodput.
     Serve(serve::ServeArgs),
+    /// One static batch in this process: prefill tokens/s, decode step latency and tokens/s,
+    /// peak memory, per batch size and input length (like llama-bench's pp/tg).
+    OneBatch(one_batch::OneBatchArgs),
     /// Runs of `bench serve` side by side, with ratios to the first (and a plot).
     Compare(report::CompareArgs),
 }
@@ -77,6 +81,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Throughput(a) => throughput(a),
         BenchCommand::Serve(a) => serve::run(a),
         BenchCommand::Compare(a) => report::compare(a),
+        BenchCommand::OneBatch(a) => one_batch::run(a),
     }
 }
 
