@@ -26,6 +26,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// AVX2 and FMA (the quantized kernels' SIMD path), checked once.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2() -> bool {
+    has_avx2_fma()
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;

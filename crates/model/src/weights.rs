@@ -6,6 +6,7 @@ use crate::error::{ModelError, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
+use crate::qkernels::Q8_0Matrix;
 use std::sync::Arc;
 
 /// Where tensors come from.
@@ -170,6 +171,8 @@ impl<'a> Vb<'a> {
                 };
                 if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
                     LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
+                } else if let Some(m) = (q.dtype() == GgmlDType::Q8_0).then(|| Q8_0Matrix::new(&q.data().ok()?, out, inp)).flatten() {
+                    LinearWeight::Q8_0(Arc::new(m))
                 } else {
                     let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
                     LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
@@ -288,6 +291,8 @@ pub enum LinearWeight {
     /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
     /// `rowwise`: call once per row, for batch invariance. `out`: output width.
     Quant { q: QMatMul, rowwise: bool, out: usize },
+    /// Q8_0 blocks through our own kernel (weights read once per call, batch invariant).
+    Q8_0(Arc<Q8_0Matrix>),
 }
 
 impl Linear {
@@ -298,6 +303,10 @@ impl Linear {
                 let n = w.len() / k;
                 let out = crate::kernels::matmul_bt(&to_vec(x)?, w, m, k, n);
                 Tensor::from_vec(out, (m, n), &Device::Cpu)?
+            }
+            LinearWeight::Q8_0(w) => {
+                let m = x.dim(0)?;
+                Tensor::from_vec(w.matmul_bt(&to_vec(x)?, m), (m, w.out_features()), &Device::Cpu)?
             }
             LinearWeight::Quant { q, rowwise: false, .. } => q.forward(x)?,
             LinearWeight::Quant { q, rowwise: true, out } => {
