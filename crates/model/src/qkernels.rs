@@ -39,7 +39,7 @@ const GROUP: usize = 4;
 impl Q8_0Matrix {
     /// From GGUF bytes (`n` rows of `k / 32` blocks). `k` must be a multiple of 32.
     pub fn new(data: &[u8], n: usize, k: usize) -> Option<Self> {
-        if k % QK != 0 || data.len() != n * (k / QK) * BLOCK_BYTES {
+        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * BLOCK_BYTES {
             return None;
         }
         let blocks = n * k / QK;

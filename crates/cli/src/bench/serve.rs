@@ -94,7 +94,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.num_prompts == 0 || a.input_len == 0 || a.output_len == 0 {
         bail!("--num-prompts, --input-len and --output-len must be positive");
     }
-    if !(a.request_rate > 0.0) || !(a.burstiness > 0.0) {
+    if a.request_rate.is_nan() || a.request_rate <= 0.0 || a.burstiness.is_nan() || a.burstiness <= 0.0 {
         bail!("--request-rate and --burstiness must be positive");
     }
     if !(0.0..1.0).contains(&a.range_ratio) {
@@ -242,7 +242,7 @@ fn gamma(rng: &mut ChaCha8Rng, shape: f64) -> f64 {
 
 /// Token ids to build prompts from, and a way back to text for the chat backend.
 enum Vocab {
-    Local { ids: Vec<u32>, tok: glassbox_model::Tokenizer },
+    Local { ids: Vec<u32>, tok: Box<glassbox_model::Tokenizer> },
     Server { ids: Vec<u32> },
 }
 
@@ -274,7 +274,7 @@ impl Vocab {
         if ids.len() < 100 {
             bail!("the tokenizer of {} has too few ordinary tokens to build prompts", source.path().display());
         }
-        Ok(Vocab::Local { ids, tok })
+        Ok(Vocab::Local { ids, tok: Box::new(tok) })
     }
 
     fn ids(&self) -> &[u32] {
