@@ -227,13 +227,7 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
                 .map(|re| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false}))
                 .collect();
             pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?
-                .iter()
-                .map(|m| {
-                    let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
-                    json!([a, b])
-                })
-                .collect();
+            let merges = bpe_merges(meta)?;
             let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                 "ignore_merges": pt.ignore_merges, "vocab": vocab, "merges": merges});
@@ -245,13 +239,7 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
             // SentencePiece-style BPE: spaces become `▁` (no prefix), the text is split only
             // into runs of newlines and runs of everything else, merges apply to raw UTF-8 with
             // byte fallback, and a piece found whole in the vocabulary (a newline run) is kept.
-            let merges: Vec<Value> = strings(meta, "tokenizer.ggml.merges")?
-                .iter()
-                .map(|m| {
-                    let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
-                    json!([a, b])
-                })
-                .collect();
+            let merges = bpe_merges(meta)?;
             let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i as usize].clone());
             let model = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": true,
@@ -319,6 +307,17 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
         "decoder": decoder,
         "model": bpe_model,
     }))
+}
+
+/// `tokenizer.ggml.merges` (`"a b"` strings) as `tokenizers`' `[a, b]` pairs.
+fn bpe_merges(meta: &HashMap<String, GValue>) -> Result<Vec<Value>> {
+    Ok(strings(meta, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
+            json!([a, b])
+        })
+        .collect())
 }
 
 /// SentencePiece BPE merges from the scores: a piece that splits into two vocabulary pieces

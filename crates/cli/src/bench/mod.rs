@@ -76,6 +76,14 @@ pub struct ThroughputArgs {
     pub profile: crate::profile::ProfileArgs,
 }
 
+/// A length drawn uniformly from `[len * (1 - ratio), len * (1 + ratio)]` (at least 1), as
+/// vLLM's random dataset does.
+pub fn vary_len(len: usize, ratio: f64, rng: &mut rand_chacha::ChaCha8Rng) -> usize {
+    let lo = ((len as f64) * (1.0 - ratio)).round().max(1.0) as usize;
+    let hi = ((len as f64) * (1.0 + ratio)).round().max(lo as f64) as usize;
+    rng.random_range(lo..=hi)
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Throughput(a) => throughput(a),
@@ -95,11 +103,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     let model = Arc::new(crate::commands::load_model(a.model.as_deref(), a.dequantize, a.batch_invariant)?);
     let vocab = model.model.cfg.vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let vary = |len: usize, rng: &mut rand_chacha::ChaCha8Rng| {
-        let lo = ((len as f64) * (1.0 - a.range_ratio)).round().max(1.0) as usize;
-        let hi = ((len as f64) * (1.0 + a.range_ratio)).round().max(lo as f64) as usize;
-        rng.random_range(lo..=hi)
-    };
+    let vary = |len: usize, rng: &mut rand_chacha::ChaCha8Rng| vary_len(len, a.range_ratio, rng);
     // Random ids away from the low ids where vocabularies keep their special tokens.
     let lo_id = 256.min(vocab / 2);
     let prefix: Vec<u32> = (0..a.prefix_len).map(|_| rng.random_range(lo_id..vocab)).collect();

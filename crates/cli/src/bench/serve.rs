@@ -329,11 +329,7 @@ fn served_model(agent: &ureq::Agent, base: &str) -> Result<String> {
 
 fn plan(a: &ServeArgs, vocab: &Vocab, agent: &ureq::Agent, base: &str) -> Result<Vec<Planned>> {
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let vary = |len: usize, rng: &mut ChaCha8Rng| {
-        let lo = ((len as f64) * (1.0 - a.range_ratio)).round().max(1.0) as usize;
-        let hi = ((len as f64) * (1.0 + a.range_ratio)).round().max(lo as f64) as usize;
-        rng.random_range(lo..=hi)
-    };
+    let vary = |len: usize, rng: &mut ChaCha8Rng| super::vary_len(len, a.range_ratio, rng);
     let mix: Vec<Value> = match &a.dataset {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
