@@ -105,7 +105,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 /// Up to 4 rows against one weight row; each result equals `dot(row, w)` exactly.
 #[inline]
-fn dot_group(rows: &[&[f32]], w: &[f32]) -> [f32; 4] {
+pub fn dot_group(rows: &[&[f32]], w: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {

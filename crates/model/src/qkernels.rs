@@ -1,27 +1,60 @@
-//! Our own quantized matmul, starting with GGUF's Q8_0 (blocks of 32 weights: an f16 scale and
-//! 32 signed bytes). Why ours: candle's quantized matmul walks the rows of the input outermost,
-//! so a batch of 32 reads the whole weight matrix 32 times. SmolLM2's tied 49k×576 output
-//! projection then took 27% of a 32-sequence decode step. Here each weight row is read once per
-//! call, for every input row.
+//! Our own matmul over GGUF block formats (Q8_0 and Q4_1 so far; 32 weights per block).
+//! Why ours: candle walks the rows of the input outermost, so a batch of 32 reads the whole
+//! weight matrix 32 times (SmolLM2's tied 49k×576 output projection took 27% of a 32-sequence
+//! decode step), and it runs Q4_1 with scalar code, which is why Q4_1 used to be dequantized
+//! to f32 at load (6x the memory, and 6x the bytes read per decoded token). Here weights stay
+//! in their blocks (repacked at load) and each weight row is read once per call, for every
+//! input row, with the columns split across threads.
 //!
-//! Batch invariance by construction: `y[i, j]` is one fixed sequence of operations over
-//! `x_i` and `w_j` (activation row quantized to Q8_0 as llama.cpp does, exact integer dot per
-//! 4-weight group, one FMA per block into 8 lanes, a fixed reduction tree), whatever the
-//! number of rows or how columns are split across threads. The AVX2 path and the portable
-//! path compute exactly the same arithmetic (a test checks them bitwise).
+//! Two arithmetics, each batch invariant by construction (`y[i, j]` is one fixed sequence of
+//! operations over `x_i` and `w_j`, whatever the number of rows or the thread split):
+//! - Q4_1 (`dequantized`): the weight row is expanded to f32 exactly as candle's dequantize
+//!   does (`q * d + m`) and dotted with `kernels::dot_group`, so the numbers are bitwise those
+//!   of the f32 path (and of the reference tests), from a sixth of the memory.
+//! - Q8_0 (`integer`, llama.cpp's): `x_i` is quantized per block of 32 (`d = max|x| / 127`
+//!   rounded to f16, `q = round(x / d)`); per block, lane `l` (of 8) gets the exact integer
+//!   sum of products `4l..4l+4`, added to its accumulator with one FMA by `d_w * d_x`; the
+//!   result is `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. The AVX2 and portable paths compute
+//!   exactly that (a test checks them bitwise).
 
 use half::f16;
 use rayon::prelude::*;
 
 const QK: usize = 32;
-const BLOCK_BYTES: usize = 2 + QK;
 
-/// Q8_0 weights `[n, k]`, repacked at load: the block scales as f32 (one array), the values
-/// as one contiguous array of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QFormat {
+    /// f16 scale, 32 signed bytes: `w = d * q`.
+    Q8_0,
+    /// f16 scale, f16 min, 16 bytes of nibbles (low: weights 0-15, high: 16-31): `w = d * q + m`.
+    Q4_1,
+}
+
+impl QFormat {
+    fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q8_0 => 2 + QK,
+            QFormat::Q4_1 => 4 + QK / 2,
+        }
+    }
+
+    /// Bytes of values per block once repacked (scales and mins live apart).
+    fn packed(self) -> usize {
+        match self {
+            QFormat::Q8_0 => QK,
+            QFormat::Q4_1 => QK / 2,
+        }
+    }
+}
+
+/// Quantized weights `[n, k]`, repacked at load: block scales (and Q4_1 mins) as f32 arrays,
+/// the values as one contiguous byte array.
 #[derive(Debug)]
-pub struct Q8_0Matrix {
+pub struct QMatrix {
+    format: QFormat,
     d: Vec<f32>,
-    q: Vec<i8>,
+    m: Vec<f32>,
+    q: Vec<u8>,
     n: usize,
     k: usize,
 }
@@ -36,20 +69,27 @@ struct QRow {
 /// as alone; grouping only saves loads).
 const GROUP: usize = 4;
 
-impl Q8_0Matrix {
+impl QMatrix {
     /// From GGUF bytes (`n` rows of `k / 32` blocks). `k` must be a multiple of 32.
-    pub fn new(data: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * BLOCK_BYTES {
+    pub fn new(format: QFormat, data: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * format.block_bytes() {
             return None;
         }
         let blocks = n * k / QK;
-        let mut d = Vec::with_capacity(blocks);
-        let mut q = Vec::with_capacity(n * k);
-        for b in data.chunks_exact(BLOCK_BYTES) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            q.extend(b[2..].iter().map(|&v| v as i8));
+        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let (mut d, mut m) = (Vec::with_capacity(blocks), vec![]);
+        let mut q = Vec::with_capacity(blocks * format.packed());
+        for b in data.chunks_exact(format.block_bytes()) {
+            d.push(half(b, 0));
+            match format {
+                QFormat::Q8_0 => q.extend_from_slice(&b[2..]),
+                QFormat::Q4_1 => {
+                    m.push(half(b, 2));
+                    q.extend_from_slice(&b[4..]);
+                }
+            }
         }
-        Some(Q8_0Matrix { d, q, n, k })
+        Some(QMatrix { format, d, m, q, n, k })
     }
 
     pub fn out_features(&self) -> usize {
@@ -59,8 +99,41 @@ impl Q8_0Matrix {
     /// `y[m, n] = x[m, k] · wᵀ`.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        let rows: Vec<QRow> = x.chunks_exact(self.k).map(quantize_row).collect();
-        let nb = self.k / QK;
+        match self.format {
+            QFormat::Q8_0 => self.matmul_integer(x, m),
+            QFormat::Q4_1 => self.matmul_dequantized(x, m),
+        }
+    }
+
+    /// Each block of 64 weight rows expanded to f32 once per call, then the f32 kernel's dot
+    /// for every input row, in `kernels::matmul_bt`'s loop order (the input rows' group stays
+    /// in L1, the expanded block in L2).
+    fn matmul_dequantized(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
+        let (k, nb, packed) = (self.k, self.k / QK, self.format.packed());
+        self.by_column_blocks(m, |c0, c1, out, width| {
+            let mut w = vec![0f32; width * k];
+            for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
+                let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
+                dequantize_q4_1(q, &self.d[j * nb..(j + 1) * nb], &self.m[j * nb..(j + 1) * nb], wr);
+            }
+            let mut i = 0;
+            while i < m {
+                let group = (m - i).min(4);
+                for (jj, wj) in w.chunks_exact(k).enumerate() {
+                    let vals = crate::kernels::dot_group(&rows[i..i + group], wj);
+                    for (g, v) in vals.iter().take(group).enumerate() {
+                        out[(i + g) * width + jj] = *v;
+                    }
+                }
+                i += group;
+            }
+        })
+    }
+
+    /// Output columns in blocks of 64 across threads; `f(c0, c1, out, width)` fills one
+    /// block's `[m, width]` outputs.
+    fn by_column_blocks(&self, m: usize, f: impl Fn(usize, usize, &mut [f32], usize) + Sync) -> Vec<f32> {
         const COLS: usize = 64;
         let blocks: Vec<(usize, Vec<f32>)> = (0..self.n.div_ceil(COLS))
             .into_par_iter()
@@ -68,15 +141,7 @@ impl Q8_0Matrix {
                 let (c0, c1) = (b * COLS, ((b + 1) * COLS).min(self.n));
                 let width = c1 - c0;
                 let mut out = vec![0f32; m * width];
-                for j in c0..c1 {
-                    let (wd, wq) = (&self.d[j * nb..(j + 1) * nb], &self.q[j * self.k..(j + 1) * self.k]);
-                    for (g, group) in rows.chunks(GROUP).enumerate() {
-                        let vals = dot_group(wd, wq, group);
-                        for (r, v) in vals.iter().take(group.len()).enumerate() {
-                            out[(g * GROUP + r) * width + (j - c0)] = *v;
-                        }
-                    }
-                }
+                f(c0, c1, &mut out, width);
                 (c0, out)
             })
             .collect();
@@ -89,10 +154,76 @@ impl Q8_0Matrix {
         }
         y
     }
+
+    /// Activations quantized to 8 bits, integer dot products (llama.cpp's arithmetic).
+    fn matmul_integer(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let rows: Vec<QRow> = x.chunks_exact(self.k).map(quantize_row).collect();
+        let nb = self.k / QK;
+        let packed = self.format.packed();
+        self.by_column_blocks(m, |c0, c1, out, width| {
+            for j in c0..c1 {
+                let w = WRow { d: &self.d[j * nb..(j + 1) * nb], q: &self.q[j * nb * packed..(j + 1) * nb * packed] };
+                for (g, group) in rows.chunks(GROUP).enumerate() {
+                    let vals = dot_group(&w, group);
+                    for (r, v) in vals.iter().take(group.len()).enumerate() {
+                        out[(g * GROUP + r) * width + (j - c0)] = *v;
+                    }
+                }
+            }
+        })
+    }
 }
 
-/// llama.cpp's activation quantization: per block, `d = max|x| / 127` (stored as f16),
-/// `q = round(x / d)`.
+/// One Q4_1 row into f32, exactly as candle's dequantize computes it (`q * d + m`: a
+/// multiply, then an add; no FMA), so the numbers match the f32 path bitwise.
+fn dequantize_q4_1(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::kernels::has_avx2() {
+            // SAFETY: AVX2 is present (checked); `q` holds 16 bytes and `out` 32 floats per block.
+            unsafe { dequantize_q4_1_avx2(q, d, m, out) };
+            return;
+        }
+    }
+    dequantize_q4_1_portable(q, d, m, out)
+}
+
+fn dequantize_q4_1_portable(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    for (((wb, q), &d), &mn) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK / 2)).zip(d).zip(m) {
+        let (lo, hi) = wb.split_at_mut(QK / 2);
+        for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(q) {
+            *l = ((byte & 0x0F) as f32) * d + mn;
+            *h = ((byte >> 4) as f32) * d + mn;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0F);
+    for b in 0..d.len() {
+        let packed = _mm_loadu_si128(q.as_ptr().add(b * QK / 2) as *const __m128i);
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+        let (vd, vm) = (_mm256_set1_ps(d[b]), _mm256_set1_ps(m[b]));
+        let o = out.as_mut_ptr().add(b * QK);
+        for (half, v) in [(0, lo), (QK / 2, hi)] {
+            let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            let c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+            _mm256_storeu_ps(o.add(half), _mm256_add_ps(_mm256_mul_ps(a, vd), vm));
+            _mm256_storeu_ps(o.add(half + 8), _mm256_add_ps(_mm256_mul_ps(c, vd), vm));
+        }
+    }
+}
+
+/// One Q8_0 weight row: per block scales and values.
+struct WRow<'a> {
+    d: &'a [f32],
+    q: &'a [u8],
+}
+
 fn quantize_row(x: &[f32]) -> QRow {
     let blocks = x.len() / QK;
     let mut d = Vec::with_capacity(blocks);
@@ -107,25 +238,25 @@ fn quantize_row(x: &[f32]) -> QRow {
     QRow { d, q }
 }
 
-/// Up to `GROUP` rows against one weight row.
-fn dot_group(wd: &[f32], wq: &[i8], rows: &[QRow]) -> [f32; GROUP] {
+/// Up to `GROUP` rows against one Q8_0 weight row.
+fn dot_group(w: &WRow, rows: &[QRow]) -> [f32; GROUP] {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::kernels::has_avx2() {
             // SAFETY: AVX2 and FMA are present (checked); rows have the weight row's length.
             return unsafe {
                 match rows.len() {
-                    4 => dot_avx2::<4>(wd, wq, [&rows[0], &rows[1], &rows[2], &rows[3]]),
-                    3 => pad(dot_avx2::<3>(wd, wq, [&rows[0], &rows[1], &rows[2]])),
-                    2 => pad(dot_avx2::<2>(wd, wq, [&rows[0], &rows[1]])),
-                    _ => pad(dot_avx2::<1>(wd, wq, [&rows[0]])),
+                    4 => dot_avx2::<4>(w, [&rows[0], &rows[1], &rows[2], &rows[3]]),
+                    3 => pad(dot_avx2::<3>(w, [&rows[0], &rows[1], &rows[2]])),
+                    2 => pad(dot_avx2::<2>(w, [&rows[0], &rows[1]])),
+                    _ => pad(dot_avx2::<1>(w, [&rows[0]])),
                 }
             };
         }
     }
     let mut out = [0f32; GROUP];
     for (o, r) in out.iter_mut().zip(rows) {
-        *o = dot_portable(wd, wq, r);
+        *o = dot_portable(w, r);
     }
     out
 }
@@ -136,16 +267,13 @@ fn pad<const R: usize>(v: [f32; R]) -> [f32; GROUP] {
     out
 }
 
-/// The reference arithmetic: lane `l` of block `b` is the exact integer sum of products
-/// `4l..4l+4`, added to lane `l`'s accumulator with one FMA by `d_w * d_x`; then
-/// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
-fn dot_portable(wd: &[f32], wq: &[i8], x: &QRow) -> f32 {
+/// The reference arithmetic of the integer path (see the module docs).
+fn dot_portable(w: &WRow, x: &QRow) -> f32 {
     let mut acc = [0f32; 8];
-    for (b, (&dw, wb)) in wd.iter().zip(wq.chunks_exact(QK)).enumerate() {
+    for (b, &dw) in w.d.iter().enumerate() {
         let d = dw * x.d[b];
-        let xq = &x.q[b * QK..(b + 1) * QK];
         for (l, a) in acc.iter_mut().enumerate() {
-            let s: i32 = (0..4).map(|t| wb[4 * l + t] as i32 * xq[4 * l + t] as i32).sum();
+            let s: i32 = (4 * l..4 * l + 4).map(|t| w.q[b * QK + t] as i8 as i32 * x.q[b * QK + t] as i32).sum();
             *a = d.mul_add(s as f32, *a);
         }
     }
@@ -154,18 +282,18 @@ fn dot_portable(wd: &[f32], wq: &[i8], x: &QRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2<const R: usize>(wd: &[f32], wq: &[i8], xs: [&QRow; R]) -> [f32; R] {
+unsafe fn dot_avx2<const R: usize>(w: &WRow, xs: [&QRow; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); R];
     let ones = _mm256_set1_epi16(1);
-    for (b, &dw) in wd.iter().enumerate() {
-        let w = _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i);
-        let wabs = _mm256_sign_epi8(w, w);
+    for (b, &dw) in w.d.iter().enumerate() {
+        let v = _mm256_loadu_si256(w.q.as_ptr().add(b * QK) as *const __m256i);
+        let wabs = _mm256_sign_epi8(v, v);
         for r in 0..R {
             let x = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
             // |w| · sign(x, w): unsigned × signed byte products summed in pairs (i16, exact
             // for |q| <= 127), then in fours (i32): lane l holds products 4l..4l+4.
-            let quads = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
+            let quads = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, v)), ones);
             let d = _mm256_set1_ps(dw * *xs[r].d.get_unchecked(b));
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
         }
@@ -184,20 +312,37 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn random_matrix(n: usize, k: usize, seed: u64) -> (Q8_0Matrix, Vec<f32>) {
+    /// Random GGUF bytes of `format` and the same weights in f32.
+    fn random_matrix(format: QFormat, n: usize, k: usize, seed: u64) -> (QMatrix, Vec<f32>) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut data = Vec::with_capacity(n * k / QK * BLOCK_BYTES);
-        let mut dense = Vec::with_capacity(n * k);
-        for _ in 0..n * k / QK {
+        let mut data = vec![];
+        let mut dense = vec![0f32; n * k];
+        for blk in 0..n * k / QK {
             let d = f16::from_f32(rng.random_range(0.001f32..0.05));
             data.extend_from_slice(&d.to_le_bytes());
-            for _ in 0..QK {
-                let q: i8 = rng.random_range(-127..=127);
-                data.push(q as u8);
-                dense.push(d.to_f32() * q as f32);
+            let out = &mut dense[blk * QK..(blk + 1) * QK];
+            match format {
+                QFormat::Q8_0 => {
+                    for o in out.iter_mut() {
+                        let q: i8 = rng.random_range(-127..=127);
+                        data.push(q as u8);
+                        *o = d.to_f32() * q as f32;
+                    }
+                }
+                QFormat::Q4_1 => {
+                    let m = f16::from_f32(rng.random_range(-0.4f32..0.0));
+                    data.extend_from_slice(&m.to_le_bytes());
+                    let qs: Vec<u8> = (0..QK).map(|_| rng.random_range(0..16u8)).collect();
+                    for j in 0..16 {
+                        data.push(qs[j] | (qs[j + 16] << 4));
+                    }
+                    for (o, q) in out.iter_mut().zip(&qs) {
+                        *o = d.to_f32() * *q as f32 + m.to_f32();
+                    }
+                }
             }
         }
-        (Q8_0Matrix::new(&data, n, k).unwrap(), dense)
+        (QMatrix::new(format, &data, n, k).unwrap(), dense)
     }
 
     fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -207,32 +352,48 @@ mod tests {
 
     #[test]
     fn simd_and_portable_paths_agree_bitwise() {
-        let (w, _) = random_matrix(7, 96, 1);
+        let (w, _) = random_matrix(QFormat::Q8_0, 7, 96, 1);
         let rows: Vec<QRow> = random_x(5, 96, 2).chunks_exact(96).map(quantize_row).collect();
         for j in 0..7 {
-            let (wd, wq) = (&w.d[j * 3..(j + 1) * 3], &w.q[j * 96..(j + 1) * 96]);
+            let wr = WRow { d: &w.d[j * 3..(j + 1) * 3], q: &w.q[j * 96..(j + 1) * 96] };
             for group in [&rows[..4], &rows[4..]] {
-                let got = dot_group(wd, wq, group);
+                let got = dot_group(&wr, group);
                 for (r, x) in group.iter().enumerate() {
-                    assert_eq!(got[r].to_bits(), dot_portable(wd, wq, x).to_bits());
+                    assert_eq!(got[r].to_bits(), dot_portable(&wr, x).to_bits());
                 }
             }
         }
     }
 
     #[test]
+    fn q4_1_expansion_paths_agree_bitwise() {
+        let (w, dense) = random_matrix(QFormat::Q4_1, 3, 96, 5);
+        let (mut a, mut b) = (vec![0f32; 3 * 96], vec![0f32; 3 * 96]);
+        dequantize_q4_1(&w.q, &w.d, &w.m, &mut a);
+        dequantize_q4_1_portable(&w.q, &w.d, &w.m, &mut b);
+        assert!(a.iter().zip(&b).zip(&dense).all(|((x, y), z)| x.to_bits() == y.to_bits() && x.to_bits() == z.to_bits()));
+    }
+
+    #[test]
     fn batch_invariant_and_close_to_the_dense_product() {
-        let (n, k, m) = (130, 576, 9);
-        let (w, dense) = random_matrix(n, k, 3);
-        let x = random_x(m, k, 4);
-        let batched = w.matmul_bt(&x, m);
-        for i in 0..m {
-            let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
-            assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i} differs in a batch");
+        for format in [QFormat::Q8_0, QFormat::Q4_1] {
+            let (n, k, m) = (130, 576, 9);
+            let (w, dense) = random_matrix(format, n, k, 3);
+            let x = random_x(m, k, 4);
+            let batched = w.matmul_bt(&x, m);
+            for i in 0..m {
+                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
+                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i} differs in a batch");
+            }
+            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
+            if format == QFormat::Q4_1 {
+                // The same numbers as the f32 path over the dequantized weights.
+                assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "Q4_1 must equal the f32 path bitwise");
+            } else {
+                // Only the 8-bit activations differ (~1%).
+                let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
+                assert!((num / den).sqrt() < 0.01, "relative error {}", (num / den).sqrt());
+            }
         }
-        // Against f32 weights: only the 8-bit activations differ (relative error ~1%).
-        let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-        let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-        assert!((num / den).sqrt() < 0.01, "relative error {}", (num / den).sqrt());
     }
 }

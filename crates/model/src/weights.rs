@@ -6,7 +6,7 @@ use crate::error::{ModelError, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
-use crate::qkernels::Q8_0Matrix;
+use crate::qkernels::{QFormat, QMatrix};
 use std::sync::Arc;
 
 /// Where tensors come from.
@@ -169,10 +169,15 @@ impl<'a> Vb<'a> {
                     Some(heads) if *arch == Arch::Llama => unpermute_rows(&q, heads)?,
                     _ => q,
                 };
-                if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
+                let ours = match q.dtype() {
+                    GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+                    GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+                    _ => None,
+                };
+                if let Some(m) = ours.filter(|_| !self.opts.dequantize).and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
+                    LinearWeight::Blocks(Arc::new(m))
+                } else if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
                     LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
-                } else if let Some(m) = (q.dtype() == GgmlDType::Q8_0).then(|| Q8_0Matrix::new(&q.data().ok()?, out, inp)).flatten() {
-                    LinearWeight::Q8_0(Arc::new(m))
                 } else {
                     let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
                     LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
@@ -257,11 +262,10 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
 }
 
-/// Candle's x86 CPU kernels are SIMD for Q4_0, Q8_0 and the K-quants; Q4_1, Q5_0 and Q5_1 run
-/// a scalar loop (measured: ~8 tokens/s for SmolLM2-135M Q4_1 on 2 Zen 4 cores). Those
-/// weights are dequantized at load and run by our own f32 kernel instead, which is faster
-/// here and exact with respect to the dequantized reference. (Our own quantized kernels are
-/// the kernels issue's work.)
+/// Candle's x86 CPU kernels are SIMD for Q4_0, Q8_0 and the K-quants; Q5_0 and Q5_1 run a
+/// scalar loop (measured: ~8 tokens/s for SmolLM2-135M Q4_1 on 2 Zen 4 cores before our own
+/// Q4_1 path), so those are dequantized at load and run by our own f32 kernel, exact with
+/// respect to the dequantized reference. Q8_0 and Q4_1 go through `qkernels.rs`.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
 }
@@ -291,8 +295,9 @@ pub enum LinearWeight {
     /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
     /// `rowwise`: call once per row, for batch invariance. `out`: output width.
     Quant { q: QMatMul, rowwise: bool, out: usize },
-    /// Q8_0 blocks through our own kernel (weights read once per call, batch invariant).
-    Q8_0(Arc<Q8_0Matrix>),
+    /// GGUF blocks through our own kernels (`qkernels.rs`: weights read once per call,
+    /// integer SIMD, batch invariant).
+    Blocks(Arc<QMatrix>),
 }
 
 impl Linear {
@@ -304,7 +309,7 @@ impl Linear {
                 let out = crate::kernels::matmul_bt(&to_vec(x)?, w, m, k, n);
                 Tensor::from_vec(out, (m, n), &Device::Cpu)?
             }
-            LinearWeight::Q8_0(w) => {
+            LinearWeight::Blocks(w) => {
                 let m = x.dim(0)?;
                 Tensor::from_vec(w.matmul_bt(&to_vec(x)?, m), (m, w.out_features()), &Device::Cpu)?
             }
