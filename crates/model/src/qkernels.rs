@@ -112,6 +112,27 @@ impl QMatrix {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
         let (k, nb, packed) = (self.k, self.k / QK, self.format.packed());
         self.by_column_blocks(m, |c0, c1, out, width| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::kernels::has_avx2() {
+                    // Fused: each block expanded in registers and multiplied at once.
+                    let mut i = 0;
+                    while i < m {
+                        let group = (m - i).min(4);
+                        for j in c0..c1 {
+                            let (d, mn) = (&self.d[j * nb..(j + 1) * nb], &self.m[j * nb..(j + 1) * nb]);
+                            let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
+                            // SAFETY: AVX2 and FMA are present (checked); rows are k long.
+                            let vals = unsafe { q4_1_dot_group_avx2(&rows[i..i + group], d, mn, q) };
+                            for (g, v) in vals.iter().take(group).enumerate() {
+                                out[(i + g) * width + (j - c0)] = *v;
+                            }
+                        }
+                        i += group;
+                    }
+                    return;
+                }
+            }
             let mut w = vec![0f32; width * k];
             for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
                 let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
@@ -216,6 +237,54 @@ unsafe fn dequantize_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) 
             _mm256_storeu_ps(o.add(half + 8), _mm256_add_ps(_mm256_mul_ps(c, vd), vm));
         }
     }
+}
+
+/// Up to 4 rows against one Q4_1 weight row, the weights expanded in registers: exactly the
+/// arithmetic of `kernels::dot_rows_avx2` over `dequantize_q4_1`'s values (each 16-chunk's
+/// elements 0-7 into one 8-lane accumulator and 8-15 into another, one FMA each; then the
+/// same reduction tree), so results are bitwise those of the f32 path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_dot_group_avx2(rows: &[&[f32]], d: &[f32], m: &[f32], q: &[u8]) -> [f32; 4] {
+    match rows.len() {
+        4 => q4_1_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], d, m, q),
+        3 => pad(q4_1_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], d, m, q)),
+        2 => pad(q4_1_dot_rows_avx2::<2>([rows[0], rows[1]], d, m, q)),
+        _ => pad(q4_1_dot_rows_avx2::<1>([rows[0]], d, m, q)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: &[f32], q: &[u8]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..d.len() {
+        let packed = _mm_loadu_si128(q.as_ptr().add(b * QK / 2) as *const __m128i);
+        let (vd, vm) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
+        // The block's two 16-chunks: low nibbles (weights 0-15), then high (16-31).
+        for (c, nib) in [_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)].into_iter().enumerate() {
+            let w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib)), vd), vm);
+            let w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8))), vd), vm);
+            let o = b * QK + c * 16;
+            for r in 0..R {
+                let px = xs[r].as_ptr();
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o)), w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o + 8)), w1, acc[r][1]);
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let s = _mm256_add_ps(acc[r][0], acc[r][1]);
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), s);
+        // `+ 0.0`: the f32 kernel's (empty) tail, kept so a -0.0 sum becomes +0.0 there too.
+        let tail = 0f32;
+        out[r] = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail;
+    }
+    out
 }
 
 /// One Q8_0 weight row: per block scales and values.
