@@ -1,4 +1,4 @@
-//! Our own matmul over GGUF block formats (Q8_0 and Q4_1 so far; 32 weights per block).
+//! Our own matmul over GGUF block formats (Q8_0, Q4_0 and Q4_1 so far; 32 weights per block).
 //! Why ours: candle walks the rows of the input outermost, so a batch of 32 reads the whole
 //! weight matrix 32 times (SmolLM2's tied 49k×576 output projection took 27% of a 32-sequence
 //! decode step), and it runs Q4_1 with scalar code, which is why Q4_1 used to be dequantized
@@ -8,9 +8,10 @@
 //!
 //! Two arithmetics, each batch invariant by construction (`y[i, j]` is one fixed sequence of
 //! operations over `x_i` and `w_j`, whatever the number of rows or the thread split):
-//! - Q4_1 (`dequantized`): the weight row is expanded to f32 exactly as candle's dequantize
-//!   does (`q * d + m`) and dotted with `kernels::dot_group`, so the numbers are bitwise those
-//!   of the f32 path (and of the reference tests), from a sixth of the memory.
+//! - Q4_0 and Q4_1 (`dequantized`): each block is expanded to f32 in registers exactly as
+//!   candle's dequantize does (`(q - 8) * d`, `q * d + m`) and multiplied in the f32 kernel's
+//!   lane order, so the numbers are bitwise those of the f32 path (and of the reference
+//!   tests), from a sixth of the memory.
 //! - Q8_0 (`integer`, llama.cpp's): `x_i` is quantized per block of 32 (`d = max|x| / 127`
 //!   rounded to f16, `q = round(x / d)`); per block, lane `l` (of 8) gets the exact integer
 //!   sum of products `4l..4l+4`, added to its accumulator with one FMA by `d_w * d_x`; the
@@ -28,6 +29,8 @@ pub enum QFormat {
     Q8_0,
     /// f16 scale, f16 min, 16 bytes of nibbles (low: weights 0-15, high: 16-31): `w = d * q + m`.
     Q4_1,
+    /// f16 scale, 16 bytes of nibbles: `w = d * (q - 8)`.
+    Q4_0,
 }
 
 impl QFormat {
@@ -35,6 +38,7 @@ impl QFormat {
         match self {
             QFormat::Q8_0 => 2 + QK,
             QFormat::Q4_1 => 4 + QK / 2,
+            QFormat::Q4_0 => 2 + QK / 2,
         }
     }
 
@@ -42,7 +46,7 @@ impl QFormat {
     fn packed(self) -> usize {
         match self {
             QFormat::Q8_0 => QK,
-            QFormat::Q4_1 => QK / 2,
+            QFormat::Q4_1 | QFormat::Q4_0 => QK / 2,
         }
     }
 }
@@ -87,6 +91,7 @@ impl QMatrix {
                     m.push(half(b, 2));
                     q.extend_from_slice(&b[4..]);
                 }
+                QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
             }
         }
         Some(QMatrix { format, d, m, q, n, k })
@@ -101,7 +106,7 @@ impl QMatrix {
         assert_eq!(x.len(), m * self.k);
         match self.format {
             QFormat::Q8_0 => self.matmul_integer(x, m),
-            QFormat::Q4_1 => self.matmul_dequantized(x, m),
+            QFormat::Q4_1 | QFormat::Q4_0 => self.matmul_dequantized(x, m),
         }
     }
 
@@ -120,10 +125,10 @@ impl QMatrix {
                     while i < m {
                         let group = (m - i).min(4);
                         for j in c0..c1 {
-                            let (d, mn) = (&self.d[j * nb..(j + 1) * nb], &self.m[j * nb..(j + 1) * nb]);
+                            let (d, mn) = (&self.d[j * nb..(j + 1) * nb], self.mins(j));
                             let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
                             // SAFETY: AVX2 and FMA are present (checked); rows are k long.
-                            let vals = unsafe { q4_1_dot_group_avx2(&rows[i..i + group], d, mn, q) };
+                            let vals = unsafe { q4_dot_group_avx2(&rows[i..i + group], d, mn, q) };
                             for (g, v) in vals.iter().take(group).enumerate() {
                                 out[(i + g) * width + (j - c0)] = *v;
                             }
@@ -136,7 +141,7 @@ impl QMatrix {
             let mut w = vec![0f32; width * k];
             for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
                 let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
-                dequantize_q4_1(q, &self.d[j * nb..(j + 1) * nb], &self.m[j * nb..(j + 1) * nb], wr);
+                dequantize_q4(q, &self.d[j * nb..(j + 1) * nb], self.mins(j), wr);
             }
             let mut i = 0;
             while i < m {
@@ -150,6 +155,12 @@ impl QMatrix {
                 i += group;
             }
         })
+    }
+
+    /// Row `j`'s block mins (Q4_1), or `None` (Q4_0: the offset is the fixed `-8`).
+    fn mins(&self, j: usize) -> Option<&[f32]> {
+        let nb = self.k / QK;
+        (self.format == QFormat::Q4_1).then(|| &self.m[j * nb..(j + 1) * nb])
     }
 
     /// Output columns in blocks of 64 across threads; `f(c0, c1, out, width)` fills one
@@ -195,78 +206,64 @@ impl QMatrix {
     }
 }
 
-/// One Q4_1 row into f32, exactly as candle's dequantize computes it (`q * d + m`: a
-/// multiply, then an add; no FMA), so the numbers match the f32 path bitwise.
-fn dequantize_q4_1(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::kernels::has_avx2() {
-            // SAFETY: AVX2 is present (checked); `q` holds 16 bytes and `out` 32 floats per block.
-            unsafe { dequantize_q4_1_avx2(q, d, m, out) };
-            return;
-        }
-    }
-    dequantize_q4_1_portable(q, d, m, out)
-}
-
-fn dequantize_q4_1_portable(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
-    for (((wb, q), &d), &mn) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK / 2)).zip(d).zip(m) {
+/// One Q4_1 (`m`: its mins) or Q4_0 (`m: None`) row into f32, exactly as candle's dequantize
+/// computes it (`q * d + m` as a multiply then an add; `(q - 8) * d`), so the numbers match
+/// the f32 path bitwise.
+fn dequantize_q4(q: &[u8], d: &[f32], m: Option<&[f32]>, out: &mut [f32]) {
+    for (b, (wb, q)) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK / 2)).enumerate() {
         let (lo, hi) = wb.split_at_mut(QK / 2);
         for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(q) {
-            *l = ((byte & 0x0F) as f32) * d + mn;
-            *h = ((byte >> 4) as f32) * d + mn;
+            let (x0, x1) = (byte & 0x0F, byte >> 4);
+            match m {
+                Some(m) => {
+                    *l = (x0 as f32) * d[b] + m[b];
+                    *h = (x1 as f32) * d[b] + m[b];
+                }
+                None => {
+                    *l = ((x0 as i16 - 8) as f32) * d[b];
+                    *h = ((x1 as i16 - 8) as f32) * d[b];
+                }
+            }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dequantize_q4_1_avx2(q: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let low = _mm_set1_epi8(0x0F);
-    for b in 0..d.len() {
-        let packed = _mm_loadu_si128(q.as_ptr().add(b * QK / 2) as *const __m128i);
-        let lo = _mm_and_si128(packed, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        let (vd, vm) = (_mm256_set1_ps(d[b]), _mm256_set1_ps(m[b]));
-        let o = out.as_mut_ptr().add(b * QK);
-        for (half, v) in [(0, lo), (QK / 2, hi)] {
-            let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            let c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
-            _mm256_storeu_ps(o.add(half), _mm256_add_ps(_mm256_mul_ps(a, vd), vm));
-            _mm256_storeu_ps(o.add(half + 8), _mm256_add_ps(_mm256_mul_ps(c, vd), vm));
-        }
-    }
-}
-
-/// Up to 4 rows against one Q4_1 weight row, the weights expanded in registers: exactly the
-/// arithmetic of `kernels::dot_rows_avx2` over `dequantize_q4_1`'s values (each 16-chunk's
+/// Up to 4 rows against one Q4_1/Q4_0 weight row, the weights expanded in registers: exactly
+/// the arithmetic of `kernels::dot_rows_avx2` over `dequantize_q4`'s values (each 16-chunk's
 /// elements 0-7 into one 8-lane accumulator and 8-15 into another, one FMA each; then the
 /// same reduction tree), so results are bitwise those of the f32 path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q4_1_dot_group_avx2(rows: &[&[f32]], d: &[f32], m: &[f32], q: &[u8]) -> [f32; 4] {
+unsafe fn q4_dot_group_avx2(rows: &[&[f32]], d: &[f32], m: Option<&[f32]>, q: &[u8]) -> [f32; 4] {
     match rows.len() {
-        4 => q4_1_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], d, m, q),
-        3 => pad(q4_1_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], d, m, q)),
-        2 => pad(q4_1_dot_rows_avx2::<2>([rows[0], rows[1]], d, m, q)),
-        _ => pad(q4_1_dot_rows_avx2::<1>([rows[0]], d, m, q)),
+        4 => q4_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], d, m, q),
+        3 => pad(q4_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], d, m, q)),
+        2 => pad(q4_dot_rows_avx2::<2>([rows[0], rows[1]], d, m, q)),
+        _ => pad(q4_dot_rows_avx2::<1>([rows[0]], d, m, q)),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q4_1_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: &[f32], q: &[u8]) -> [f32; R] {
+unsafe fn q4_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: Option<&[f32]>, q: &[u8]) -> [f32; R] {
     use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi32(8);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for b in 0..d.len() {
         let packed = _mm_loadu_si128(q.as_ptr().add(b * QK / 2) as *const __m128i);
-        let (vd, vm) = (_mm256_set1_ps(*d.get_unchecked(b)), _mm256_set1_ps(*m.get_unchecked(b)));
+        let vd = _mm256_set1_ps(*d.get_unchecked(b));
+        // Eight nibbles as weights: `q * d + m` (Q4_1) or `(q - 8) * d` (Q4_0).
+        let expand = |nib: __m128i| {
+            let v = _mm256_cvtepu8_epi32(nib);
+            match m {
+                Some(m) => _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), vd), _mm256_set1_ps(*m.get_unchecked(b))),
+                None => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)), vd),
+            }
+        };
         // The block's two 16-chunks: low nibbles (weights 0-15), then high (16-31).
         for (c, nib) in [_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)].into_iter().enumerate() {
-            let w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib)), vd), vm);
-            let w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8))), vd), vm);
+            let (w0, w1) = (expand(nib), expand(_mm_srli_si128(nib, 8)));
             let o = b * QK + c * 16;
             for r in 0..R {
                 let px = xs[r].as_ptr();
@@ -398,6 +395,15 @@ mod tests {
                         *o = d.to_f32() * q as f32;
                     }
                 }
+                QFormat::Q4_0 => {
+                    let qs: Vec<u8> = (0..QK).map(|_| rng.random_range(0..16u8)).collect();
+                    for j in 0..16 {
+                        data.push(qs[j] | (qs[j + 16] << 4));
+                    }
+                    for (o, q) in out.iter_mut().zip(&qs) {
+                        *o = ((*q as i16 - 8) as f32) * d.to_f32();
+                    }
+                }
                 QFormat::Q4_1 => {
                     let m = f16::from_f32(rng.random_range(-0.4f32..0.0));
                     data.extend_from_slice(&m.to_le_bytes());
@@ -435,17 +441,20 @@ mod tests {
     }
 
     #[test]
-    fn q4_1_expansion_paths_agree_bitwise() {
-        let (w, dense) = random_matrix(QFormat::Q4_1, 3, 96, 5);
-        let (mut a, mut b) = (vec![0f32; 3 * 96], vec![0f32; 3 * 96]);
-        dequantize_q4_1(&w.q, &w.d, &w.m, &mut a);
-        dequantize_q4_1_portable(&w.q, &w.d, &w.m, &mut b);
-        assert!(a.iter().zip(&b).zip(&dense).all(|((x, y), z)| x.to_bits() == y.to_bits() && x.to_bits() == z.to_bits()));
+    fn four_bit_expansion_is_candles_dequantization() {
+        for format in [QFormat::Q4_1, QFormat::Q4_0] {
+            let (w, dense) = random_matrix(format, 3, 96, 5);
+            let mut a = vec![0f32; 3 * 96];
+            for j in 0..3 {
+                dequantize_q4(&w.q[j * 48..(j + 1) * 48], &w.d[j * 3..(j + 1) * 3], w.mins(j), &mut a[j * 96..(j + 1) * 96]);
+            }
+            assert!(a.iter().zip(&dense).all(|(x, z)| x.to_bits() == z.to_bits()), "{format:?}");
+        }
     }
 
     #[test]
     fn batch_invariant_and_close_to_the_dense_product() {
-        for format in [QFormat::Q8_0, QFormat::Q4_1] {
+        for format in [QFormat::Q8_0, QFormat::Q4_1, QFormat::Q4_0] {
             let (n, k, m) = (130, 576, 9);
             let (w, dense) = random_matrix(format, n, k, 3);
             let x = random_x(m, k, 4);
@@ -455,9 +464,9 @@ mod tests {
                 assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i} differs in a batch");
             }
             let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            if format == QFormat::Q4_1 {
+            if format != QFormat::Q8_0 {
                 // The same numbers as the f32 path over the dequantized weights.
-                assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "Q4_1 must equal the f32 path bitwise");
+                assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?} must equal the f32 path bitwise");
             } else {
                 // Only the 8-bit activations differ (~1%).
                 let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));

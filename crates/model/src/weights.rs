@@ -172,6 +172,7 @@ impl<'a> Vb<'a> {
                 let ours = match q.dtype() {
                     GgmlDType::Q8_0 => Some(QFormat::Q8_0),
                     GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+                    GgmlDType::Q4_0 => Some(QFormat::Q4_0),
                     _ => None,
                 };
                 if let Some(m) = ours.filter(|_| !self.opts.dequantize).and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
@@ -265,7 +266,7 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
 /// Candle's x86 CPU kernels are SIMD for Q4_0, Q8_0 and the K-quants; Q5_0 and Q5_1 run a
 /// scalar loop (measured: ~8 tokens/s for SmolLM2-135M Q4_1 on 2 Zen 4 cores before our own
 /// Q4_1 path), so those are dequantized at load and run by our own f32 kernel, exact with
-/// respect to the dequantized reference. Q8_0 and Q4_1 go through `qkernels.rs`.
+/// respect to the dequantized reference. Q8_0, Q4_0 and Q4_1 go through `qkernels.rs`.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
 }
