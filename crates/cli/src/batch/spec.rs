@@ -68,6 +68,10 @@ impl Spec {
         if self.stages.is_empty() {
             bail!("the spec has no stages");
         }
+        // Request keys carry the stage in their low 8 bits.
+        if self.stages.len() > 255 {
+            bail!("the spec has {} stages; at most 255", self.stages.len());
+        }
         let env = environment();
         for (i, s) in self.stages.iter().enumerate() {
             if s.name.is_empty() || matches!(s.name.as_str(), "id" | "error" | "stats" | "captures") {
