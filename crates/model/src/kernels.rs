@@ -55,24 +55,50 @@ unsafe fn dot_rows_avx2<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] 
         let o = c * 16;
         let w0 = _mm256_loadu_ps(pw.add(o));
         let w1 = _mm256_loadu_ps(pw.add(o + 8));
-        for r in 0..R {
-            let px = xs[r].as_ptr();
-            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o)), w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o + 8)), w1, acc[r][1]);
-        }
+        fma_chunk16(&mut acc, &xs, o, w0, w1);
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        let s = _mm256_add_ps(acc[r][0], acc[r][1]);
-        let mut l = [0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), s);
         let mut tail = 0f32;
         for i in chunks * 16..n {
             tail = xs[r][i].mul_add(w[i], tail);
         }
-        out[r] = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail;
+        out[r] = reduce_lanes(acc[r], tail);
     }
     out
+}
+
+/// One 16-chunk at offset `o` of every row against weights `w0` (elements 0-7) and `w1`
+/// (8-15): one FMA per 8 lanes. Shared with the quantized kernels that expand their weights in
+/// registers (`qkernels`), so both compute exactly this.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn fma_chunk16<const R: usize>(
+    acc: &mut [[std::arch::x86_64::__m256; 2]; R],
+    xs: &[&[f32]; R],
+    o: usize,
+    w0: std::arch::x86_64::__m256,
+    w1: std::arch::x86_64::__m256,
+) {
+    use std::arch::x86_64::*;
+    for r in 0..R {
+        let px = xs[r].as_ptr();
+        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o)), w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o + 8)), w1, acc[r][1]);
+    }
+}
+
+/// The fixed reduction of a row's two 8-lane accumulators, plus its scalar tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn reduce_lanes(acc: [std::arch::x86_64::__m256; 2], tail: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm256_add_ps(acc[0], acc[1]);
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), s);
+    (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail
 }
 
 #[cfg(target_arch = "x86_64")]

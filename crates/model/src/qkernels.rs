@@ -264,22 +264,13 @@ unsafe fn q4_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: Option
         // The block's two 16-chunks: low nibbles (weights 0-15), then high (16-31).
         for (c, nib) in [_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)].into_iter().enumerate() {
             let (w0, w1) = (expand(nib), expand(_mm_srli_si128(nib, 8)));
-            let o = b * QK + c * 16;
-            for r in 0..R {
-                let px = xs[r].as_ptr();
-                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o)), w0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(o + 8)), w1, acc[r][1]);
-            }
+            crate::kernels::fma_chunk16(&mut acc, &xs, b * QK + c * 16, w0, w1);
         }
     }
+    // The f32 kernel's reduction; its (empty) tail is `0.0`, which turns a -0.0 sum into +0.0.
     let mut out = [0f32; R];
     for r in 0..R {
-        let s = _mm256_add_ps(acc[r][0], acc[r][1]);
-        let mut l = [0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), s);
-        // `+ 0.0`: the f32 kernel's (empty) tail, kept so a -0.0 sum becomes +0.0 there too.
-        let tail = 0f32;
-        out[r] = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail;
+        out[r] = crate::kernels::reduce_lanes(acc[r], 0.0);
     }
     out
 }
