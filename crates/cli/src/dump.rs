@@ -86,7 +86,7 @@ fn load(path: &Path) -> Result<HookTensors> {
 /// the logits.
 fn forward_key(h: HookName) -> (usize, usize) {
     let stage = match (h.layer, h.site) {
-        (None, Site::Embed) => 0,
+        (None, Site::Embed | Site::PosEmbed) => 0,
         (Some(l), _) => 1 + l as usize,
         (None, _) => usize::MAX,
     };

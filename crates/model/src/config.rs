@@ -12,9 +12,23 @@ pub enum Arch {
     Qwen2,
     /// Llama plus per-head q/k RMS norms.
     Qwen3,
-    /// Sandwich norms, q/k norms, sqrt(d) embedding scale, sliding-window layers, GeGLU.
+    /// Llama with fused q/k/v and gate/up projections in the files.
+    Phi3,
+    /// Sandwich norms, sqrt(d) embedding scale, alternating sliding-window layers, GeGLU,
+    /// attention and final logit soft-capping.
+    Gemma2,
+    /// Gemma 2's block without soft-capping, plus q/k norms and a second RoPE base.
     Gemma3,
+    /// LayerNorm with bias, learned absolute positions, fused q/k/v, biases everywhere, a
+    /// plain (ungated) GELU MLP.
+    Gpt2,
+    /// GPT-NeoX / Pythia: GPT-2's norms and biases with partial rotary embeddings and (usually)
+    /// attention and MLP in parallel off the same residual.
+    GptNeox,
 }
+
+/// The names `Arch::parse` accepts, for error messages.
+pub const ARCH_NAMES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, gpt_neox (gptneox)";
 
 impl Arch {
     pub fn parse(name: &str) -> Result<Arch> {
@@ -22,17 +36,35 @@ impl Arch {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
+            "gemma2" => Arch::Gemma2,
             "gemma3" | "gemma3_text" => Arch::Gemma3,
+            "gpt2" => Arch::Gpt2,
+            "gpt_neox" | "gptneox" => Arch::GptNeox,
             other => return Err(ModelError::UnknownArchitecture(other.to_string())),
         })
     }
+
+    fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// RMS norm, weight only.
+    Rms,
+    /// LayerNorm: mean removed, weight and bias.
+    Layer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     Silu,
-    /// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    /// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`, GPT-2's `gelu_new`).
     GeluTanh,
+    /// GELU with the exact erf (transformers' `gelu`: GPT-NeoX / Pythia).
+    GeluErf,
 }
 
 /// How rotary frequencies are adjusted for long context.
@@ -59,8 +91,10 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
-    pub rms_norm_eps: f64,
+    pub norm_eps: f64,
     pub rope_theta: f32,
+    /// Leading dimensions of each head that are rotated (head_dim unless rotary is partial).
+    pub rotary_dim: usize,
     pub rope_scaling: RopeScaling,
     /// Gemma 3: RoPE base of the sliding-window layers.
     pub rope_local_theta: Option<f32>,
@@ -72,23 +106,47 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// Attention scores are multiplied by this (1/sqrt(head_dim) unless the model says otherwise).
     pub attn_scale: f32,
+    /// GPT-NeoX: attention and MLP both read the block's input and add to it together.
+    pub parallel_residual: bool,
+    /// Gemma 2: attention scores become `cap * tanh(score / cap)` before the softmax.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2: the same on the final logits.
+    pub final_softcap: Option<f32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
 
 impl ModelConfig {
+    pub fn norm_kind(&self) -> NormKind {
+        match self.arch {
+            Arch::Gpt2 | Arch::GptNeox => NormKind::Layer,
+            _ => NormKind::Rms,
+        }
+    }
     pub fn qkv_bias(&self) -> bool {
-        self.arch == Arch::Qwen2
+        matches!(self.arch, Arch::Qwen2 | Arch::Gpt2 | Arch::GptNeox)
+    }
+    /// Bias on the attention output and both MLP projections.
+    pub fn out_bias(&self) -> bool {
+        matches!(self.arch, Arch::Gpt2 | Arch::GptNeox)
+    }
+    /// act(gate) * up (Llama family) rather than act(up) (GPT-2, NeoX).
+    pub fn gated_mlp(&self) -> bool {
+        !matches!(self.arch, Arch::Gpt2 | Arch::GptNeox)
+    }
+    /// GPT-2 adds a learned position embedding; everything else rotates q and k.
+    pub fn learned_positions(&self) -> bool {
+        self.arch == Arch::Gpt2
     }
     pub fn qk_norm(&self) -> bool {
         matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
     }
     pub fn sandwich_norms(&self) -> bool {
-        self.arch == Arch::Gemma3
+        self.arch.gemma()
     }
     /// Gemma scales embeddings by sqrt(d) (rounded to the weights' dtype, as transformers does).
     pub fn embed_scale(&self) -> Option<f32> {
-        (self.arch == Arch::Gemma3).then(|| (self.hidden_size as f32).sqrt())
+        self.arch.gemma().then(|| (self.hidden_size as f32).sqrt())
     }
 
     /// Parse a Hugging Face `config.json`.
@@ -98,11 +156,16 @@ impl ModelConfig {
         let c = Cfg { root: json, text };
         let model_type = c.str("model_type")?;
         let arch = Arch::parse(&model_type)?;
-        let hidden_size = c.usize("hidden_size")?;
-        let num_heads = c.usize("num_attention_heads")?;
-        let num_layers = bounded("num_hidden_layers", c.usize("num_hidden_layers")?)?;
+        // GPT-2 spells the sizes its own way; everything else uses Llama's names.
+        let hidden_size = c.usize_any(&["hidden_size", "n_embd"])?;
+        let num_heads = c.usize_any(&["num_attention_heads", "n_head"])?;
+        let num_layers = bounded("num_hidden_layers", c.usize_any(&["num_hidden_layers", "n_layer"])?)?;
+        let intermediate_size = match arch {
+            Arch::Gpt2 => c.opt_usize("n_inner").unwrap_or(4 * hidden_size),
+            _ => c.usize("intermediate_size")?,
+        };
         let head_dim = c.opt_usize("head_dim").unwrap_or(hidden_size / num_heads.max(1));
-        let sliding_window = c.opt_usize("sliding_window");
+        let sliding_window = c.opt_usize("sliding_window").filter(|_| c.get("use_sliding_window").and_then(Value::as_bool) != Some(false));
         let sliding_layers = match (arch, c.get("layer_types")) {
             (_, Some(Value::Array(types))) => {
                 types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
@@ -111,12 +174,15 @@ impl ModelConfig {
                 let pattern = c.opt_usize("sliding_window_pattern").unwrap_or(6);
                 gemma_sliding_layers(num_layers, pattern)
             }
+            (Arch::Gemma2, _) => gemma_sliding_layers(num_layers, 2),
             // Mistral-style: every layer uses the window when one is set.
             _ => vec![sliding_window.is_some(); num_layers],
         };
-        let activation = match c.opt_str("hidden_activation").or_else(|| c.opt_str("hidden_act")).as_deref() {
+        let act = c.opt_str("hidden_activation").or_else(|| c.opt_str("hidden_act")).or_else(|| c.opt_str("activation_function"));
+        let activation = match act.as_deref() {
             None | Some("silu") | Some("swish") => Activation::Silu,
-            Some("gelu_pytorch_tanh") | Some("gelu") | Some("gelu_new") => Activation::GeluTanh,
+            Some("gelu_pytorch_tanh") | Some("gelu_new") => Activation::GeluTanh,
+            Some("gelu") => Activation::GeluErf,
             Some(other) => return Err(ModelError::BadConfig(format!("unsupported activation `{other}`"))),
         };
         let attn_scale = match c.opt_f64("query_pre_attn_scalar") {
@@ -128,28 +194,44 @@ impl ModelConfig {
             Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             None => vec![],
         };
+        // transformers 5 gathers RoPE settings in `rope_parameters`; released checkpoints keep
+        // them at the top level (`rope_theta`, NeoX's `rotary_pct` / `rotary_emb_base`).
+        // Gemma 3 there has one entry per attention type.
+        let params = c.get("rope_parameters").or_else(|| c.get("rope_scaling")).filter(|v| v.is_object());
+        let local_params = params.and_then(|p| p.get("sliding_attention"));
+        let rope = params.map(|p| p.get("full_attention").unwrap_or(p));
+        let rope_f = |k: &str| rope.and_then(|r| r.get(k)).and_then(Value::as_f64);
+        let rope_theta = c.opt_f64("rope_theta").or_else(|| c.opt_f64("rotary_emb_base")).or_else(|| rope_f("rope_theta")).unwrap_or(10_000.0);
+        let rotary_fraction = c.opt_f64("partial_rotary_factor").or_else(|| c.opt_f64("rotary_pct")).or_else(|| rope_f("partial_rotary_factor")).unwrap_or(1.0);
         let cfg = ModelConfig {
             arch,
             hidden_size,
-            intermediate_size: c.usize("intermediate_size")?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads: c.opt_usize("num_key_value_heads").unwrap_or(num_heads),
             head_dim,
             vocab_size: c.usize("vocab_size")?,
-            rms_norm_eps: c.opt_f64("rms_norm_eps").unwrap_or(1e-6),
-            rope_theta: c.opt_f64("rope_theta").unwrap_or(10_000.0) as f32,
-            rope_scaling: hf_rope_scaling(c.get("rope_scaling"))?,
-            rope_local_theta: c.opt_f64("rope_local_base_freq").map(|v| v as f32),
+            norm_eps: c.opt_f64("rms_norm_eps").or_else(|| c.opt_f64("layer_norm_eps")).or_else(|| c.opt_f64("layer_norm_epsilon")).unwrap_or(1e-6),
+            rope_theta: rope_theta as f32,
+            rotary_dim: (head_dim as f64 * rotary_fraction) as usize,
+            rope_scaling: hf_rope_scaling(rope)?,
+            rope_local_theta: c
+                .opt_f64("rope_local_base_freq")
+                .or_else(|| local_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+                .map(|v| v as f32),
             sliding_window,
             sliding_layers,
-            max_position_embeddings: c.opt_usize("max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings: c.opt_usize("max_position_embeddings").or_else(|| c.opt_usize("n_positions")).unwrap_or(4096),
             tie_word_embeddings: c
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(arch == Arch::Gemma3),
+                .unwrap_or(matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Gpt2)),
             activation,
             attn_scale,
+            parallel_residual: arch == Arch::GptNeox && c.get("use_parallel_residual").and_then(Value::as_bool).unwrap_or(true),
+            attn_softcap: c.opt_f64("attn_logit_softcapping").map(|v| v as f32),
+            final_softcap: c.opt_f64("final_logit_softcapping").map(|v| v as f32),
             bos_token_id: c.opt_usize("bos_token_id").map(|v| v as u32),
             eos_token_ids,
         };
@@ -165,10 +247,8 @@ impl ModelConfig {
         let hidden_size = g.usize(&key("embedding_length"))?;
         let num_heads = g.usize(&key("attention.head_count"))?;
         let num_layers = bounded("block_count", g.usize(&key("block_count"))?)?;
-        let head_dim = g
-            .opt_usize(&key("attention.key_length"))
-            .or_else(|| g.opt_usize(&key("rope.dimension_count")).filter(|_| arch != Arch::Gemma3))
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = g.opt_usize(&key("attention.key_length")).unwrap_or(hidden_size / num_heads.max(1));
+        let rotary_dim = g.opt_usize(&key("rope.dimension_count")).filter(|_| !arch.gemma()).unwrap_or(head_dim);
         let vocab_size = match g.opt_usize(&key("vocab_size")) {
             Some(v) => v,
             None => match meta.get("tokenizer.ggml.tokens") {
@@ -176,9 +256,11 @@ impl ModelConfig {
                 _ => return Err(ModelError::MissingConfig(key("vocab_size"))),
             },
         };
-        let sliding_window = g.opt_usize(&key("attention.sliding_window"));
+        // 0 means "no window" (Phi-3's converter writes it).
+        let sliding_window = g.opt_usize(&key("attention.sliding_window")).filter(|&w| w > 0);
         let sliding_layers = match arch {
             Arch::Gemma3 => gemma_sliding_layers(num_layers, 6),
+            Arch::Gemma2 => gemma_sliding_layers(num_layers, 2),
             _ => vec![sliding_window.is_some(); num_layers],
         };
         let rope_scaling = match g.opt_str(&key("rope.scaling.type")).as_deref() {
@@ -200,7 +282,19 @@ impl ModelConfig {
         };
         let eps = g
             .opt_f32(&key("attention.layer_norm_rms_epsilon"))
+            .or_else(|| g.opt_f32(&key("attention.layer_norm_epsilon")))
             .ok_or_else(|| ModelError::MissingConfig(key("attention.layer_norm_rms_epsilon")))?;
+        let activation = match arch {
+            Arch::Gemma2 | Arch::Gemma3 | Arch::Gpt2 => Activation::GeluTanh,
+            Arch::GptNeox => Activation::GeluErf,
+            _ => Activation::Silu,
+        };
+        // GGUF has no query_pre_attn_scalar; like llama.cpp, Gemma 2 27B (46 layers) scales by
+        // d / heads, every other model by the head size.
+        let attn_scale = match arch {
+            Arch::Gemma2 if num_layers == 46 => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -210,8 +304,9 @@ impl ModelConfig {
             num_kv_heads: g.opt_usize(&key("attention.head_count_kv")).unwrap_or(num_heads),
             head_dim,
             vocab_size,
-            rms_norm_eps: eps as f64,
+            norm_eps: eps as f64,
             rope_theta,
+            rotary_dim,
             rope_scaling,
             rope_local_theta,
             sliding_window,
@@ -219,8 +314,11 @@ impl ModelConfig {
             max_position_embeddings: g.opt_usize(&key("context_length")).unwrap_or(4096),
             // Decided by the loader: tied when the file has no `output.weight`.
             tie_word_embeddings: false,
-            activation: if arch == Arch::Gemma3 { Activation::GeluTanh } else { Activation::Silu },
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            activation,
+            attn_scale,
+            parallel_residual: arch == Arch::GptNeox && g.opt_bool(&key("use_parallel_residual")).unwrap_or(true),
+            attn_softcap: g.opt_f32(&key("attn_logit_softcapping")).filter(|&c| c > 0.0),
+            final_softcap: g.opt_f32(&key("final_logit_softcapping")).filter(|&c| c > 0.0),
             bos_token_id: g.opt_usize("tokenizer.ggml.bos_token_id").map(|v| v as u32),
             eos_token_ids: g.opt_usize("tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
         };
@@ -255,6 +353,9 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        }
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return bad(format!("rotary dimension {} must be even and at most head_dim {}", self.rotary_dim, self.head_dim));
         }
         if self.sliding_layers.len() != self.num_layers {
             return bad(format!("{} layer types for {} layers", self.sliding_layers.len(), self.num_layers));
@@ -327,6 +428,10 @@ impl Cfg<'_> {
     fn usize(&self, k: &str) -> Result<usize> {
         self.opt_usize(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
     }
+    /// The first of several spellings that is present.
+    fn usize_any(&self, keys: &[&str]) -> Result<usize> {
+        keys.iter().find_map(|k| self.opt_usize(k)).ok_or_else(|| ModelError::MissingConfig(keys[0].into()))
+    }
     fn opt_usize(&self, k: &str) -> Option<usize> {
         self.get(k).and_then(Value::as_u64).map(|v| v as usize)
     }
@@ -361,6 +466,12 @@ impl GgufMeta<'_> {
             _ => None,
         }
     }
+    fn opt_bool(&self, k: &str) -> Option<bool> {
+        match self.0.get(k)? {
+            gguf_file::Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
     fn f32(&self, k: &str) -> Result<f32> {
         self.opt_f32(k).ok_or_else(|| ModelError::MissingConfig(k.into()))
     }
@@ -392,7 +503,7 @@ mod tests {
     #[test]
     fn hf_configs() {
         check(&format!(r#"{{"model_type": "llama", {BASE}}}"#), "Llama layers=2 heads=4/4 dh=16 sliding=[false, false]");
-        check(&format!(r#"{{"model_type": "gpt_neox", {BASE}}}"#), "error: unsupported architecture `gpt_neox` (glassbox runs llama, mistral, qwen2, qwen3 and gemma3)");
+        check(&format!(r#"{{"model_type": "falcon", {BASE}}}"#), "error: unsupported architecture `falcon` (glassbox runs llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, gpt_neox (gptneox))");
         check(r#"{"model_type": "llama", "hidden_size": 64}"#, "error: config is missing `num_attention_heads`");
         check(&format!(r#"{{"model_type": "qwen2", {BASE}, "num_key_value_heads": 3}}"#), "error: invalid config: 4 heads cannot share 3 kv heads");
         check(

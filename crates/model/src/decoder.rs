@@ -7,7 +7,7 @@ use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::kernels::{attention, AttnShape};
-use crate::layers::{activate, RmsNorm, Rope};
+use crate::layers::{activate, Norm, Rope};
 use crate::weights::{to_vec, Linear, Vb};
 use std::sync::Arc;
 use candle_core::{Device, Tensor};
@@ -17,70 +17,101 @@ pub struct DecoderModel {
     pub cfg: ModelConfig,
     /// `[vocab, d]`, already scaled where the architecture scales embeddings.
     embed: Arc<Vec<f32>>,
+    /// `[max_positions, d]`: learned absolute positions (GPT-2).
+    pos_embed: Option<Vec<f32>>,
     layers: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
-    rope_global: Rope,
-    rope_local: Rope,
+    /// None when the architecture has no rotary embedding (GPT-2).
+    rope_global: Option<Rope>,
+    rope_local: Option<Rope>,
 }
 
 struct Block {
-    ln1: RmsNorm,
+    ln1: Norm,
     attn: Attention,
-    ln1_post: Option<RmsNorm>,
-    ln2: RmsNorm,
+    ln1_post: Option<Norm>,
+    ln2: Norm,
     mlp: Mlp,
-    ln2_post: Option<RmsNorm>,
+    ln2_post: Option<Norm>,
     sliding: bool,
 }
 
+/// The q/k/v projections: three matrices, or one whose rows are q, k then v.
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+}
+
+/// The MLP's input projections.
+enum MlpIn {
+    /// act(gate) * up (Llama family).
+    Gated { gate: Linear, up: Linear },
+    /// The same with gate and up rows in one matrix (Phi-3).
+    GatedFused(Linear),
+    /// act(up) (GPT-2, GPT-NeoX).
+    Plain(Linear),
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    input: MlpIn,
     down: Linear,
     act: Activation,
 }
 
 impl DecoderModel {
-    /// `vb` is the root of the weight names (`model.layers.0...`, `lm_head`).
+    /// `vb` is the root of the weight names (`model.layers.0...`, `lm_head`): Llama's names,
+    /// whatever the family (`weights.rs` maps them to each file's own).
     pub fn load(vb: &Vb, cfg: ModelConfig, is_gguf: bool) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let (d, eps, kind) = (cfg.hidden_size, cfg.norm_eps, cfg.norm_kind());
         // Gemma stores norms as `w` for `(1 + w)`; llama.cpp's converter already added the 1.
-        let norm_offset = if cfg.arch == Arch::Gemma3 && !is_gguf { 1.0 } else { 0.0 };
+        let norm_offset = if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) && !is_gguf { 1.0 } else { 0.0 };
         let m = vb.pp("model");
         let embed = Arc::new(to_vec(&m.pp("embed_tokens").tensor("weight", &[cfg.vocab_size, d])?)?);
+        let pos_embed = cfg
+            .learned_positions()
+            .then(|| to_vec(&m.pp("embed_positions").tensor("weight", &[cfg.max_position_embeddings, d])?))
+            .transpose()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
+        let (h, kv, dh, ff) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let (bias, out_bias) = (cfg.qkv_bias(), cfg.out_bias());
         for i in 0..cfg.num_layers {
             let l = m.pp("layers").pp(i);
             let a = l.pp("self_attn");
-            let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            let bias = cfg.qkv_bias();
+            let qkv = if a.pp("qkv_proj").contains("weight") {
+                Qkv::Fused(a.linear_qkv("qkv_proj", d, (h, kv, dh), bias)?)
+            } else {
+                Qkv::Split {
+                    q: a.linear_rope("q_proj", d, h * dh, bias, h)?,
+                    k: a.linear_rope("k_proj", d, kv * dh, bias, kv)?,
+                    v: a.linear("v_proj", d, kv * dh, bias)?,
+                }
+            };
+            let head_norm = |name: &str| Norm::load(&a.pp(name), kind, dh, eps, norm_offset);
             let attn = Attention {
-                q: a.linear_rope("q_proj", d, h * dh, bias, h)?,
-                k: a.linear_rope("k_proj", d, kv * dh, bias, kv)?,
-                v: a.linear("v_proj", d, kv * dh, bias)?,
-                o: a.linear("o_proj", h * dh, d, false)?,
-                q_norm: cfg.qk_norm().then(|| RmsNorm::load(&a.pp("q_norm"), dh, eps, norm_offset)).transpose()?,
-                k_norm: cfg.qk_norm().then(|| RmsNorm::load(&a.pp("k_norm"), dh, eps, norm_offset)).transpose()?,
+                qkv,
+                o: a.linear("o_proj", h * dh, d, out_bias)?,
+                q_norm: cfg.qk_norm().then(|| head_norm("q_norm")).transpose()?,
+                k_norm: cfg.qk_norm().then(|| head_norm("k_norm")).transpose()?,
             };
             let mp = l.pp("mlp");
-            let mlp = Mlp {
-                gate: mp.linear("gate_proj", d, cfg.intermediate_size, false)?,
-                up: mp.linear("up_proj", d, cfg.intermediate_size, false)?,
-                down: mp.linear("down_proj", cfg.intermediate_size, d, false)?,
-                act: cfg.activation,
+            let input = if !cfg.gated_mlp() {
+                MlpIn::Plain(mp.linear("up_proj", d, ff, out_bias)?)
+            } else if mp.pp("gate_up_proj").contains("weight") {
+                MlpIn::GatedFused(mp.linear("gate_up_proj", d, 2 * ff, false)?)
+            } else {
+                MlpIn::Gated { gate: mp.linear("gate_proj", d, ff, false)?, up: mp.linear("up_proj", d, ff, false)? }
             };
+            let mlp = Mlp { input, down: mp.linear("down_proj", ff, d, out_bias)?, act: cfg.activation };
             let sandwich = cfg.sandwich_norms();
-            let norm = |name: &str| RmsNorm::load(&l.pp(name), d, eps, norm_offset);
+            let norm = |name: &str| Norm::load(&l.pp(name), kind, d, eps, norm_offset);
             layers.push(Block {
                 ln1: norm("input_layernorm")?,
                 attn,
@@ -91,7 +122,7 @@ impl DecoderModel {
                 sliding: cfg.sliding_layers[i],
             });
         }
-        let norm = RmsNorm::load(&m.pp("norm"), d, eps, norm_offset)?;
+        let norm = Norm::load(&m.pp("norm"), kind, d, eps, norm_offset)?;
         let has_head = vb.pp("lm_head").contains("weight");
         let lm_head = if has_head && !cfg.tie_word_embeddings {
             vb.linear("lm_head", d, cfg.vocab_size, false)?
@@ -105,23 +136,35 @@ impl DecoderModel {
             Some(s) => Arc::new(embed.iter().map(|v| v * s).collect()),
             None => embed,
         };
-        let rope_global = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
-        let rope_local = match cfg.rope_local_theta {
-            Some(theta) => Rope::new(cfg.head_dim, theta, &crate::config::RopeScaling::None),
-            None => rope_global.clone(),
+        let (rope_global, rope_local) = if cfg.learned_positions() {
+            (None, None)
+        } else {
+            let global = Rope::new(cfg.rotary_dim, cfg.rope_theta, &cfg.rope_scaling);
+            let local = match cfg.rope_local_theta {
+                Some(theta) => Rope::new(cfg.rotary_dim, theta, &crate::config::RopeScaling::None),
+                None => global.clone(),
+            };
+            (Some(global), Some(local))
         };
-        Ok(DecoderModel { cfg, embed, layers, norm, lm_head, rope_global, rope_local })
+        Ok(DecoderModel { cfg, embed, pos_embed, layers, norm, lm_head, rope_global, rope_local })
     }
 
     /// Every hook point this model has, in forward order.
     pub fn hook_names(&self) -> Vec<HookName> {
         let mut names = vec![HookName::global(Site::Embed)];
+        if self.pos_embed.is_some() {
+            names.push(HookName::global(Site::PosEmbed));
+        }
+        let rotary = self.rope_global.is_some();
         for (i, b) in self.layers.iter().enumerate() {
             for site in Site::ALL.iter().copied().filter(|s| !s.is_global()) {
                 let present = match site {
                     Site::QNormed | Site::KNormed => b.attn.q_norm.is_some(),
+                    Site::RotQ | Site::RotK => rotary,
                     Site::Ln1Post => b.ln1_post.is_some(),
                     Site::Ln2Post => b.ln2_post.is_some(),
+                    Site::ResidMid => !self.cfg.parallel_residual,
+                    Site::MlpPreLinear => !matches!(b.mlp.input, MlpIn::Plain(_)),
                     _ => true,
                 };
                 if present {
@@ -136,7 +179,16 @@ impl DecoderModel {
 
     /// The logit lens: the final norm and the unembedding applied to residual rows `[n, d]`.
     pub fn lens(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(x)?)
+        self.unembed(&self.norm.forward(x)?)
+    }
+
+    /// The output projection, soft-capped where the architecture caps logits (Gemma 2).
+    fn unembed(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(x)?;
+        Ok(match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        })
     }
 
     /// Elements one position of `site` holds (for attention patterns: per key position, so a
@@ -170,10 +222,22 @@ impl DecoderModel {
         ctx.done(t, None, "embed");
         let mut x = ctx.hook(HookName::global(Site::Embed), x)?;
         let positions = &ctx.layout.positions;
-        let (cos_g, sin_g) = self.rope_global.cos_sin(positions)?;
-        let (cos_l, sin_l) = self.rope_local.cos_sin(positions)?;
+        if let Some(table) = &self.pos_embed {
+            let mut rows = Vec::with_capacity(positions.len() * d);
+            for &p in positions {
+                let p = p as usize;
+                let row = table.get(p * d..(p + 1) * d).ok_or_else(|| {
+                    ModelError::BadConfig(format!("position {p} is past the model's {} learned positions", self.cfg.max_position_embeddings))
+                })?;
+                rows.extend_from_slice(row);
+            }
+            let p = ctx.hook(HookName::global(Site::PosEmbed), Tensor::from_vec(rows, (positions.len(), d), &Device::Cpu)?)?;
+            x = (x + p)?;
+        }
+        let rope_of = |r: &Option<Rope>| r.as_ref().map(|r| r.cos_sin(positions)).transpose();
+        let (global, local) = (rope_of(&self.rope_global)?, rope_of(&self.rope_local)?);
         for (i, block) in self.layers.iter().enumerate() {
-            let rope = if block.sliding { (&cos_l, &sin_l) } else { (&cos_g, &sin_g) };
+            let rope = if block.sliding { local.as_ref() } else { global.as_ref() };
             let t = ctx.start();
             x = block.forward(x, i, &self.cfg, rope, ctx)?;
             ctx.done(t, Some(i), "layer");
@@ -191,13 +255,16 @@ impl DecoderModel {
             let rows = Tensor::new(layout.logit_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
             x.index_select(&rows, 0)?
         };
-        let logits = ctx.timed(None, "lm_head", || self.lm_head.forward(&x))?;
+        let logits = ctx.timed(None, "lm_head", || self.unembed(&x))?;
         ctx.hook(HookName::global(Site::Logits), logits)
     }
 }
 
+/// cos and sin for each row of the step (None without rotary embeddings).
+type CosSin<'a> = Option<&'a (Tensor, Tensor)>;
+
 impl Block {
-    fn forward(&self, x: Tensor, layer: usize, cfg: &ModelConfig, rope: (&Tensor, &Tensor), ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, x: Tensor, layer: usize, cfg: &ModelConfig, rope: CosSin, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let x = ctx.hook(name(Site::ResidPre), x)?;
@@ -209,8 +276,9 @@ impl Block {
             a = ctx.hook(name(Site::Ln1Post), normed)?;
         }
         let a = ctx.hook(name(Site::AttnOut), a)?;
-        let x = ctx.hook(name(Site::ResidMid), (x + a)?)?;
-        let h = ctx.timed(l, "mlp_norm", || self.ln2.forward(&x))?;
+        // Parallel blocks (GPT-NeoX) feed the MLP from the block's input, and add both at once.
+        let mid = if cfg.parallel_residual { None } else { Some(ctx.hook(name(Site::ResidMid), (&x + &a)?)?) };
+        let h = ctx.timed(l, "mlp_norm", || self.ln2.forward(mid.as_ref().unwrap_or(&x)))?;
         let h = ctx.hook(name(Site::Ln2), h)?;
         let mut m = self.mlp.forward(&h, layer, ctx)?;
         if let Some(n) = &self.ln2_post {
@@ -218,21 +286,41 @@ impl Block {
             m = ctx.hook(name(Site::Ln2Post), normed)?;
         }
         let m = ctx.hook(name(Site::MlpOut), m)?;
-        ctx.hook(name(Site::ResidPost), (x + m)?)
+        let out = match mid {
+            Some(mid) => (mid + m)?,
+            // transformers' order: mlp + attn, then the residual.
+            None => ((m + a)? + x)?,
+        };
+        ctx.hook(name(Site::ResidPost), out)
     }
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, layer: usize, cfg: &ModelConfig, sliding: bool, (cos, sin): (&Tensor, &Tensor), ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn project(&self, x: &Tensor, n: usize, cfg: &ModelConfig, layer: usize, ctx: &mut ForwardCtx) -> Result<(Tensor, Tensor, Tensor)> {
+        let l = Some(layer);
+        let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        match &self.qkv {
+            Qkv::Split { q, k, v } => Ok((
+                ctx.timed(l, "q_proj", || Ok(q.forward(x)?.reshape((n, h, dh))?))?,
+                ctx.timed(l, "k_proj", || Ok(k.forward(x)?.reshape((n, kvh, dh))?))?,
+                ctx.timed(l, "v_proj", || Ok(v.forward(x)?.reshape((n, kvh, dh))?))?,
+            )),
+            Qkv::Fused(w) => ctx.timed(l, "qkv_proj", || {
+                let y = w.forward(x)?;
+                let part = |start: usize, heads: usize| -> Result<Tensor> { Ok(y.narrow(1, start * dh, heads * dh)?.contiguous()?.reshape((n, heads, dh))?) };
+                Ok((part(0, h)?, part(h, kvh)?, part(h + kvh, kvh)?))
+            }),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, cfg: &ModelConfig, sliding: bool, rope: CosSin, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let n = ctx.layout.n_tokens();
         let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let q = ctx.timed(l, "q_proj", || Ok(self.q.forward(x)?.reshape((n, h, dh))?))?;
+        let (q, k, v) = self.project(x, n, cfg, layer, ctx)?;
         let q = ctx.hook(name(Site::Q), q)?;
-        let k = ctx.timed(l, "k_proj", || Ok(self.k.forward(x)?.reshape((n, kvh, dh))?))?;
         let k = ctx.hook(name(Site::K), k)?;
-        let v = ctx.timed(l, "v_proj", || Ok(self.v.forward(x)?.reshape((n, kvh, dh))?))?;
         let v = ctx.hook(name(Site::V), v)?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => {
@@ -241,11 +329,15 @@ impl Attention {
             }
             _ => (q, k),
         };
-        let (q, k) = ctx.timed(l, "rope", || Ok((Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?)))?;
-        let q = ctx.hook(name(Site::RotQ), q)?;
-        let k = ctx.hook(name(Site::RotK), k)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => {
+                let (q, k) = ctx.timed(l, "rope", || Ok((Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?)))?;
+                (ctx.hook(name(Site::RotQ), q)?, ctx.hook(name(Site::RotK), k)?)
+            }
+            None => (q, k),
+        };
         let window = if sliding { cfg.sliding_window } else { None };
-        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window };
+        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window, softcap: cfg.attn_softcap };
         let want_pattern = ctx.wants(name(Site::Pattern));
         let t = ctx.start();
         let (qf, kf, vf) = (to_vec(&q)?, to_vec(&k)?, to_vec(&v)?);
@@ -274,11 +366,30 @@ impl Mlp {
     fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
-        let gate = ctx.timed(l, "gate_proj", || self.gate.forward(x))?;
+        let (gate, up) = match &self.input {
+            MlpIn::Plain(up) => {
+                let pre = ctx.timed(l, "up_proj", || up.forward(x))?;
+                let pre = ctx.hook(name(Site::MlpPre), pre)?;
+                let post = ctx.timed(l, "act", || activate(self.act, &pre))?;
+                return self.finish(post, layer, ctx);
+            }
+            MlpIn::Gated { gate, up } => (ctx.timed(l, "gate_proj", || gate.forward(x))?, ctx.timed(l, "up_proj", || up.forward(x))?),
+            MlpIn::GatedFused(w) => ctx.timed(l, "gate_up_proj", || {
+                let y = w.forward(x)?;
+                let half = y.dim(1)? / 2;
+                Ok((y.narrow(1, 0, half)?.contiguous()?, y.narrow(1, half, half)?.contiguous()?))
+            })?,
+        };
         let gate = ctx.hook(name(Site::MlpPre), gate)?;
-        let up = ctx.timed(l, "up_proj", || self.up.forward(x))?;
         let up = ctx.hook(name(Site::MlpPreLinear), up)?;
         let post = ctx.timed(l, "act", || Ok((activate(self.act, &gate)? * up)?))?;
+        self.finish(post, layer, ctx)
+    }
+
+    /// `hook_post`, then the down projection.
+    fn finish(&self, post: Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let name = |site| HookName::block(layer, site);
+        let l = Some(layer);
         let post = ctx.hook(name(Site::MlpPost), post)?;
         ctx.timed(l, "down_proj", || self.down.forward(&post))
     }

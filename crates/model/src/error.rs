@@ -7,7 +7,7 @@ pub enum ModelError {
     File { path: PathBuf, why: String },
     #[error("model not found: `{0}` is neither a local file or directory nor a model in the Hugging Face hub cache (set HF_HOME or pass a path)")]
     NotFound(String),
-    #[error("unsupported architecture `{0}` (glassbox runs llama, mistral, qwen2, qwen3 and gemma3)")]
+    #[error("unsupported architecture `{0}` (glassbox runs {names})", names = crate::config::ARCH_NAMES)]
     UnknownArchitecture(String),
     #[error("config is missing `{0}`")]
     MissingConfig(String),

@@ -233,6 +233,8 @@ pub struct AttnShape {
     pub scale: f32,
     /// Keys more than `window - 1` positions back are invisible.
     pub window: Option<usize>,
+    /// Scores become `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// Causal attention for `t` query rows at positions `pos..pos+t` of one sequence.
@@ -253,6 +255,9 @@ pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, wa
             let qv = &q[(r * h + head) * dh..(r * h + head + 1) * dh];
             let kvh = head / group;
             let mut probs: Vec<f32> = (lo..=p).map(|j| dot(qv, &kv.k_row(j)[kvh * dh..(kvh + 1) * dh]) * s.scale).collect();
+            if let Some(cap) = s.softcap {
+                probs.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
+            }
             let max = probs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0f32;
             for e in probs.iter_mut() {
@@ -325,7 +330,7 @@ mod tests {
             vs[o..o + row].copy_from_slice(&v[p * row..(p + 1) * row]);
         }
         let view = KvView { k: &ks, v: &vs, block_table: &table, block_size: 4, row };
-        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None };
+        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None, softcap: None };
         let (whole, probs) = attention(&q, 0, t, &view, &shape, true);
         let probs = probs.unwrap();
         // Rows sum to one; the future is masked.

@@ -1,6 +1,6 @@
-//! Small building blocks: RMS norm, rotary embeddings, activations.
+//! Small building blocks: norms, rotary embeddings, activations.
 
-use crate::config::{Activation, RopeScaling};
+use crate::config::{Activation, NormKind, RopeScaling};
 use crate::error::Result;
 use crate::weights::Vb;
 use candle_core::{Device, Tensor, D};
@@ -26,14 +26,41 @@ impl RmsNorm {
     }
 }
 
+/// RMS norm or LayerNorm (weight and bias), per the architecture.
+#[derive(Clone, Debug)]
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer { weight: Tensor, bias: Tensor, eps: f32 },
+}
+
+impl Norm {
+    pub fn load(vb: &Vb, kind: NormKind, size: usize, eps: f64, offset: f32) -> Result<Self> {
+        Ok(match kind {
+            NormKind::Rms => Norm::Rms(RmsNorm::load(vb, size, eps, offset)?),
+            NormKind::Layer => Norm::Layer { weight: vb.tensor("weight", &[size])?, bias: vb.tensor("bias", &[size])?, eps: eps as f32 },
+        })
+    }
+
+    /// Normalizes over the last dimension, each row on its own.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer { weight, bias, eps } => Ok(candle_nn::ops::layer_norm(x, weight, bias, *eps)?),
+        }
+    }
+}
+
 pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     Ok(match act {
         Activation::Silu => candle_nn::ops::silu(x)?,
         Activation::GeluTanh => x.gelu()?,
+        Activation::GeluErf => x.gelu_erf()?,
     })
 }
 
-/// Rotary position embedding in Hugging Face's half-split ("rotate_half") layout.
+/// Rotary position embedding in Hugging Face's half-split ("rotate_half") layout, over the
+/// first `rotary_dim` dimensions of each head (all of them unless rotary is partial, as in
+/// GPT-NeoX); the rest pass through.
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f32>,
@@ -44,6 +71,7 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// `head_dim` here is the rotated width (the config's `rotary_dim`).
     pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Rope {
         let half = head_dim / 2;
         let base: Vec<f64> = (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64)).collect();
@@ -110,14 +138,19 @@ impl Rope {
         Ok((Tensor::from_vec(cos, (n, half), &Device::Cpu)?, Tensor::from_vec(sin, (n, half), &Device::Cpu)?))
     }
 
-    /// Rotate `x` (`[n, heads, head_dim]`) by per-row cos/sin (`[n, head_dim/2]`).
+    /// Rotate `x` (`[n, heads, head_dim]`) by per-row cos/sin (`[n, rotary_dim/2]`).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
+        let half = cos.dim(D::Minus1)?;
+        let head_dim = x.dim(D::Minus1)?;
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
         let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[a, b], D::Minus1)?)
+        if 2 * half == head_dim {
+            return Ok(Tensor::cat(&[a, b], D::Minus1)?);
+        }
+        let pass = x.narrow(D::Minus1, 2 * half, head_dim - 2 * half)?;
+        Ok(Tensor::cat(&[a, b, pass], D::Minus1)?)
     }
 }

@@ -277,7 +277,7 @@ pub fn load(source: &ModelSource, opts: LoadOptions) -> Result<LoadedModel> {
         }
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_json(&read_json(&dir.join("config.json"))?)?;
-            let files = WeightFiles::safetensors(safetensors_files(dir)?)?;
+            let files = WeightFiles::safetensors(safetensors_files(dir)?, cfg.arch)?;
             let model = DecoderModel::load(&files.root(opts), cfg, false)?;
             let bundle = hf_tokenizer_bundle(dir)?;
             let gen = dir.join("generation_config.json");

@@ -11,19 +11,19 @@ use std::sync::Arc;
 
 /// Where tensors come from.
 pub enum WeightFiles {
-    Safetensors { paths: Vec<PathBuf>, st: candle_core::safetensors::MmapedSafetensors },
+    Safetensors { paths: Vec<PathBuf>, st: candle_core::safetensors::MmapedSafetensors, arch: Arch },
     Gguf { path: PathBuf, mmap: memmap2::Mmap, content: gguf_file::Content, arch: Arch },
 }
 
 impl WeightFiles {
-    pub fn safetensors(paths: Vec<PathBuf>) -> Result<Self> {
+    pub fn safetensors(paths: Vec<PathBuf>, arch: Arch) -> Result<Self> {
         for p in &paths {
             check_safetensors_header(p)?;
         }
         // SAFETY: the files are not modified while mapped (the usual contract of model files).
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
             .map_err(|e| ModelError::file(&paths[0], e))?;
-        Ok(WeightFiles::Safetensors { paths, st })
+        Ok(WeightFiles::Safetensors { paths, st, arch })
     }
 
     pub fn gguf(path: &Path, mmap: memmap2::Mmap, content: gguf_file::Content, arch: Arch) -> Self {
@@ -111,7 +111,7 @@ impl<'a> Vb<'a> {
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full(name);
         match self.files {
-            WeightFiles::Safetensors { st, .. } => st.get(&full).is_ok(),
+            WeightFiles::Safetensors { st, arch, .. } => hf_file_name(*arch, &full, |n| st.get(n).is_ok()).is_some(),
             WeightFiles::Gguf { content, arch, .. } => {
                 gguf_name(*arch, &full).is_some_and(|n| content.tensor_infos.contains_key(&n))
             }
@@ -122,10 +122,10 @@ impl<'a> Vb<'a> {
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.full(name);
         let t = match self.files {
-            WeightFiles::Safetensors { st, .. } => st
-                .load(&full, &Device::Cpu)
-                .map_err(|_| ModelError::MissingWeight(full.clone()))?
-                .to_dtype(DType::F32)?,
+            WeightFiles::Safetensors { st, arch, .. } => {
+                let name = hf_file_name(*arch, &full, |n| st.get(n).is_ok()).ok_or_else(|| ModelError::MissingWeight(full.clone()))?;
+                hf_layout(*arch, &full, st.load(&name, &Device::Cpu)?.to_dtype(DType::F32)?)?
+            }
             WeightFiles::Gguf { .. } => self.qtensor(&full)?.dequantize(&Device::Cpu)?,
         };
         check_shape(&full, t.dims(), shape)?;
@@ -154,6 +154,21 @@ impl<'a> Vb<'a> {
     /// match transformers.
     pub fn linear_rope(&self, name: &str, inp: usize, out: usize, bias: bool, heads: usize) -> Result<Linear> {
         self.linear_impl(name, inp, out, bias, Some(heads))
+    }
+
+    /// q, k and v in one `[(heads + 2 kv_heads) * head_dim, inp]` projection, rows q then k
+    /// then v (GPT-2, GPT-NeoX, Phi-3).
+    pub fn linear_qkv(&self, name: &str, inp: usize, (heads, kv_heads, head_dim): (usize, usize, usize), bias: bool) -> Result<Linear> {
+        let lin = self.linear(name, inp, (heads + 2 * kv_heads) * head_dim, bias)?;
+        match self.files {
+            // GPT-NeoX interleaves per head: rows [head][q|k|v][dh] become [q|k|v][head][dh]
+            // (as llama.cpp's converter does).
+            WeightFiles::Safetensors { arch: Arch::GptNeox, .. } => lin.permute_rows(inp, |r| {
+                let (head, part, i) = (r / (3 * head_dim), r % (3 * head_dim) / head_dim, r % head_dim);
+                part * heads * head_dim + head * head_dim + i
+            }),
+            _ => Ok(lin),
+        }
     }
 
     fn linear_impl(&self, name: &str, inp: usize, out: usize, bias: bool, heads: Option<usize>) -> Result<Linear> {
@@ -210,6 +225,7 @@ pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let (stem, suffix) = hf.rsplit_once('.')?;
     let mapped = match stem {
         "model.embed_tokens" => "token_embd".to_string(),
+        "model.embed_positions" => "position_embd".to_string(),
         "model.norm" => "output_norm".to_string(),
         "lm_head" => "output".to_string(),
         _ => {
@@ -221,14 +237,17 @@ pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
                 "self_attn.o_proj" => "attn_output",
+                "self_attn.qkv_proj" => "attn_qkv",
                 "self_attn.q_norm" => "attn_q_norm",
                 "self_attn.k_norm" => "attn_k_norm",
-                "post_attention_layernorm" if arch == Arch::Gemma3 => "post_attention_norm",
+                "post_attention_layernorm" if matches!(arch, Arch::Gemma2 | Arch::Gemma3) => "post_attention_norm",
                 "post_attention_layernorm" => "ffn_norm",
                 "pre_feedforward_layernorm" => "ffn_norm",
                 "post_feedforward_layernorm" => "post_ffw_norm",
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
+                // Phi-3: one tensor, gate rows then up rows (llama.cpp splits it the same way).
+                "mlp.gate_up_proj" if arch == Arch::Phi3 => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
                 _ => return None,
             };
@@ -236,6 +255,56 @@ pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
         }
     };
     Some(format!("{mapped}.{suffix}"))
+}
+
+/// The name a Hugging Face checkpoint gives the weight our canonical (Llama-style) name
+/// `canonical` means, if `present` says the file has it. GPT-2 and GPT-NeoX name every part
+/// their own way; the model code still nests Llama's names, one segment maps to one segment.
+/// GPT-2 checkpoints come with and without the `transformer.` prefix. Load-time only.
+fn hf_file_name(arch: Arch, canonical: &str, present: impl Fn(&str) -> bool) -> Option<String> {
+    let segment = |seg: &str| -> String {
+        let renamed = match (arch, seg) {
+            (Arch::Gpt2, "model") => "transformer",
+            (Arch::Gpt2, "layers") => "h",
+            (Arch::Gpt2, "embed_tokens") => "wte",
+            (Arch::Gpt2, "embed_positions") => "wpe",
+            (Arch::Gpt2, "norm") => "ln_f",
+            (Arch::Gpt2, "input_layernorm") => "ln_1",
+            (Arch::Gpt2, "post_attention_layernorm") => "ln_2",
+            (Arch::Gpt2, "self_attn") => "attn",
+            (Arch::Gpt2, "qkv_proj") => "c_attn",
+            (Arch::Gpt2, "o_proj" | "down_proj") => "c_proj",
+            (Arch::Gpt2, "up_proj") => "c_fc",
+            (Arch::GptNeox, "model") => "gpt_neox",
+            (Arch::GptNeox, "embed_tokens") => "embed_in",
+            (Arch::GptNeox, "norm") => "final_layer_norm",
+            (Arch::GptNeox, "self_attn") => "attention",
+            (Arch::GptNeox, "qkv_proj") => "query_key_value",
+            (Arch::GptNeox, "o_proj") => "dense",
+            (Arch::GptNeox, "up_proj") => "dense_h_to_4h",
+            (Arch::GptNeox, "down_proj") => "dense_4h_to_h",
+            (Arch::GptNeox, "lm_head") => "embed_out",
+            _ => seg,
+        };
+        renamed.to_string()
+    };
+    let name = canonical.split('.').map(segment).collect::<Vec<_>>().join(".");
+    if present(&name) {
+        return Some(name);
+    }
+    let bare = name.strip_prefix("transformer.").filter(|_| arch == Arch::Gpt2)?;
+    present(bare).then(|| bare.to_string())
+}
+
+/// Bring a Hugging Face tensor into the layout the model code expects: GPT-2's `Conv1D`
+/// stores linear weights `[in, out]`, we want `[out, in]` (llama.cpp's converter transposes
+/// them the same way, so GGUF files already come so).
+fn hf_layout(arch: Arch, canonical: &str, t: Tensor) -> Result<Tensor> {
+    let linear = ["qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight"];
+    Ok(match arch {
+        Arch::Gpt2 if canonical.starts_with("model.layers.") && linear.iter().any(|l| canonical.ends_with(l)) => t.t()?.contiguous()?,
+        _ => t,
+    })
 }
 
 /// Row `h*dh + 2i + j` of the GGUF tensor becomes row `h*dh + j*dh/2 + i`. Rows are quantized
@@ -329,6 +398,30 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Move row `r` of a dense weight (and its bias) to row `to(r)`. Load-time only.
+    fn permute_rows(self, cols: usize, to: impl Fn(usize) -> usize) -> Result<Linear> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Err(ModelError::BadConfig("only dense weights can be reordered".into()));
+        };
+        let rows = w.len() / cols;
+        let mut out = vec![0f32; w.len()];
+        for r in 0..rows {
+            out[to(r) * cols..(to(r) + 1) * cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
+        }
+        let bias = match &self.bias {
+            Some(b) => {
+                let b = to_vec(b)?;
+                let mut o = vec![0f32; rows];
+                for (r, v) in b.iter().enumerate() {
+                    o[to(r)] = *v;
+                }
+                Some(Tensor::from_vec(o, rows, &Device::Cpu)?)
+            }
+            None => None,
+        };
+        Ok(Linear { weight: LinearWeight::Dense(Arc::new(out)), bias })
     }
 
     pub fn dense(data: Arc<Vec<f32>>) -> Self {

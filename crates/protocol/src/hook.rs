@@ -10,6 +10,8 @@ use std::str::FromStr;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Site {
     Embed,
+    /// Learned absolute position embeddings (GPT-2), added to `hook_embed`.
+    PosEmbed,
     ResidPre,
     Ln1,
     Q,
@@ -41,8 +43,9 @@ pub enum Site {
 
 impl Site {
     /// Every site in forward-pass order.
-    pub const ALL: [Site; 24] = [
+    pub const ALL: [Site; 25] = [
         Site::Embed,
+        Site::PosEmbed,
         Site::ResidPre,
         Site::Ln1,
         Site::Q,
@@ -71,13 +74,14 @@ impl Site {
 
     /// Sites outside any block.
     pub fn is_global(self) -> bool {
-        matches!(self, Site::Embed | Site::LnFinal | Site::Logits)
+        matches!(self, Site::Embed | Site::PosEmbed | Site::LnFinal | Site::Logits)
     }
 
     /// The name suffix: `attn.hook_q` for [`Site::Q`].
     pub fn suffix(self) -> &'static str {
         match self {
             Site::Embed => "hook_embed",
+            Site::PosEmbed => "hook_pos_embed",
             Site::ResidPre => "hook_resid_pre",
             Site::Ln1 => "ln1.hook_normalized",
             Site::Q => "attn.hook_q",
