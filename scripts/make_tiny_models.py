@@ -54,6 +54,15 @@ ARCHS = {
     "mistral": ("MistralConfig", dict(LLAMA_LIKE, sliding_window=4)),
     "qwen2": ("Qwen2Config", dict(LLAMA_LIKE, use_sliding_window=False)),
     "qwen3": ("Qwen3Config", dict(LLAMA_LIKE, use_sliding_window=False)),
+    # Mixtures of experts: 4 experts of width 32, 2 per token.
+    "mixtral": ("MixtralConfig", dict(LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # llama.cpp always renormalizes Qwen3-MoE's top-k weights (released checkpoints say so too).
+    "qwen3_moe": ("Qwen3MoeConfig", dict(LLAMA_LIKE, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                         norm_topk_prob=True, use_sliding_window=False)),
+    # llama.cpp's converter writes OLMoE's norm epsilon as 1e-5 whatever the config says (as
+    # released OLMoE has it).
+    "olmoe": ("OlmoeConfig", dict(LLAMA_LIKE, intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                  rms_norm_eps=1e-5)),
 }
 
 CASES = [
@@ -180,7 +189,7 @@ class Recorder:
         else:
             ln1, attn, mlp = layer.input_layernorm, layer.self_attn, layer.mlp
             ln2 = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
-            o_proj, down = attn.o_proj, mlp.down_proj
+            o_proj, down = attn.o_proj, getattr(mlp, "down_proj", None)
             if hasattr(attn, "qkv_proj"):
                 def qkv(o):
                     q, k, v = o.split([self.h * self.dh, self.kv * self.dh, self.kv * self.dh], dim=-1)
@@ -193,10 +202,19 @@ class Recorder:
                 self.on(attn.k_proj, lambda o: put(p + "attn.hook_k", self.heads(o, self.kv)))
                 self.on(attn.v_proj, lambda o: put(p + "attn.hook_v", self.heads(o, self.kv)))
             if getattr(attn, "q_norm", None) is not None:
-                self.on(attn.q_norm, lambda o: put(p + "attn.hook_q_normed", o))
-                self.on(attn.k_norm, lambda o: put(p + "attn.hook_k_normed", o))
+                # Per head ([1, T, H, dh]) or, in OLMoE, over the whole projection ([1, T, H*dh]).
+                self.on(attn.q_norm, lambda o: put(p + "attn.hook_q_normed", self.heads(o, self.h) if o.dim() == 3 else o))
+                self.on(attn.k_norm, lambda o: put(p + "attn.hook_k_normed", self.heads(o, self.kv) if o.dim() == 3 else o))
             up = None
-            if hasattr(mlp, "gate_up_proj"):
+            if hasattr(mlp, "experts"):
+                def router(m, i, o):
+                    logits, weights, ids = o
+                    put(p + "mlp.hook_router_logits", logits[None])
+                    put(p + "mlp.hook_expert_weights", weights[None])
+                    put(p + "mlp.hook_expert_ids", ids[None].float())
+                self.handles.append(mlp.gate.register_forward_hook(router))
+                down = None
+            elif hasattr(mlp, "gate_up_proj"):
                 def gate_up(o):
                     g, u = o.chunk(2, dim=-1)
                     put(p + "mlp.hook_pre", g)
@@ -210,7 +228,8 @@ class Recorder:
         if up is not None:
             self.on(up, lambda o: put(p + "mlp.hook_pre", o))
         self.handles.append(o_proj.register_forward_pre_hook(lambda m, args: put(p + "attn.hook_z", self.heads(args[0], self.h))))
-        self.handles.append(down.register_forward_pre_hook(lambda m, args: put(p + "mlp.hook_post", args[0])))
+        if down is not None:
+            self.handles.append(down.register_forward_pre_hook(lambda m, args: put(p + "mlp.hook_post", args[0])))
 
         def attn_out(m, i, o):
             if o[1] is not None:

@@ -248,6 +248,9 @@ impl Limits {
         if h.site == Site::Pattern {
             return Err(format!("`{h}` cannot be steered: attention patterns are observed after the output is computed; steer `hook_z` instead"));
         }
+        if h.site == Site::ExpertIds {
+            return Err(format!("`{h}` cannot be steered: the chosen experts are observed; steer `mlp.hook_router_logits` (the choice) or `mlp.hook_expert_weights` (their weights) instead"));
+        }
         let width = self.hook_widths[i];
         let head_shaped = matches!(h.site, Site::Q | Site::K | Site::V | Site::QNormed | Site::KNormed | Site::RotQ | Site::RotK | Site::Z);
         let expected = match &s.heads {

@@ -176,3 +176,32 @@ fn a_tensor_dump_slices_into_each_requests_captures() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A mixture of experts in the engine (tiny Mixtral, crates/model/tests/data/tiny): each
+/// request's routing (router logits, chosen experts, their weights) is captured per token, the
+/// same alone as inside a batch, and the chosen experts cannot be steered.
+#[test]
+fn moe_routing_is_captured_per_request_and_batch_invariant() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/data/tiny/mixtral/hf");
+    let m = Arc::new(load(&ModelSource::HfDir(dir), LoadOptions::default()).unwrap());
+    let hooks = vec![HookName::block(1, Site::RouterLogits), HookName::block(1, Site::ExpertIds), HookName::block(1, Site::ExpertWeights)];
+    let spec = Some(CaptureSpec { hooks, positions: CapturePositions::All, dtype: DType::F32 });
+    let params = SamplingParams { max_tokens: 6, ignore_eos: true, ..Default::default() };
+    let prompts: Vec<Vec<u32>> = ["Once upon a time", "The dog ran to the park", "def main():", "Paris"].iter().map(|t| m.tokenizer.encode(t, true).unwrap()).collect();
+    let mut llm = LLM::from_model(m.clone(), EngineConfig::default()).unwrap();
+    let batched = llm.generate_tokens(prompts.iter().map(|p| (p.clone(), params.clone(), spec.clone())).collect());
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = llm.generate_tokens(vec![(p.clone(), params.clone(), spec.clone())]);
+        assert_eq!(alone[0].outputs[0].token_ids, batched[i].outputs[0].token_ids, "request {i}: tokens");
+        assert_eq!(alone[0].outputs[0].captures, batched[i].outputs[0].captures, "request {i}: routing differs in a batch");
+        let caps = &batched[i].outputs[0].captures;
+        let rows = p.len() + params.max_tokens - 1;
+        assert_eq!(caps[0].shape, vec![rows, 4], "router logits: [T, experts]");
+        assert_eq!(caps[1].shape, vec![rows, 2], "expert ids: [T, k]");
+        for (ids, w) in caps[1].to_f32().chunks(2).zip(caps[2].to_f32().chunks(2)) {
+            assert!(ids.iter().all(|&e| e.fract() == 0.0 && (0.0..4.0).contains(&e)) && ids[0] != ids[1], "{ids:?}");
+            // Mixtral renormalizes the chosen experts' weights, best first.
+            assert!((w[0] + w[1] - 1.0).abs() < 1e-5 && w[0] >= w[1], "{w:?}");
+        }
+    }
+}

@@ -109,3 +109,17 @@ fn bad_steers_are_refused_at_admission() {
         }
     }
 }
+
+#[test]
+fn chosen_experts_cannot_be_steered() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/data/tiny/mixtral/hf");
+    let m = std::sync::Arc::new(glassbox_model::load(&glassbox_model::ModelSource::HfDir(dir), Default::default()).unwrap());
+    let mut llm = LLM::from_model(m, Default::default()).unwrap();
+    let steer = SteerSpec { hook: HookName::block(0, Site::ExpertIds), op: SteerOp::Ablate, positions: SteerPositions::All, heads: None };
+    let req = EngineRequest { prompt: vec![5, 6, 7], sampling: SamplingParams { max_tokens: 2, ..Default::default() }, steer: vec![steer], ..Default::default() };
+    let out = llm.generate_requests(vec![req]);
+    match &out[0].outputs[0].finish_reason {
+        Some(FinishReason::Error(m)) => assert!(m.contains("cannot be steered") && m.contains("hook_router_logits"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}

@@ -25,10 +25,28 @@ pub enum Arch {
     /// GPT-NeoX / Pythia: GPT-2's norms and biases with partial rotary embeddings and (usually)
     /// attention and MLP in parallel off the same residual.
     GptNeox,
+    /// Llama with a mixture-of-experts MLP (its GGUF files say `llama`).
+    Mixtral,
+    /// Qwen3 with a mixture-of-experts MLP.
+    Qwen3Moe,
+    /// OLMoE: mixture of experts, q/k norms over the whole projection (not per head), optional
+    /// q/k/v clipping.
+    Olmoe,
+}
+
+/// A mixture-of-experts MLP: each token's `top_k` experts by router softmax, their outputs
+/// summed with the softmax weights (renormalized over the chosen experts when `norm_top_k`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Width of each expert's MLP.
+    pub expert_size: usize,
+    pub norm_top_k: bool,
 }
 
 /// The names `Arch::parse` accepts, for error messages.
-pub const ARCH_NAMES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, gpt_neox (gptneox)";
+pub const ARCH_NAMES: &str = "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, olmoe, phi3, gemma2, gemma3, gpt2, gpt_neox (gptneox)";
 
 impl Arch {
     pub fn parse(name: &str) -> Result<Arch> {
@@ -41,6 +59,9 @@ impl Arch {
             "gemma3" | "gemma3_text" => Arch::Gemma3,
             "gpt2" => Arch::Gpt2,
             "gpt_neox" | "gptneox" => Arch::GptNeox,
+            "mixtral" => Arch::Mixtral,
+            "qwen3_moe" | "qwen3moe" => Arch::Qwen3Moe,
+            "olmoe" => Arch::Olmoe,
             other => return Err(ModelError::UnknownArchitecture(other.to_string())),
         })
     }
@@ -112,6 +133,12 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma 2: the same on the final logits.
     pub final_softcap: Option<f32>,
+    /// OLMoE: q, k and v are clamped to `[-c, c]` after projection.
+    pub qkv_clip: Option<f32>,
+    /// Mixture of experts, and per layer whether that layer's MLP is one (Qwen3-MoE can keep
+    /// some layers dense).
+    pub moe: Option<MoeConfig>,
+    pub moe_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -139,7 +166,11 @@ impl ModelConfig {
         self.arch == Arch::Gpt2
     }
     pub fn qk_norm(&self) -> bool {
-        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
+        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Qwen3Moe | Arch::Olmoe)
+    }
+    /// OLMoE normalizes q and k over the whole projection; the others per head.
+    pub fn qk_norm_whole(&self) -> bool {
+        self.arch == Arch::Olmoe
     }
     pub fn sandwich_norms(&self) -> bool {
         self.arch.gemma()
@@ -203,6 +234,23 @@ impl ModelConfig {
         let rope_f = |k: &str| rope.and_then(|r| r.get(k)).and_then(Value::as_f64);
         let rope_theta = c.opt_f64("rope_theta").or_else(|| c.opt_f64("rotary_emb_base")).or_else(|| rope_f("rope_theta")).unwrap_or(10_000.0);
         let rotary_fraction = c.opt_f64("partial_rotary_factor").or_else(|| c.opt_f64("rotary_pct")).or_else(|| rope_f("partial_rotary_factor")).unwrap_or(1.0);
+        let moe = match c.opt_usize("num_local_experts").or_else(|| c.opt_usize("num_experts")).filter(|&e| e > 0) {
+            Some(num_experts) => Some(MoeConfig {
+                num_experts,
+                top_k: c.usize("num_experts_per_tok")?,
+                expert_size: c.opt_usize("moe_intermediate_size").unwrap_or(intermediate_size),
+                // Mixtral always renormalizes; Qwen3-MoE and OLMoE say so in the config.
+                norm_top_k: c.get("norm_topk_prob").and_then(Value::as_bool).unwrap_or(arch == Arch::Mixtral),
+            }),
+            None => None,
+        };
+        // Qwen3-MoE: layers listed in `mlp_only_layers`, and those off the sparse step, stay dense.
+        let dense: Vec<usize> = match c.get("mlp_only_layers") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect(),
+            _ => vec![],
+        };
+        let step = c.opt_usize("decoder_sparse_step").unwrap_or(1).max(1);
+        let moe_layers = (0..num_layers).map(|i| moe.is_some() && !dense.contains(&i) && (i + 1) % step == 0).collect();
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -232,6 +280,9 @@ impl ModelConfig {
             parallel_residual: arch == Arch::GptNeox && c.get("use_parallel_residual").and_then(Value::as_bool).unwrap_or(true),
             attn_softcap: c.opt_f64("attn_logit_softcapping").map(|v| v as f32),
             final_softcap: c.opt_f64("final_logit_softcapping").map(|v| v as f32),
+            qkv_clip: c.opt_f64("clip_qkv").map(|v| v as f32),
+            moe,
+            moe_layers,
             bos_token_id: c.opt_usize("bos_token_id").map(|v| v as u32),
             eos_token_ids,
         };
@@ -295,10 +346,21 @@ impl ModelConfig {
             Arch::Gemma2 if num_layers == 46 => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
+        let intermediate_size = g.usize(&key("feed_forward_length")).or_else(|e| g.opt_usize(&key("expert_feed_forward_length")).ok_or(e))?;
+        let moe = match g.opt_usize(&key("expert_count")).filter(|&e| e > 0) {
+            Some(num_experts) => Some(MoeConfig {
+                num_experts,
+                top_k: g.usize(&key("expert_used_count"))?,
+                expert_size: g.opt_usize(&key("expert_feed_forward_length")).unwrap_or(intermediate_size),
+                // As llama.cpp: Mixtral (llama) and Qwen3-MoE renormalize, OLMoE does not.
+                norm_top_k: g.opt_bool(&key("expert_weights_norm")).unwrap_or(arch != Arch::Olmoe),
+            }),
+            None => None,
+        };
         let cfg = ModelConfig {
             arch,
             hidden_size,
-            intermediate_size: g.usize(&key("feed_forward_length"))?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads: g.opt_usize(&key("attention.head_count_kv")).unwrap_or(num_heads),
@@ -319,6 +381,11 @@ impl ModelConfig {
             parallel_residual: arch == Arch::GptNeox && g.opt_bool(&key("use_parallel_residual")).unwrap_or(true),
             attn_softcap: g.opt_f32(&key("attn_logit_softcapping")).filter(|&c| c > 0.0),
             final_softcap: g.opt_f32(&key("final_logit_softcapping")).filter(|&c| c > 0.0),
+            // llama.cpp's OLMoE reads no clipping either (released OLMoE has none).
+            qkv_clip: None,
+            moe,
+            // GGUF files say per layer by which tensors exist; the loader checks.
+            moe_layers: vec![moe.is_some(); num_layers],
             bos_token_id: g.opt_usize("tokenizer.ggml.bos_token_id").map(|v| v as u32),
             eos_token_ids: g.opt_usize("tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
         };
@@ -357,7 +424,12 @@ impl ModelConfig {
         if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             return bad(format!("rotary dimension {} must be even and at most head_dim {}", self.rotary_dim, self.head_dim));
         }
-        if self.sliding_layers.len() != self.num_layers {
+        if let Some(m) = &self.moe {
+            if m.top_k == 0 || m.top_k > m.num_experts || m.num_experts > 4096 {
+                return bad(format!("{} experts per token out of {}", m.top_k, m.num_experts));
+            }
+        }
+        if self.sliding_layers.len() != self.num_layers || self.moe_layers.len() != self.num_layers {
             return bad(format!("{} layer types for {} layers", self.sliding_layers.len(), self.num_layers));
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_layers == 0 {

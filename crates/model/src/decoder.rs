@@ -8,6 +8,7 @@ use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::kernels::{attention, AttnShape};
 use crate::layers::{activate, Norm, Rope};
+use crate::moe::Moe;
 use crate::weights::{to_vec, Linear, Vb};
 use std::sync::Arc;
 use candle_core::{Device, Tensor};
@@ -32,9 +33,15 @@ struct Block {
     attn: Attention,
     ln1_post: Option<Norm>,
     ln2: Norm,
-    mlp: Mlp,
+    mlp: Ffn,
     ln2_post: Option<Norm>,
     sliding: bool,
+}
+
+/// A block's feed-forward part.
+enum Ffn {
+    Dense(Mlp),
+    Experts(Moe),
 }
 
 /// The q/k/v projections: three matrices, or one whose rows are q, k then v.
@@ -80,7 +87,7 @@ impl DecoderModel {
             .then(|| to_vec(&m.pp("embed_positions").tensor("weight", &[cfg.max_position_embeddings, d])?))
             .transpose()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        let (h, kv, dh, ff) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (bias, out_bias) = (cfg.qkv_bias(), cfg.out_bias());
         for i in 0..cfg.num_layers {
             let l = m.pp("layers").pp(i);
@@ -94,22 +101,20 @@ impl DecoderModel {
                     v: a.linear("v_proj", d, kv * dh, bias)?,
                 }
             };
-            let head_norm = |name: &str| Norm::load(&a.pp(name), kind, dh, eps, norm_offset);
+            // Per head, or (OLMoE) over the whole projection.
+            let (qn, kn) = if cfg.qk_norm_whole() { (h * dh, kv * dh) } else { (dh, dh) };
             let attn = Attention {
                 qkv,
                 o: a.linear("o_proj", h * dh, d, out_bias)?,
-                q_norm: cfg.qk_norm().then(|| head_norm("q_norm")).transpose()?,
-                k_norm: cfg.qk_norm().then(|| head_norm("k_norm")).transpose()?,
+                q_norm: cfg.qk_norm().then(|| Norm::load(&a.pp("q_norm"), kind, qn, eps, norm_offset)).transpose()?,
+                k_norm: cfg.qk_norm().then(|| Norm::load(&a.pp("k_norm"), kind, kn, eps, norm_offset)).transpose()?,
             };
             let mp = l.pp("mlp");
-            let input = if !cfg.gated_mlp() {
-                MlpIn::Plain(mp.linear("up_proj", d, ff, out_bias)?)
-            } else if mp.pp("gate_up_proj").contains("weight") {
-                MlpIn::GatedFused(mp.linear("gate_up_proj", d, 2 * ff, false)?)
-            } else {
-                MlpIn::Gated { gate: mp.linear("gate_proj", d, ff, false)?, up: mp.linear("up_proj", d, ff, false)? }
+            let experts = cfg.moe.filter(|_| cfg.moe_layers[i] && mp.pp("gate").contains("weight"));
+            let mlp = match experts {
+                Some(moe) => Ffn::Experts(Moe::load(&mp, d, moe, cfg.activation)?),
+                None => Ffn::Dense(Mlp::load(&mp, &cfg)?),
             };
-            let mlp = Mlp { input, down: mp.linear("down_proj", ff, d, out_bias)?, act: cfg.activation };
             let sandwich = cfg.sandwich_norms();
             let norm = |name: &str| Norm::load(&l.pp(name), kind, d, eps, norm_offset);
             layers.push(Block {
@@ -164,7 +169,9 @@ impl DecoderModel {
                     Site::Ln1Post => b.ln1_post.is_some(),
                     Site::Ln2Post => b.ln2_post.is_some(),
                     Site::ResidMid => !self.cfg.parallel_residual,
-                    Site::MlpPreLinear => !matches!(b.mlp.input, MlpIn::Plain(_)),
+                    Site::RouterLogits | Site::ExpertIds | Site::ExpertWeights => matches!(b.mlp, Ffn::Experts(_)),
+                    Site::MlpPre | Site::MlpPost => matches!(b.mlp, Ffn::Dense(_)),
+                    Site::MlpPreLinear => matches!(&b.mlp, Ffn::Dense(m) if !matches!(m.input, MlpIn::Plain(_))),
                     _ => true,
                 };
                 if present {
@@ -201,6 +208,8 @@ impl DecoderModel {
             Site::Pattern => c.num_heads,
             Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => c.intermediate_size,
             Site::Logits => c.vocab_size,
+            Site::RouterLogits => c.moe.map_or(0, |m| m.num_experts),
+            Site::ExpertIds | Site::ExpertWeights => c.moe.map_or(0, |m| m.top_k),
             _ => c.hidden_size,
         }
     }
@@ -324,10 +333,24 @@ impl Attention {
         let v = ctx.hook(name(Site::V), v)?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => {
-                let (q, k) = ctx.timed(l, "qk_norm", || Ok((qn.forward(&q)?, kn.forward(&k)?)))?;
+                let whole = cfg.qk_norm_whole();
+                // Per head, or over the whole projection (OLMoE), back in heads either way.
+                let norm = |n: &Norm, t: &Tensor| -> Result<Tensor> {
+                    if !whole {
+                        return n.forward(t);
+                    }
+                    let dims = t.dims3()?;
+                    Ok(n.forward(&t.reshape((dims.0, dims.1 * dims.2))?)?.reshape(dims)?)
+                };
+                let (q, k) = ctx.timed(l, "qk_norm", || Ok((norm(qn, &q)?, norm(kn, &k)?)))?;
                 (ctx.hook(name(Site::QNormed), q)?, ctx.hook(name(Site::KNormed), k)?)
             }
             _ => (q, k),
+        };
+        // OLMoE clamps after its norms (transformers' order).
+        let (q, k, v) = match cfg.qkv_clip {
+            Some(c) => (q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?),
+            None => (q, k, v),
         };
         let (q, k) = match rope {
             Some((cos, sin)) => {
@@ -362,7 +385,28 @@ impl Attention {
     }
 }
 
+impl Ffn {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(x, layer, ctx),
+            Ffn::Experts(m) => m.forward(x, layer, ctx),
+        }
+    }
+}
+
 impl Mlp {
+    fn load(mp: &Vb, cfg: &ModelConfig) -> Result<Self> {
+        let (d, ff, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.out_bias());
+        let input = if !cfg.gated_mlp() {
+            MlpIn::Plain(mp.linear("up_proj", d, ff, bias)?)
+        } else if mp.pp("gate_up_proj").contains("weight") {
+            MlpIn::GatedFused(mp.linear("gate_up_proj", d, 2 * ff, false)?)
+        } else {
+            MlpIn::Gated { gate: mp.linear("gate_proj", d, ff, false)?, up: mp.linear("up_proj", d, ff, false)? }
+        };
+        Ok(Mlp { input, down: mp.linear("down_proj", ff, d, bias)?, act: cfg.activation })
+    }
+
     fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);

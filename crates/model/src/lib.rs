@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod kernels;
 pub mod layers;
 pub mod loader;
+pub mod moe;
 pub mod qkernels;
 pub mod tokenizer;
 pub mod weights;

@@ -184,23 +184,49 @@ impl<'a> Vb<'a> {
                     Some(heads) if *arch == Arch::Llama => unpermute_rows(&q, heads)?,
                     _ => q,
                 };
-                let ours = match q.dtype() {
-                    GgmlDType::Q8_0 => Some(QFormat::Q8_0),
-                    GgmlDType::Q4_1 => Some(QFormat::Q4_1),
-                    GgmlDType::Q4_0 => Some(QFormat::Q4_0),
-                    _ => None,
-                };
-                if let Some(m) = ours.filter(|_| !self.opts.dequantize).and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
-                    LinearWeight::Blocks(Arc::new(m))
-                } else if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
-                    LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
-                } else {
-                    let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
-                    LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
-                }
+                self.weight_from_blocks(q, out, inp)?
             }
         };
         Ok(Linear { weight, bias })
+    }
+
+    /// A GGUF matrix `[out, inp]` as the fastest exact-enough kernel this crate has for it.
+    fn weight_from_blocks(&self, q: QTensor, out: usize, inp: usize) -> Result<LinearWeight> {
+        let ours = match q.dtype() {
+            GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+            GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+            GgmlDType::Q4_0 => Some(QFormat::Q4_0),
+            _ => None,
+        };
+        Ok(if let Some(m) = ours.filter(|_| !self.opts.dequantize).and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
+            LinearWeight::Blocks(Arc::new(m))
+        } else if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
+            LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
+        } else {
+            let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
+            LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
+        })
+    }
+
+    /// One projection of each of `n` experts, `[out, inp]` each: `experts.{e}.{name}` in
+    /// Hugging Face files, one stacked `[n, out, inp]` tensor in GGUF (`ffn_gate_exps`...).
+    pub fn experts(&self, name: &str, n: usize, inp: usize, out: usize) -> Result<Vec<Linear>> {
+        let WeightFiles::Gguf { .. } = self.files else {
+            return (0..n).map(|e| self.pp(e).linear(name, inp, out, false)).collect();
+        };
+        let full = self.pp(name).full("weight");
+        let q = self.qtensor(&full)?;
+        check_shape(&full, q.shape().dims(), &[n, out, inp])?;
+        let dtype = q.dtype();
+        let data = q.data()?;
+        let per_expert = data.len() / n.max(1);
+        (0..n)
+            .map(|e| {
+                let bytes = &data[e * per_expert..(e + 1) * per_expert];
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![out, inp], &Device::Cpu)?;
+                Ok(Linear { weight: self.weight_from_blocks(q, out, inp)?, bias: None })
+            })
+            .collect()
     }
 
     pub fn describe(&self) -> String {
@@ -249,6 +275,11 @@ pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
                 // Phi-3: one tensor, gate rows then up rows (llama.cpp splits it the same way).
                 "mlp.gate_up_proj" if arch == Arch::Phi3 => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
+                // Mixture of experts: the router, and each projection stacked over experts.
+                "mlp.gate" => "ffn_gate_inp",
+                "mlp.experts.gate_proj" => "ffn_gate_exps",
+                "mlp.experts.up_proj" => "ffn_up_exps",
+                "mlp.experts.down_proj" => "ffn_down_exps",
                 _ => return None,
             };
             format!("blk.{layer}.{part}")
@@ -284,6 +315,10 @@ fn hf_file_name(arch: Arch, canonical: &str, present: impl Fn(&str) -> bool) -> 
             (Arch::GptNeox, "up_proj") => "dense_h_to_4h",
             (Arch::GptNeox, "down_proj") => "dense_4h_to_h",
             (Arch::GptNeox, "lm_head") => "embed_out",
+            (Arch::Mixtral, "mlp") => "block_sparse_moe",
+            (Arch::Mixtral, "gate_proj") => "w1",
+            (Arch::Mixtral, "down_proj") => "w2",
+            (Arch::Mixtral, "up_proj") => "w3",
             _ => seg,
         };
         renamed.to_string()

@@ -226,14 +226,17 @@ fn gemma3_quantized_path_kl() {
 // Each directory holds the Hugging Face checkpoint, llama.cpp's f32 and Q8_0 conversions and
 // the transformers oracle (every hook of every layer). Tolerances: every hook and the logits
 // within TOL (1e-4 of scale) from the checkpoint and the f32 GGUF, greedy continuations
-// identical; the Q8_0 GGUF (weights and activations in 8 bits) within a mean KL of 1e-3 (the
-// printed values are well below); logits bitwise identical alone and in a batch of 8.
+// identical; the Q8_0 GGUF (weights and activations in 8 bits) within a mean KL bound (see
+// `check_tiny`); logits bitwise identical alone and in a batch of 8.
 
 fn tiny(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny").join(arch)
 }
 
-fn check_tiny(arch: &str) {
+/// `max_kl`: mean KL bound for the Q8_0 GGUF. 1e-3 for dense models; 3e-3 for mixtures of
+/// experts, where 8-bit noise can flip a token's choice of expert (a discrete change: measured
+/// Mixtral 7.8e-4 mean with one position at 2.5e-2).
+fn check_tiny(arch: &str, max_kl: f64) {
     let dir = tiny(arch);
     let reference = dir.join("reference");
     // Where llama.cpp's converter drops part of the model (Mistral's window), the GGUFs have
@@ -241,7 +244,7 @@ fn check_tiny(arch: &str) {
     let gguf_reference = Some(dir.join("reference-gguf")).filter(|d| d.is_dir()).unwrap_or_else(|| reference.clone());
     check_model_in(ModelSource::HfDir(dir.join("hf")), &reference, &format!("{arch} (hf)"), true);
     check_model_in(ModelSource::Gguf(dir.join("model-f32.gguf")), &gguf_reference, &format!("{arch} (gguf f32)"), true);
-    check_quantized_in(ModelSource::Gguf(dir.join("model-q8_0.gguf")), &gguf_reference, &format!("{arch} (gguf q8_0)"), 1e-3, false);
+    check_quantized_in(ModelSource::Gguf(dir.join("model-q8_0.gguf")), &gguf_reference, &format!("{arch} (gguf q8_0)"), max_kl, false);
     for source in [ModelSource::HfDir(dir.join("hf")), ModelSource::Gguf(dir.join("model-q8_0.gguf"))] {
         check_batch_invariance(&source, arch);
     }
@@ -288,35 +291,50 @@ fn check_batch_invariance(source: &ModelSource, arch: &str) {
 
 #[test]
 fn tiny_gpt2() {
-    check_tiny("gpt2");
+    check_tiny("gpt2", 1e-3);
 }
 
 #[test]
 fn tiny_pythia() {
-    check_tiny("pythia");
+    check_tiny("pythia", 1e-3);
 }
 
 #[test]
 fn tiny_gemma2() {
-    check_tiny("gemma2");
+    check_tiny("gemma2", 1e-3);
 }
 
 #[test]
 fn tiny_phi3() {
-    check_tiny("phi3");
+    check_tiny("phi3", 1e-3);
 }
 
 #[test]
 fn tiny_mistral() {
-    check_tiny("mistral");
+    check_tiny("mistral", 1e-3);
 }
 
 #[test]
 fn tiny_qwen2() {
-    check_tiny("qwen2");
+    check_tiny("qwen2", 1e-3);
 }
 
 #[test]
 fn tiny_qwen3() {
-    check_tiny("qwen3");
+    check_tiny("qwen3", 1e-3);
+}
+
+#[test]
+fn tiny_mixtral() {
+    check_tiny("mixtral", 3e-3);
+}
+
+#[test]
+fn tiny_qwen3_moe() {
+    check_tiny("qwen3_moe", 3e-3);
+}
+
+#[test]
+fn tiny_olmoe() {
+    check_tiny("olmoe", 3e-3);
 }

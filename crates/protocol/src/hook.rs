@@ -30,6 +30,12 @@ pub enum Site {
     AttnOut,
     ResidMid,
     Ln2,
+    /// Mixture of experts: the router's logits, `[T, E]`.
+    RouterLogits,
+    /// Mixture of experts: the experts each token uses, best first, `[T, k]` (ids as floats).
+    ExpertIds,
+    /// Mixture of experts: the weight of each chosen expert in the token's output, `[T, k]`.
+    ExpertWeights,
     MlpPre,
     MlpPreLinear,
     MlpPost,
@@ -43,7 +49,7 @@ pub enum Site {
 
 impl Site {
     /// Every site in forward-pass order.
-    pub const ALL: [Site; 25] = [
+    pub const ALL: [Site; 28] = [
         Site::Embed,
         Site::PosEmbed,
         Site::ResidPre,
@@ -61,6 +67,9 @@ impl Site {
         Site::AttnOut,
         Site::ResidMid,
         Site::Ln2,
+        Site::RouterLogits,
+        Site::ExpertIds,
+        Site::ExpertWeights,
         Site::MlpPre,
         Site::MlpPreLinear,
         Site::MlpPost,
@@ -97,6 +106,9 @@ impl Site {
             Site::AttnOut => "hook_attn_out",
             Site::ResidMid => "hook_resid_mid",
             Site::Ln2 => "ln2.hook_normalized",
+            Site::RouterLogits => "mlp.hook_router_logits",
+            Site::ExpertIds => "mlp.hook_expert_ids",
+            Site::ExpertWeights => "mlp.hook_expert_weights",
             Site::MlpPre => "mlp.hook_pre",
             Site::MlpPreLinear => "mlp.hook_pre_linear",
             Site::MlpPost => "mlp.hook_post",
