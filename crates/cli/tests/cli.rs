@@ -131,8 +131,8 @@ fn bad_input_gives_a_clear_error() {
         std::fs::copy(stories.join(f), arch.join(f)).unwrap();
     }
     let cfg = std::fs::read_to_string(stories.join("config.json")).unwrap();
-    std::fs::write(arch.join("config.json"), cfg.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
-    check_error(&["generate", "--model", &p(&arch), "--prompt", "x"], "unsupported architecture `gpt_neox`");
+    std::fs::write(arch.join("config.json"), cfg.replace("\"llama\"", "\"mamba\"")).unwrap();
+    check_error(&["generate", "--model", &p(&arch), "--prompt", "x"], "unsupported architecture `mamba`");
     std::fs::write(arch.join("config.json"), cfg.replace("\"num_hidden_layers\": 5,", "")).unwrap();
     check_error(&["generate", "--model", &p(&arch), "--prompt", "x"], "config is missing `num_hidden_layers`");
 

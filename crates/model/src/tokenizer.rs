@@ -127,7 +127,10 @@ struct PreTokenizer {
 }
 
 /// Every BPE pre-tokenizer glassbox knows; each row is checked against llama.cpp's own
-/// vocabulary tests where llama.cpp ships one (tests/conformance.rs).
+/// vocabulary tests where llama.cpp ships one (tests/conformance.rs). Not here (refused with
+/// a clear error): `kimi-k2` and `afmoe`, which llama.cpp runs through hand-written splitters
+/// rather than regexes, and `superbpe`, whose zero-width digit split has no regex equivalent
+/// in the `tokenizers` crate.
 const PRE_TOKENIZERS: &[PreTokenizer] = &[
     PreTokenizer {
         names: &[
@@ -155,6 +158,58 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
         regexes: &[r"[\r\n]", r"\s?[\p{Lu}\p{Ll}\p{Lt}]+", r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK, r"\p{N}+"],
         ignore_merges: false,
     },
+    // Ported from llama.cpp's `llm_tokenizer_bpe` (src/llama-vocab.cpp) for the types its
+    // vocabulary tests do not cover; the regexes are llama.cpp's, split in the same order.
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM
+    PreTokenizer { names: &["deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"], regexes: &[r#"\p{N}{1,3}"#, r#"[一-龥぀-ゟ゠-ヿ]+"#, r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_SPARK2_5
+    PreTokenizer { names: &["spark2_5"], regexes: &[r#"\p{N}{1,3}"#, r#"[一-龥぀-ゟ゠-ヿ]+"#, r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"##, r#"\p{N}"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_YOUTU
+    PreTokenizer { names: &["youtu"], regexes: &[r#"[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+"#, r#"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_JAIS2
+    PreTokenizer { names: &["jais-2"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_PORO
+    PreTokenizer { names: &["poro-chat", "bloom", "gpt3-finnish"], regexes: &[r#" ?[^(\s|.,!?…。，、।۔،)]+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_CHATGLM4
+    PreTokenizer { names: &["chatglm-bpe"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_CHATGLM4
+    PreTokenizer { names: &["glm4", "glm5"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_VIKING
+    PreTokenizer { names: &["viking"], regexes: &[r#" ?[^(\s|.,!?…。，、।۔،)]+"#, r#"\p{N}"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_TEKKEN
+    PreTokenizer { names: &["tekken"], regexes: &[r#"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_CHAMELEON
+    PreTokenizer { names: &["chameleon"], regexes: &[r#"<sentinel:[0-9]+>"#, r#"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z"#, r#"([\t\n]|    |  )"#, r#"\p{N}"#, r#"[\p{P}!-/:-@\[-`{-~]"#, r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_GPT4O
+    PreTokenizer { names: &["gpt-4o", "llama4", "kanana2", "talkie"], regexes: &[r#"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_GRANITE_EMB_MULTI
+    PreTokenizer { names: &["granite-embed-multi-97m"], regexes: &[r#"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_TINY_AYA
+    PreTokenizer { names: &["tiny_aya", "cohere2moe"], regexes: &[r#"\d{1,3}(?=(?:\d{3})*\b)"#, r#"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_TRILLION
+    PreTokenizer { names: &["trillion", "granite-docling"], regexes: &[r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_BAILINGMOE
+    PreTokenizer { names: &["bailingmoe", "bailingmoe2", "llada-moe"], regexes: &[r#"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_SEED_CODER
+    PreTokenizer { names: &["seed-coder"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_UFAKZEKA
+    PreTokenizer { names: &["ufakzeka"], regexes: &[r#"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_GROK_2
+    PreTokenizer { names: &["grok-2"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_LAGUNA
+    PreTokenizer { names: &["laguna"], regexes: &[r#"[^\n]+|[\n]+"#, r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_MINIMAX_M2
+    PreTokenizer { names: &["minimax-m2"], regexes: &[r#"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_SOLAR_OPEN
+    PreTokenizer { names: &["solar-open"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_MELLUM2
+    PreTokenizer { names: &["mellum2"], regexes: &[r#"\p{N}"#, r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_EXAONE_MOE
+    PreTokenizer { names: &["exaone-moe"], regexes: &[r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_MINICPM5
+    PreTokenizer { names: &["minicpm5"], regexes: &[r#"\p{N}{1,3}"#, r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_WHITESPACE
+    PreTokenizer { names: &["whitespace"], regexes: &[r#"\S+"#], ignore_merges: false },
     PreTokenizer { names: &["default"], regexes: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], ignore_merges: false },
 ];
 
@@ -193,6 +248,12 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
         vocab.entry(t.clone()).or_insert(json!(i));
     }
 
+    let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+    // BPE vocabularies that escape spaces as `▁` instead of byte-level encoding run like Gemma 4's.
+    let model = match (model.as_str(), pre.as_str()) {
+        ("gpt2", "gemma4" | "sarvam-moe" | "granite-embed-multi-311m") => "gemma4".to_string(),
+        _ => model,
+    };
     let (normalizer, pre_tokenizer, decoder, bpe_model, add_bos_default) = match model.as_str() {
         "llama" => {
             let scores: Vec<f32> = numbers(meta, "tokenizer.ggml.scores", |v| v.to_f32().ok())
@@ -219,7 +280,6 @@ pub fn gguf_tokenizer_json(meta: &HashMap<String, GValue>) -> Result<Value> {
             (json!({"type": "Sequence", "normalizers": norm}), Value::Null, json!({"type": "Sequence", "decoders": dec}), model, true)
         }
         "gpt2" => {
-            let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
             let pt = pre_tokenizer(&pre)?;
             let mut pretok: Vec<Value> = pt
                 .regexes
@@ -340,4 +400,38 @@ fn spm_merges(tokens: &[String], types: &[i32], scores: &[f32]) -> Vec<Value> {
     }
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
     merges.into_iter().map(|(_, _, a, b)| json!([tokens[a], tokens[b]])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::{PreTokenizedString, PreTokenizer as _, SplitDelimiterBehavior};
+
+    /// Every row's regexes compile in the `tokenizers` regex engine, and splitting in turn
+    /// loses and invents nothing.
+    #[test]
+    fn every_pre_tokenizer_compiles_and_keeps_the_text() {
+        let text = "Hello World! It's 2026-11-22, 12345678 tokens\n\n  in 東京 and Привет мир.\tDone?? <sentinel:3> ok";
+        for pt in PRE_TOKENIZERS {
+            let mut s = PreTokenizedString::from(text);
+            for re in pt.regexes {
+                let split = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                    .unwrap_or_else(|e| panic!("{:?}: regex {re} does not compile: {e}", pt.names));
+                split.pre_tokenize(&mut s).unwrap();
+            }
+            let pieces: Vec<String> = s.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte).iter().map(|(p, ..)| p.to_string()).collect();
+            assert_eq!(pieces.concat(), text, "{:?}", pt.names);
+            assert!(pieces.len() > 5, "{:?}: {pieces:?}", pt.names);
+        }
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_are_refused_by_name() {
+        let err = pre_tokenizer("kimi-k2").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unsupported BPE pre-tokenizer `kimi-k2`"), "{err}");
+        for name in ["deepseek-v3", "tekken", "gpt-4o", "llama4", "chatglm-bpe", "viking", "bloom", "chameleon", "bailingmoe", "seed-coder", "exaone-moe", "trillion", "minimax-m2"] {
+            assert!(pre_tokenizer(name).is_ok(), "{name}");
+        }
+    }
 }

@@ -123,7 +123,8 @@ impl<'a> Vb<'a> {
         let full = self.full(name);
         let t = match self.files {
             WeightFiles::Safetensors { st, arch, .. } => {
-                let name = hf_file_name(*arch, &full, |n| st.get(n).is_ok()).ok_or_else(|| ModelError::MissingWeight(full.clone()))?;
+                let name = hf_file_name(*arch, &full, |n| st.get(n).is_ok())
+                    .ok_or_else(|| ModelError::MissingWeight(hf_file_name(*arch, &full, |_| true).unwrap_or(full.clone())))?;
                 hf_layout(*arch, &full, st.load(&name, &Device::Cpu)?.to_dtype(DType::F32)?)?
             }
             WeightFiles::Gguf { .. } => self.qtensor(&full)?.dequantize(&Device::Cpu)?,
