@@ -9,15 +9,15 @@ use crate::forward::ForwardCtx;
 use crate::kernels::{attention, AttnShape};
 use crate::layers::{activate, Norm, Rope};
 use crate::moe::Moe;
-use crate::weights::{to_vec, Linear, Vb};
-use std::sync::Arc;
+use crate::weights::{to_vec, Linear, LinearWeight, Table, Vb};
 use candle_core::{Device, Tensor};
 use glassbox_protocol::{HookName, Site};
 
 pub struct DecoderModel {
     pub cfg: ModelConfig,
-    /// `[vocab, d]`, already scaled where the architecture scales embeddings.
-    embed: Arc<Vec<f32>>,
+    /// `[vocab, d]`: f32, or the GGUF blocks (rows dequantized on lookup); one table shared
+    /// with the output projection when they are tied.
+    embed: Table,
     /// `[max_positions, d]`: learned absolute positions (GPT-2).
     pos_embed: Option<Vec<f32>>,
     layers: Vec<Block>,
@@ -81,7 +81,6 @@ impl DecoderModel {
         // Gemma stores norms as `w` for `(1 + w)`; llama.cpp's converter already added the 1.
         let norm_offset = if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) && !is_gguf { 1.0 } else { 0.0 };
         let m = vb.pp("model");
-        let embed = Arc::new(to_vec(&m.pp("embed_tokens").tensor("weight", &[cfg.vocab_size, d])?)?);
         let pos_embed = cfg
             .learned_positions()
             .then(|| to_vec(&m.pp("embed_positions").tensor("weight", &[cfg.max_position_embeddings, d])?))
@@ -129,17 +128,26 @@ impl DecoderModel {
         }
         let norm = Norm::load(&m.pp("norm"), kind, d, eps, norm_offset)?;
         let has_head = vb.pp("lm_head").contains("weight");
-        let lm_head = if has_head && !cfg.tie_word_embeddings {
-            vb.linear("lm_head", d, cfg.vocab_size, false)?
+        let tied = !has_head || cfg.tie_word_embeddings;
+        let (embed, lm_head) = if !tied {
+            (m.table("embed_tokens", cfg.vocab_size, d)?, vb.linear("lm_head", d, cfg.vocab_size, false)?)
         } else if is_gguf {
-            // Tied: the quantized embedding table doubles as the output projection.
-            m.linear("embed_tokens", d, cfg.vocab_size, false)?
+            // Tied: the quantized table doubles as the output projection, held once when the
+            // projection's kernel reads the same blocks.
+            let head = m.linear("embed_tokens", d, cfg.vocab_size, false)?;
+            let embed = match &head.weight {
+                LinearWeight::Blocks(q) => Table::Blocks(q.clone()),
+                LinearWeight::Dense(w) => Table::Dense(w.clone()),
+                LinearWeight::Quant { .. } => m.table("embed_tokens", cfg.vocab_size, d)?,
+            };
+            (embed, head)
         } else {
-            Linear::dense(embed.clone())
-        };
-        let embed = match cfg.embed_scale() {
-            Some(s) => Arc::new(embed.iter().map(|v| v * s).collect()),
-            None => embed,
+            let embed = m.table("embed_tokens", cfg.vocab_size, d)?;
+            let head = match &embed {
+                Table::Dense(w) => Linear::dense(w.clone()),
+                Table::Blocks(q) => Linear { weight: LinearWeight::Blocks(q.clone()), bias: None },
+            };
+            (embed, head)
         };
         let (rope_global, rope_local) = if cfg.learned_positions() {
             (None, None)
@@ -225,7 +233,12 @@ impl DecoderModel {
             if t >= self.cfg.vocab_size {
                 return Err(ModelError::BadConfig(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
             }
-            rows.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
+            let start = rows.len();
+            self.embed.push_row(t, d, &mut rows);
+            // Gemma scales embeddings by sqrt(d) (rounded to the weights' dtype, as transformers does).
+            if let Some(s) = self.cfg.embed_scale() {
+                rows[start..].iter_mut().for_each(|v| *v *= s);
+            }
         }
         let x = Tensor::from_vec(rows, (tokens.len(), d), &Device::Cpu)?;
         ctx.done(t, None, "embed");

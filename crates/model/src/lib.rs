@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod forward;
 pub mod hooks;
 pub mod kernels;
+pub mod kquants;
 pub mod layers;
 pub mod loader;
 pub mod moe;

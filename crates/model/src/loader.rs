@@ -264,6 +264,10 @@ pub fn load(source: &ModelSource, opts: LoadOptions) -> Result<LoadedModel> {
             }
             let mut cfg = ModelConfig::from_gguf(&g.content.metadata)?;
             cfg.tie_word_embeddings = !g.content.tensor_infos.contains_key("output.weight");
+            if g.content.tensor_infos.contains_key("rope_factors_long.weight") {
+                // Phi-3 128k / Phi-3.5: two factor sets switched by context length.
+                return Err(ModelError::file(path, "LongRoPE (rope_factors_long/short, Phi-3 128k and Phi-3.5) is not supported yet; the 4k-context Phi-3 files run"));
+            }
             if let Some(info) = g.content.tensor_infos.get("rope_freqs.weight") {
                 let q = info.read(&mut std::io::Cursor::new(&g.mmap[..]), g.content.tensor_data_offset, &candle_core::Device::Cpu)?;
                 let f: Vec<f32> = q.dequantize(&candle_core::Device::Cpu)?.to_vec1()?;

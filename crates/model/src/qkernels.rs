@@ -18,6 +18,7 @@
 //!   result is `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. The AVX2 and portable paths compute
 //!   exactly that (a test checks them bitwise).
 
+use crate::kquants::{KFormat, QK_K};
 use half::f16;
 use rayon::prelude::*;
 
@@ -31,6 +32,12 @@ pub enum QFormat {
     Q4_1,
     /// f16 scale, 16 bytes of nibbles: `w = d * (q - 8)`.
     Q4_0,
+    /// f16 scale, 32 fifth bits, 16 bytes of nibbles: `w = d * (q - 16)`.
+    Q5_0,
+    /// f16 scale, f16 min, 32 fifth bits, nibbles: `w = d * q + m`.
+    Q5_1,
+    /// The K-quants (256 per super-block, `kquants.rs`), kept in the file's own bytes.
+    K(KFormat),
 }
 
 impl QFormat {
@@ -39,6 +46,26 @@ impl QFormat {
             QFormat::Q8_0 => 2 + QK,
             QFormat::Q4_1 => 4 + QK / 2,
             QFormat::Q4_0 => 2 + QK / 2,
+            QFormat::Q5_0 => 6 + QK / 2,
+            QFormat::Q5_1 => 8 + QK / 2,
+            QFormat::K(f) => f.block_bytes(),
+        }
+    }
+
+    /// The fixed offset subtracted from every value (`None`: per-block mins instead).
+    fn offset(self) -> Option<i32> {
+        match self {
+            QFormat::Q4_0 => Some(8),
+            QFormat::Q5_0 => Some(16),
+            _ => None,
+        }
+    }
+
+    /// Weights per block.
+    fn block_len(self) -> usize {
+        match self {
+            QFormat::K(_) => QK_K,
+            _ => QK,
         }
     }
 
@@ -46,7 +73,8 @@ impl QFormat {
     fn packed(self) -> usize {
         match self {
             QFormat::Q8_0 => QK,
-            QFormat::Q4_1 | QFormat::Q4_0 => QK / 2,
+            QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => QK / 2,
+            QFormat::K(f) => f.block_bytes(),
         }
     }
 }
@@ -58,6 +86,8 @@ pub struct QMatrix {
     format: QFormat,
     d: Vec<f32>,
     m: Vec<f32>,
+    /// Q5_x: each block's 32 fifth bits.
+    h: Vec<u32>,
     q: Vec<u8>,
     n: usize,
     k: usize,
@@ -69,19 +99,29 @@ struct QRow {
     q: Vec<i8>,
 }
 
+/// Above this many input rows the 4/5-bit kernels expand each column block once into f32
+/// rather than once per group of rows (measured with `glassbox bench kernels`).
+const EXPAND_ONCE_ABOVE: usize = 8;
+
 /// Input rows handled together against one weight row (each row's arithmetic is the same
 /// as alone; grouping only saves loads).
 const GROUP: usize = 4;
 
 impl QMatrix {
-    /// From GGUF bytes (`n` rows of `k / 32` blocks). `k` must be a multiple of 32.
+    /// From GGUF bytes (`n` rows of `k / block_len` blocks). `k` must be a multiple of the
+    /// block length.
     pub fn new(format: QFormat, data: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * format.block_bytes() {
+        let len = format.block_len();
+        if !k.is_multiple_of(len) || data.len() != n * (k / len) * format.block_bytes() {
             return None;
+        }
+        if let QFormat::K(_) = format {
+            return Some(QMatrix { format, d: vec![], m: vec![], h: vec![], q: data.to_vec(), n, k });
         }
         let blocks = n * k / QK;
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-        let (mut d, mut m) = (Vec::with_capacity(blocks), vec![]);
+        let (mut d, mut m, mut h) = (Vec::with_capacity(blocks), vec![], vec![]);
+        let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         let mut q = Vec::with_capacity(blocks * format.packed());
         for b in data.chunks_exact(format.block_bytes()) {
             d.push(half(b, 0));
@@ -92,13 +132,63 @@ impl QMatrix {
                     q.extend_from_slice(&b[4..]);
                 }
                 QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
+                QFormat::Q5_0 => {
+                    h.push(word(b, 2));
+                    q.extend_from_slice(&b[6..]);
+                }
+                QFormat::Q5_1 => {
+                    m.push(half(b, 2));
+                    h.push(word(b, 4));
+                    q.extend_from_slice(&b[8..]);
+                }
+                QFormat::K(_) => unreachable!("K-quants keep their bytes (returned above)"),
             }
         }
-        Some(QMatrix { format, d, m, q, n, k })
+        Some(QMatrix { format, d, m, h, q, n, k })
     }
 
     pub fn out_features(&self) -> usize {
         self.n
+    }
+
+    /// Row `j` in f32, exactly as candle's dequantization computes it (embedding lookups read
+    /// single rows of the table this way, so the table stays in its blocks).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let nb = self.k / self.format.block_len();
+        match self.format {
+            QFormat::Q8_0 => {
+                let q = &self.q[j * self.k..(j + 1) * self.k];
+                for (b, (o, q)) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK)).enumerate() {
+                    let d = self.d[j * nb + b];
+                    for (y, &v) in o.iter_mut().zip(q) {
+                        *y = v as i8 as f32 * d;
+                    }
+                }
+            }
+            QFormat::K(f) => {
+                let row = &self.q[j * nb * f.block_bytes()..(j + 1) * nb * f.block_bytes()];
+                for (blk, o) in row.chunks_exact(f.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
+                    crate::kquants::dequantize_block(f, blk, o);
+                }
+            }
+            _ => dequantize_small(&self.small_row(j), out),
+        }
+    }
+
+    /// The GGUF type this format reads, if it is one of ours.
+    pub fn format_of(dtype: candle_core::quantized::GgmlDType) -> Option<QFormat> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match dtype {
+            G::Q8_0 => QFormat::Q8_0,
+            G::Q4_0 => QFormat::Q4_0,
+            G::Q4_1 => QFormat::Q4_1,
+            G::Q5_0 => QFormat::Q5_0,
+            G::Q5_1 => QFormat::Q5_1,
+            G::Q4K => QFormat::K(KFormat::Q4K),
+            G::Q5K => QFormat::K(KFormat::Q5K),
+            G::Q6K => QFormat::K(KFormat::Q6K),
+            _ => return None,
+        })
     }
 
     /// `y[m, n] = x[m, k] · wᵀ`.
@@ -106,29 +196,41 @@ impl QMatrix {
         assert_eq!(x.len(), m * self.k);
         match self.format {
             QFormat::Q8_0 => self.matmul_integer(x, m),
-            QFormat::Q4_1 | QFormat::Q4_0 => self.matmul_dequantized(x, m),
+            QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => self.matmul_dequantized(x, m),
+            QFormat::K(f) => self.matmul_kquant(f, x, m),
         }
     }
 
-    /// Each block of 64 weight rows expanded to f32 once per call, then the f32 kernel's dot
-    /// for every input row, in `kernels::matmul_bt`'s loop order (the input rows' group stays
-    /// in L1, the expanded block in L2).
-    fn matmul_dequantized(&self, x: &[f32], m: usize) -> Vec<f32> {
+    /// K-quants: each weight row expanded in registers (AVX2) or dequantized per column block
+    /// (portable), with the f32 kernel's arithmetic either way (see `kquants`).
+    fn matmul_kquant(&self, format: KFormat, x: &[f32], m: usize) -> Vec<f32> {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
-        let (k, nb, packed) = (self.k, self.k / QK, self.format.packed());
+        let row_bytes = self.k / QK_K * format.block_bytes();
+        let k = self.k;
         self.by_column_blocks(m, |c0, c1, out, width| {
+            let wrow = |j: usize| &self.q[j * row_bytes..(j + 1) * row_bytes];
             #[cfg(target_arch = "x86_64")]
             {
+                // Expanded in registers for each group of rows (measured with `glassbox bench
+                // kernels`: 2.5x faster at 8 rows than expanding the column block once into
+                // f32 with scalar code and reusing it).
                 if crate::kernels::has_avx2() {
-                    // Fused: each block expanded in registers and multiplied at once.
                     let mut i = 0;
                     while i < m {
-                        let group = (m - i).min(4);
+                        let group = (m - i).min(GROUP);
+                        let r = &rows[i..i + group];
                         for j in c0..c1 {
-                            let (d, mn) = (&self.d[j * nb..(j + 1) * nb], self.mins(j));
-                            let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
-                            // SAFETY: AVX2 and FMA are present (checked); rows are k long.
-                            let vals = unsafe { q4_dot_group_avx2(&rows[i..i + group], d, mn, q) };
+                            // SAFETY: AVX2 and FMA are present (checked); rows are k long and
+                            // the weight row holds k / 256 whole super-blocks.
+                            let vals = unsafe {
+                                use crate::kquants::dot_rows_avx2 as dot;
+                                match group {
+                                    4 => dot::<4>(format, [r[0], r[1], r[2], r[3]], wrow(j)),
+                                    3 => pad(dot::<3>(format, [r[0], r[1], r[2]], wrow(j))),
+                                    2 => pad(dot::<2>(format, [r[0], r[1]], wrow(j))),
+                                    _ => pad(dot::<1>(format, [r[0]], wrow(j))),
+                                }
+                            };
                             for (g, v) in vals.iter().take(group).enumerate() {
                                 out[(i + g) * width + (j - c0)] = *v;
                             }
@@ -140,27 +242,75 @@ impl QMatrix {
             }
             let mut w = vec![0f32; width * k];
             for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
-                let q = &self.q[j * nb * packed..(j + 1) * nb * packed];
-                dequantize_q4(q, &self.d[j * nb..(j + 1) * nb], self.mins(j), wr);
-            }
-            let mut i = 0;
-            while i < m {
-                let group = (m - i).min(4);
-                for (jj, wj) in w.chunks_exact(k).enumerate() {
-                    let vals = crate::kernels::dot_group(&rows[i..i + group], wj);
-                    for (g, v) in vals.iter().take(group).enumerate() {
-                        out[(i + g) * width + jj] = *v;
-                    }
+                for (blk, o) in wrow(j).chunks_exact(format.block_bytes()).zip(wr.chunks_exact_mut(QK_K)) {
+                    crate::kquants::dequantize_block(format, blk, o);
                 }
-                i += group;
             }
+            dot_all(&rows, &w, k, out, width);
         })
     }
 
-    /// Row `j`'s block mins (Q4_1), or `None` (Q4_0: the offset is the fixed `-8`).
+    /// Each block of 64 weight rows expanded to f32 once per call, then the f32 kernel's dot
+    /// for every input row, in `kernels::matmul_bt`'s loop order (the input rows' group stays
+    /// in L1, the expanded block in L2).
+    fn matmul_dequantized(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
+        let k = self.k;
+        self.by_column_blocks(m, |c0, c1, out, width| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if crate::kernels::has_avx2() {
+                    // A few rows: expand in registers for each group. Many: expand the column
+                    // block once into f32 and run the f32 kernel over it for every group. The
+                    // same numbers either way (the f32 kernel's arithmetic on the same values).
+                    if m > EXPAND_ONCE_ABOVE {
+                        let mut w = vec![0f32; width * k];
+                        for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
+                            // SAFETY: AVX2 and FMA are present (checked); `wr` holds the row.
+                            unsafe { small_expand_avx2(&self.small_row(j), wr) };
+                        }
+                        dot_all(&rows, &w, k, out, width);
+                        return;
+                    }
+                    let mut i = 0;
+                    while i < m {
+                        let group = (m - i).min(GROUP);
+                        for j in c0..c1 {
+                            // SAFETY: AVX2 and FMA are present (checked); rows are k long.
+                            let vals = unsafe { small_dot_group_avx2(&rows[i..i + group], &self.small_row(j)) };
+                            for (g, v) in vals.iter().take(group).enumerate() {
+                                out[(i + g) * width + (j - c0)] = *v;
+                            }
+                        }
+                        i += group;
+                    }
+                    return;
+                }
+            }
+            let mut w = vec![0f32; width * k];
+            for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
+                dequantize_small(&self.small_row(j), wr);
+            }
+            dot_all(&rows, &w, k, out, width);
+        })
+    }
+
+    /// Row `j`'s block mins (Q4_1, Q5_1), or `None` (Q4_0, Q5_0: a fixed offset instead).
     fn mins(&self, j: usize) -> Option<&[f32]> {
         let nb = self.k / QK;
-        (self.format == QFormat::Q4_1).then(|| &self.m[j * nb..(j + 1) * nb])
+        matches!(self.format, QFormat::Q4_1 | QFormat::Q5_1).then(|| &self.m[j * nb..(j + 1) * nb])
+    }
+
+    /// Row `j`'s fifth bits (Q5_x), or `None`.
+    fn highs(&self, j: usize) -> Option<&[u32]> {
+        let nb = self.k / QK;
+        (!self.h.is_empty()).then(|| &self.h[j * nb..(j + 1) * nb])
+    }
+
+    /// Row `j` in the form the 4/5-bit kernels take.
+    fn small_row(&self, j: usize) -> SmallRow<'_> {
+        let nb = self.k / QK;
+        SmallRow { d: &self.d[j * nb..(j + 1) * nb], m: self.mins(j), h: self.highs(j), q: &self.q[j * nb * QK / 2..(j + 1) * nb * QK / 2], offset: self.format.offset() }
     }
 
     /// Output columns in blocks of 64 across threads; `f(c0, c1, out, width)` fills one
@@ -206,64 +356,75 @@ impl QMatrix {
     }
 }
 
-/// One Q4_1 (`m`: its mins) or Q4_0 (`m: None`) row into f32, exactly as candle's dequantize
-/// computes it (`q * d + m` as a multiply then an add; `(q - 8) * d`), so the numbers match
-/// the f32 path bitwise.
-fn dequantize_q4(q: &[u8], d: &[f32], m: Option<&[f32]>, out: &mut [f32]) {
-    for (b, (wb, q)) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK / 2)).enumerate() {
-        let (lo, hi) = wb.split_at_mut(QK / 2);
-        for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(q) {
-            let (x0, x1) = (byte & 0x0F, byte >> 4);
-            match m {
-                Some(m) => {
-                    *l = (x0 as f32) * d[b] + m[b];
-                    *h = (x1 as f32) * d[b] + m[b];
-                }
-                None => {
-                    *l = ((x0 as i16 - 8) as f32) * d[b];
-                    *h = ((x1 as i16 - 8) as f32) * d[b];
-                }
+/// Every input row against every expanded weight row of a column block (`w`: `width` rows of
+/// `k`), in groups of `GROUP` rows through the f32 kernel.
+fn dot_all(rows: &[&[f32]], w: &[f32], k: usize, out: &mut [f32], width: usize) {
+    let mut i = 0;
+    while i < rows.len() {
+        let group = (rows.len() - i).min(GROUP);
+        for (jj, wj) in w.chunks_exact(k).enumerate() {
+            let vals = crate::kernels::dot_group(&rows[i..i + group], wj);
+            for (g, v) in vals.iter().take(group).enumerate() {
+                out[(i + g) * width + jj] = *v;
             }
+        }
+        i += group;
+    }
+}
+
+/// One weight row of a 4- or 5-bit format (32 weights per block).
+struct SmallRow<'a> {
+    d: &'a [f32],
+    /// Per-block mins (Q4_1, Q5_1).
+    m: Option<&'a [f32]>,
+    /// Per-block fifth bits (Q5_0, Q5_1): bit `t` belongs to weight `t`.
+    h: Option<&'a [u32]>,
+    /// 16 bytes per block: low nibbles are weights 0-15, high nibbles 16-31.
+    q: &'a [u8],
+    /// Subtracted from every value (Q4_0: 8, Q5_0: 16) when there are no mins.
+    offset: Option<i32>,
+}
+
+/// One 4/5-bit row into f32, exactly as candle's dequantize computes it (`q * d + m` as a
+/// multiply then an add; `(q - offset) * d`), so the numbers match the f32 path bitwise.
+fn dequantize_small(w: &SmallRow, out: &mut [f32]) {
+    for (b, (wb, q)) in out.chunks_exact_mut(QK).zip(w.q.chunks_exact(QK / 2)).enumerate() {
+        let high = w.h.map_or(0, |h| h[b]);
+        for (t, y) in wb.iter_mut().enumerate() {
+            let nib = if t < 16 { q[t] & 0x0F } else { q[t - 16] >> 4 };
+            let v = nib as i32 | ((((high >> t) & 1) as i32) << 4);
+            *y = match (w.m, w.offset) {
+                (Some(m), _) => (v as f32) * w.d[b] + m[b],
+                (None, off) => ((v - off.unwrap_or(0)) as f32) * w.d[b],
+            };
         }
     }
 }
 
-/// Up to 4 rows against one Q4_1/Q4_0 weight row, the weights expanded in registers: exactly
-/// the arithmetic of `kernels::dot_rows_avx2` over `dequantize_q4`'s values (each 16-chunk's
+/// Up to 4 rows against one 4/5-bit weight row, the weights expanded in registers: exactly the
+/// arithmetic of `kernels::dot_rows_avx2` over `dequantize_small`'s values (each 16-chunk's
 /// elements 0-7 into one 8-lane accumulator and 8-15 into another, one FMA each; then the
 /// same reduction tree), so results are bitwise those of the f32 path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q4_dot_group_avx2(rows: &[&[f32]], d: &[f32], m: Option<&[f32]>, q: &[u8]) -> [f32; 4] {
+unsafe fn small_dot_group_avx2(rows: &[&[f32]], w: &SmallRow) -> [f32; 4] {
     match rows.len() {
-        4 => q4_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], d, m, q),
-        3 => pad(q4_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], d, m, q)),
-        2 => pad(q4_dot_rows_avx2::<2>([rows[0], rows[1]], d, m, q)),
-        _ => pad(q4_dot_rows_avx2::<1>([rows[0]], d, m, q)),
+        4 => small_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], w),
+        3 => pad(small_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w)),
+        2 => pad(small_dot_rows_avx2::<2>([rows[0], rows[1]], w)),
+        _ => pad(small_dot_rows_avx2::<1>([rows[0]], w)),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q4_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: Option<&[f32]>, q: &[u8]) -> [f32; R] {
+unsafe fn small_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], w: &SmallRow) -> [f32; R] {
     use std::arch::x86_64::*;
-    let low = _mm_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi32(8);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for b in 0..d.len() {
-        let packed = _mm_loadu_si128(q.as_ptr().add(b * QK / 2) as *const __m128i);
-        let vd = _mm256_set1_ps(*d.get_unchecked(b));
-        // Eight nibbles as weights: `q * d + m` (Q4_1) or `(q - 8) * d` (Q4_0).
-        let expand = |nib: __m128i| {
-            let v = _mm256_cvtepu8_epi32(nib);
-            match m {
-                Some(m) => _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), vd), _mm256_set1_ps(*m.get_unchecked(b))),
-                None => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)), vd),
-            }
-        };
+    for b in 0..w.d.len() {
         // The block's two 16-chunks: low nibbles (weights 0-15), then high (16-31).
-        for (c, nib) in [_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)].into_iter().enumerate() {
-            let (w0, w1) = (expand(nib), expand(_mm_srli_si128(nib, 8)));
+        for c in 0..2 {
+            let (w0, w1) = small_chunk_avx2(w, b, c);
             crate::kernels::fma_chunk16(&mut acc, &xs, b * QK + c * 16, w0, w1);
         }
     }
@@ -273,6 +434,49 @@ unsafe fn q4_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], d: &[f32], m: Option
         out[r] = crate::kernels::reduce_lanes(acc[r], 0.0);
     }
     out
+}
+
+/// The whole row expanded into `out` with the same operations (`dequantize_small`'s values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn small_expand_avx2(w: &SmallRow, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for b in 0..w.d.len() {
+        for c in 0..2 {
+            let (w0, w1) = small_chunk_avx2(w, b, c);
+            let o = out.as_mut_ptr().add(b * QK + c * 16);
+            _mm256_storeu_ps(o, w0);
+            _mm256_storeu_ps(o.add(8), w1);
+        }
+    }
+}
+
+/// Weights `32b + 16c .. +16` of a 4/5-bit row as two 8-lane vectors: `q * d + m`, or
+/// `(q - offset) * d`, each value as `dequantize_small` computes it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn small_chunk_avx2(w: &SmallRow, b: usize, c: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0F);
+    let packed = _mm_loadu_si128(w.q.as_ptr().add(b * QK / 2) as *const __m128i);
+    let nib = if c == 0 { _mm_and_si128(packed, low) } else { _mm_and_si128(_mm_srli_epi16(packed, 4), low) };
+    let vd = _mm256_set1_ps(*w.d.get_unchecked(b));
+    let high = w.h.map_or(0, |h| *h.get_unchecked(b));
+    let expand = |nib: __m128i, t0: u32| {
+        let mut v = _mm256_cvtepu8_epi32(nib);
+        if w.h.is_some() {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let bits = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((high >> t0) as i32), lanes), _mm256_set1_epi32(1));
+            v = _mm256_or_si256(v, _mm256_slli_epi32(bits, 4));
+        }
+        match w.m {
+            Some(m) => _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), vd), _mm256_set1_ps(*m.get_unchecked(b))),
+            None => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(w.offset.unwrap_or(0)))), vd),
+        }
+    };
+    let t0 = 16 * c as u32;
+    (expand(nib, t0), expand(_mm_srli_si128(nib, 8), t0 + 8))
 }
 
 /// One Q8_0 weight row: per block scales and values.
@@ -406,6 +610,7 @@ mod tests {
                         *o = d.to_f32() * *q as f32 + m.to_f32();
                     }
                 }
+                QFormat::K(_) | QFormat::Q5_0 | QFormat::Q5_1 => unreachable!("this format's test data comes from candle's quantizer"),
             }
         }
         (QMatrix::new(format, &data, n, k).unwrap(), dense)
@@ -437,9 +642,72 @@ mod tests {
             let (w, dense) = random_matrix(format, 3, 96, 5);
             let mut a = vec![0f32; 3 * 96];
             for j in 0..3 {
-                dequantize_q4(&w.q[j * 48..(j + 1) * 48], &w.d[j * 3..(j + 1) * 3], w.mins(j), &mut a[j * 96..(j + 1) * 96]);
+                dequantize_small(&w.small_row(j), &mut a[j * 96..(j + 1) * 96]);
             }
             assert!(a.iter().zip(&dense).all(|(x, z)| x.to_bits() == z.to_bits()), "{format:?}");
+        }
+    }
+
+    /// Q5_0 and Q5_1 from candle's own quantizer: our expansion is its dequantization, and the
+    /// product is the f32 path's bitwise, alone or batched.
+    #[test]
+    fn five_bit_formats_are_the_f32_path_bitwise() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        for (format, dtype) in [(QFormat::Q5_0, GgmlDType::Q5_0), (QFormat::Q5_1, GgmlDType::Q5_1)] {
+            let (n, k, m) = (70, 320, 6);
+            let vals = random_x(n, k, 12);
+            let q = QTensor::quantize(&Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let w = QMatrix::new(format, &q.data().unwrap(), n, k).unwrap();
+            let mut ours = vec![0f32; n * k];
+            for j in 0..n {
+                dequantize_small(&w.small_row(j), &mut ours[j * k..(j + 1) * k]);
+            }
+            assert!(ours.iter().zip(&dense).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: dequantization");
+            let x = random_x(m, k, 13);
+            let batched = w.matmul_bt(&x, m);
+            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
+            assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: product");
+            for i in 0..m {
+                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
+                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn row_lookup_is_candles_dequantization() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let (n, k) = (5, 512);
+            let q = QTensor::quantize(&Tensor::from_vec(random_x(n, k, 21), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let w = QMatrix::new(QMatrix::format_of(dtype).unwrap(), &q.data().unwrap(), n, k).unwrap();
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                w.dequantize_row(j, &mut row);
+                assert!(row.iter().zip(&dense[j * k..(j + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} row {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn kquants_are_the_f32_path_bitwise_and_batch_invariant() {
+        use crate::kquants::KFormat;
+        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+            let (n, k, m) = (70, 512, 6);
+            let (data, dense) = crate::kquants::tests_support::random(format, n, k, 9);
+            let w = QMatrix::new(QFormat::K(format), &data, n, k).unwrap();
+            let x = random_x(m, k, 4);
+            let batched = w.matmul_bt(&x, m);
+            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
+            assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?} must equal the f32 path bitwise");
+            for i in 0..m {
+                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
+                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i}");
+            }
         }
     }
 

@@ -191,22 +191,47 @@ impl<'a> Vb<'a> {
         Ok(Linear { weight, bias })
     }
 
-    /// A GGUF matrix `[out, inp]` as the fastest exact-enough kernel this crate has for it.
+    /// A GGUF matrix `[out, inp]` as the fastest kernel this crate has for it that keeps its
+    /// promises: the exact path (`dequantize`) computes with the dequantized f32 weights;
+    /// the default path may quantize activations to 8 bits (as llama.cpp does).
     fn weight_from_blocks(&self, q: QTensor, out: usize, inp: usize) -> Result<LinearWeight> {
-        let ours = match q.dtype() {
-            GgmlDType::Q8_0 => Some(QFormat::Q8_0),
-            GgmlDType::Q4_1 => Some(QFormat::Q4_1),
-            GgmlDType::Q4_0 => Some(QFormat::Q4_0),
-            _ => None,
-        };
-        Ok(if let Some(m) = ours.filter(|_| !self.opts.dequantize).and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
+        let dequantize = self.opts.dequantize;
+        // Q8_0 runs integer dot products over 8-bit activations: the default path only. The
+        // 4/5-bit formats expand in registers with the f32 kernel's arithmetic, bitwise the
+        // dequantized product, from the blocks (a fifth to a third of the f32 bytes). The
+        // K-quants do the same on the exact path; by default they go to candle's integer
+        // kernels (below), measured with `glassbox bench kernels` 3-13x faster for one row than
+        // our f32 expansion, which is compute-bound there.
+        let ours = QMatrix::format_of(q.dtype()).filter(|f| match f {
+            QFormat::Q8_0 => !dequantize,
+            QFormat::K(_) => dequantize,
+            _ => true,
+        });
+        Ok(if let Some(m) = ours.and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
             LinearWeight::Blocks(Arc::new(m))
-        } else if self.opts.dequantize || !candle_has_fast_kernel(q.dtype()) {
+        } else if dequantize || !candle_has_fast_kernel(q.dtype()) {
             LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
         } else {
             let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
             LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
         })
+    }
+
+    /// A `[rows, cols]` table read by row (token embeddings): GGUF blocks stay blocks when the
+    /// format is one of ours (a row is dequantized on lookup, bitwise as candle would), else
+    /// f32.
+    pub fn table(&self, name: &str, rows: usize, cols: usize) -> Result<Table> {
+        let lin = self.pp(name);
+        if let WeightFiles::Gguf { .. } = self.files {
+            let full = lin.full("weight");
+            let q = self.qtensor(&full)?;
+            check_shape(&full, q.shape().dims(), &[rows, cols])?;
+            if let Some(m) = QMatrix::format_of(q.dtype()).and_then(|f| QMatrix::new(f, &q.data().ok()?, rows, cols)) {
+                return Ok(Table::Blocks(Arc::new(m)));
+            }
+            return Ok(Table::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?)));
+        }
+        Ok(Table::Dense(Arc::new(to_vec(&lin.tensor("weight", &[rows, cols])?)?)))
     }
 
     /// One projection of each of `n` experts, `[out, inp]` each: `experts.{e}.{name}` in
@@ -368,10 +393,9 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
 }
 
-/// Candle's x86 CPU kernels are SIMD for Q4_0, Q8_0 and the K-quants; Q5_0 and Q5_1 run a
-/// scalar loop (measured: ~8 tokens/s for SmolLM2-135M Q4_1 on 2 Zen 4 cores before our own
-/// Q4_1 path), so those are dequantized at load and run by our own f32 kernel, exact with
-/// respect to the dequantized reference. Q8_0, Q4_0 and Q4_1 go through `qkernels.rs`.
+/// What goes to candle after `qkernels.rs` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the K-quants on the
+/// exact path): its x86 kernels are SIMD for the K-quants; anything else is dequantized at
+/// load and run by our f32 kernel.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
 }
@@ -384,6 +408,27 @@ fn batch_invariant_in_candle(dtype: GgmlDType, k: usize) -> bool {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
         GgmlDType::Q8_0 => !k.is_multiple_of(256),
         _ => false,
+    }
+}
+
+/// A table read by rows (token embeddings), shared with the output projection when tied.
+#[derive(Clone, Debug)]
+pub enum Table {
+    Dense(Arc<Vec<f32>>),
+    Blocks(Arc<QMatrix>),
+}
+
+impl Table {
+    /// Append row `i` (`cols` wide) to `out`.
+    pub fn push_row(&self, i: usize, cols: usize, out: &mut Vec<f32>) {
+        match self {
+            Table::Dense(w) => out.extend_from_slice(&w[i * cols..(i + 1) * cols]),
+            Table::Blocks(q) => {
+                let start = out.len();
+                out.resize(start + cols, 0.0);
+                q.dequantize_row(i, &mut out[start..]);
+            }
+        }
     }
 }
 

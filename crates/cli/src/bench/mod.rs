@@ -2,6 +2,7 @@
 //! `vllm bench throughput` with its random dataset. `bench serve` (serve.rs) drives any
 //! OpenAI-compatible server; `bench compare` (report.rs) puts runs side by side.
 
+mod kernels;
 mod one_batch;
 mod report;
 mod serve;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     OneBatch(one_batch::OneBatchArgs),
     /// Runs of `bench serve` side by side, with ratios to the first (and a plot).
     Compare(report::CompareArgs),
+    /// Our matmul kernels alone, per weight format and rows per call, on random weights.
+    Kernels(kernels::KernelArgs),
 }
 
 #[derive(Args)]
@@ -90,6 +93,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Serve(a) => serve::run(a),
         BenchCommand::Compare(a) => report::compare(a),
         BenchCommand::OneBatch(a) => one_batch::run(a),
+        BenchCommand::Kernels(a) => kernels::run(a),
     }
 }
 
