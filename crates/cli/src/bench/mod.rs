@@ -1,8 +1,11 @@
 //! Benchmarks. `glassbox bench throughput`: offline throughput through the real engine, like
 //! `vllm bench throughput` with its random dataset. `bench serve` (serve.rs) drives any
-//! OpenAI-compatible server; `bench compare` (report.rs) puts runs side by side.
+//! OpenAI-compatible server; `bench compare` (report.rs) puts runs side by side; `bench
+//! one-batch` one static batch in-process; `bench kernels` the matmul kernels alone; `bench
+//! memory` the memory bandwidth that bounds decoding.
 
 mod kernels;
+mod memory;
 mod one_batch;
 mod report;
 mod serve;
@@ -30,6 +33,8 @@ pub enum BenchCommand {
     Compare(report::CompareArgs),
     /// Our matmul kernels alone, per weight format and rows per call, on random weights.
     Kernels(kernels::KernelArgs),
+    /// Memory bandwidth (STREAM's triad on every core): what bounds decoding at batch 1.
+    Memory(memory::MemoryArgs),
 }
 
 #[derive(Args)]
@@ -94,6 +99,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Compare(a) => report::compare(a),
         BenchCommand::OneBatch(a) => one_batch::run(a),
         BenchCommand::Kernels(a) => kernels::run(a),
+        BenchCommand::Memory(a) => memory::run(a),
     }
 }
 
