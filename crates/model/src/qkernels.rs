@@ -99,10 +99,6 @@ struct QRow {
     q: Vec<i8>,
 }
 
-/// Above this many input rows the 4/5-bit kernels expand each column block once into f32
-/// rather than once per group of rows (measured with `glassbox bench kernels`).
-const EXPAND_ONCE_ABOVE: usize = 8;
-
 /// Input rows handled together against one weight row (each row's arithmetic is the same
 /// as alone; grouping only saves loads).
 const GROUP: usize = 4;
@@ -260,18 +256,9 @@ impl QMatrix {
             #[cfg(target_arch = "x86_64")]
             {
                 if crate::kernels::has_avx2() {
-                    // A few rows: expand in registers for each group. Many: expand the column
-                    // block once into f32 and run the f32 kernel over it for every group. The
-                    // same numbers either way (the f32 kernel's arithmetic on the same values).
-                    if m > EXPAND_ONCE_ABOVE {
-                        let mut w = vec![0f32; width * k];
-                        for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
-                            // SAFETY: AVX2 and FMA are present (checked); `wr` holds the row.
-                            unsafe { small_expand_avx2(&self.small_row(j), wr) };
-                        }
-                        dot_all(&rows, &w, k, out, width);
-                        return;
-                    }
+                    // Expanded in registers for each group of rows. (Expanding a column block
+                    // once into f32 for all groups measured slower with `glassbox bench
+                    // kernels` at k = 5632, where the block outgrows L2: 9.7 vs 7.2 ms at 32 rows.)
                     let mut i = 0;
                     while i < m {
                         let group = (m - i).min(GROUP);
@@ -434,21 +421,6 @@ unsafe fn small_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], w: &SmallRow) -> 
         out[r] = crate::kernels::reduce_lanes(acc[r], 0.0);
     }
     out
-}
-
-/// The whole row expanded into `out` with the same operations (`dequantize_small`'s values).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn small_expand_avx2(w: &SmallRow, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    for b in 0..w.d.len() {
-        for c in 0..2 {
-            let (w0, w1) = small_chunk_avx2(w, b, c);
-            let o = out.as_mut_ptr().add(b * QK + c * 16);
-            _mm256_storeu_ps(o, w0);
-            _mm256_storeu_ps(o.add(8), w1);
-        }
-    }
 }
 
 /// Weights `32b + 16c .. +16` of a 4/5-bit row as two 8-lane vectors: `q * d + m`, or

@@ -127,10 +127,10 @@ struct PreTokenizer {
 }
 
 /// Every BPE pre-tokenizer glassbox knows; each row is checked against llama.cpp's own
-/// vocabulary tests where llama.cpp ships one (tests/conformance.rs). Not here (refused with
-/// a clear error): `kimi-k2` and `afmoe`, which llama.cpp runs through hand-written splitters
-/// rather than regexes, and `superbpe`, whose zero-width digit split has no regex equivalent
-/// in the `tokenizers` crate.
+/// vocabulary tests where llama.cpp ships one (tests/conformance.rs). Three that llama.cpp
+/// runs through hand-written splitters are written here as the regexes those splitters
+/// implement: `kimi-k2` (its tokenizer's own regex, whose class intersections Oniguruma
+/// supports), and `afmoe` / `superbpe` (digit runs split into groups of three from the right).
 const PRE_TOKENIZERS: &[PreTokenizer] = &[
     PreTokenizer {
         names: &[
@@ -210,6 +210,27 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
     PreTokenizer { names: &["minicpm5"], regexes: &[r#"\p{N}{1,3}"#, r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#], ignore_merges: true },
     // llama.cpp LLAMA_VOCAB_PRE_TYPE_WHITESPACE
     PreTokenizer { names: &["whitespace"], regexes: &[r#"\S+"#], ignore_merges: false },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_KIMI_K2: tokenization_kimi.py's pattern (llama.cpp's
+    // unicode_regex_split_custom_kimi_k2 hand-codes it).
+    PreTokenizer {
+        names: &["kimi-k2"],
+        regexes: &[r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+        ignore_merges: false,
+    },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_AFMOE: its digit splitter (a run's leading 1-2 digits,
+    // then threes) as a regex, then the CJK/Thai/... runs and the main pattern.
+    PreTokenizer {
+        names: &["afmoe"],
+        regexes: &[
+            r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))",
+            r"[一-鿿㐀-䶿豈-﫿぀-ゟ゠-ヿ･-ﾟ⼀-⿟เ-๿຀-໿ក-៿က-႟ꩠ-ꩿꧠ-꧿가-힯ᄀ-ᇿ]+",
+            r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
+        ],
+        ignore_merges: false,
+    },
+    // llama.cpp LLAMA_VOCAB_PRE_TYPE_SUPERBPE: number runs, then digit runs split into threes
+    // from the right (llama.cpp's zero-width lookahead); spaces stay inside pre-tokens.
+    PreTokenizer { names: &["superbpe"], regexes: &[r"\p{N}+", r"\d{1,3}(?=(?:\d{3})*(?!\d))"], ignore_merges: false },
     PreTokenizer { names: &["default"], regexes: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], ignore_merges: false },
 ];
 
@@ -426,11 +447,29 @@ mod tests {
         }
     }
 
+    /// The pieces `pre` splits `text` into.
+    fn split(pre: &str, text: &str) -> Vec<String> {
+        let mut s = PreTokenizedString::from(text);
+        for re in pre_tokenizer(pre).unwrap().regexes {
+            Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false).unwrap().pre_tokenize(&mut s).unwrap();
+        }
+        s.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte).iter().map(|(p, ..)| p.to_string()).collect()
+    }
+
+    /// The hand-written splitters of llama.cpp, as regexes: what they do on examples worked
+    /// through its code (unicode.cpp).
+    #[test]
+    fn hand_written_splitters_as_regexes() {
+        assert_eq!(split("afmoe", "x1234567"), ["x", "1", "234", "567"]);
+        assert_eq!(split("superbpe", "in 12345 days"), ["in ", "12", "345", " days"]);
+        assert_eq!(split("kimi-k2", "你好world's 1234"), ["你好", "world's", " ", "123", "4"]);
+    }
+
     #[test]
     fn unknown_pre_tokenizers_are_refused_by_name() {
-        let err = pre_tokenizer("kimi-k2").err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("unsupported BPE pre-tokenizer `kimi-k2`"), "{err}");
-        for name in ["deepseek-v3", "tekken", "gpt-4o", "llama4", "chatglm-bpe", "viking", "bloom", "chameleon", "bailingmoe", "seed-coder", "exaone-moe", "trillion", "minimax-m2"] {
+        let err = pre_tokenizer("no-such-pre").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unsupported BPE pre-tokenizer `no-such-pre`"), "{err}");
+        for name in ["kimi-k2", "afmoe", "superbpe", "deepseek-v3", "tekken", "gpt-4o", "llama4", "chatglm-bpe", "viking", "bloom", "chameleon", "bailingmoe", "seed-coder", "exaone-moe", "trillion", "minimax-m2"] {
             assert!(pre_tokenizer(name).is_ok(), "{name}");
         }
     }
