@@ -7,6 +7,7 @@ For each architecture this builds a model from its transformers config class wit
     hf/                      the Hugging Face directory (config, safetensors, tokenizer)
     model-f32.gguf           llama.cpp's converter (convert_hf_to_gguf.py) on hf/, float32
     model-q8_0.gguf          the same, Q8_0
+    model-q4_0.gguf          the f32 GGUF through llama.cpp's llama-quantize, Q4_0
     reference/manifest.json  cases as in ../shared/reference (prompt, input_ids, greedy tokens)
     reference/<case>.safetensors
                              every HOOKS.md hook of every layer, the logits, input_ids and the
@@ -28,6 +29,7 @@ import argparse
 import json
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -336,6 +338,8 @@ def main():
     ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree (with convert_hf_to_gguf.py)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--only", nargs="*", help="architectures to build (default: all)")
+    ap.add_argument("--llama-quantize", type=Path, default=Path("target/llama.cpp/build/bin/llama-quantize"),
+                    help="llama.cpp's llama-quantize (scripts/bench_vs_llamacpp builds it)")
     a = ap.parse_args()
     for arch, (cls_name, kwargs) in ARCHS.items():
         if a.only and arch not in a.only:
@@ -364,6 +368,8 @@ def main():
                       "the same weights with sliding_window = None: llama.cpp's converter drops Mistral's window")
         for outtype in ["f32", "q8_0"]:
             convert(a.llama_cpp, hf, d / f"model-{outtype}.gguf", outtype)
+        subprocess.run([str(a.llama_quantize), str(d / "model-f32.gguf"), str(d / "model-q4_0.gguf"), "Q4_0"],
+                       check=True, capture_output=True)
         print(f"{arch}: {sum(f.stat().st_size for f in d.rglob('*') if f.is_file()) / 1e6:.2f} MB")
 
 

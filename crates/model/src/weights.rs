@@ -208,7 +208,8 @@ impl<'a> Vb<'a> {
             _ => true,
         });
         Ok(if let Some(m) = ours.and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
-            LinearWeight::Blocks(Arc::new(m))
+            // Q4_0 by default: llama.cpp's integer arithmetic (2x faster; see `qkernels`).
+            LinearWeight::Blocks(Arc::new(if dequantize { m } else { m.with_integer_dots() }))
         } else if dequantize || !candle_has_fast_kernel(q.dtype()) {
             LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
         } else {

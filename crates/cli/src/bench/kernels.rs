@@ -22,10 +22,11 @@ pub struct KernelArgs {
     /// Input rows per call, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
     pub m: Vec<usize>,
-    /// Formats, comma-separated: f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; and
+    /// Formats, comma-separated: f32, q8_0, q4_0 (exact), q4_0i (integer), q4_1, q5_0, q5_1,
+    /// q4_k, q5_k, q6_k (exact); and
     /// candle-q8_0, candle-q4_0, candle-q4_k, candle-q5_k, candle-q6_k for candle's kernels
     /// run one row per call (how batch invariance has to run them).
-    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "q8_0".into(), "q4_0".into(), "q4_1".into(), "q5_0".into(), "q4_k".into(), "q5_k".into(), "q6_k".into()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "q8_0".into(), "q4_0".into(), "q4_0i".into(), "q4_1".into(), "q5_0".into(), "q4_k".into(), "q5_k".into(), "q6_k".into()])]
     pub format: Vec<String>,
     /// Timed calls per configuration (the median is reported).
     #[arg(long, default_value_t = 20)]
@@ -57,7 +58,7 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
     let (dtype, ours) = match name {
         "f32" => return Ok((Kernel::Dense(w), n * k * 4)),
         "q8_0" => (GgmlDType::Q8_0, QFormat::Q8_0),
-        "q4_0" => (GgmlDType::Q4_0, QFormat::Q4_0),
+        "q4_0" | "q4_0i" => (GgmlDType::Q4_0, QFormat::Q4_0),
         "q4_1" => (GgmlDType::Q4_1, QFormat::Q4_1),
         "q5_0" => (GgmlDType::Q5_0, QFormat::Q5_0),
         "q5_1" => (GgmlDType::Q5_1, QFormat::Q5_1),
@@ -69,6 +70,8 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
     let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu)?, dtype)?;
     let data = q.data()?;
     let m = QMatrix::new(ours, &data, n, k).ok_or_else(|| anyhow::anyhow!("{name} needs k to be a multiple of its block ({k} is not)"))?;
+    // `q4_0` is the exact path (f32 expansion), `q4_0i` the default one (integer dots).
+    let m = if name == "q4_0i" { m.with_integer_dots() } else { m };
     Ok((Kernel::Blocks(m), data.len()))
 }
 
