@@ -626,6 +626,25 @@ mod tests {
         (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect()
     }
 
+    /// `w`'s product with random rows: bitwise the same alone as in a batch, and (`exact`)
+    /// bitwise the f32 kernel's over `dense`, or else within 1% of it.
+    fn check(w: &QMatrix, dense: &[f32], m: usize, exact: bool, label: &str) {
+        let (n, k) = (w.n, w.k);
+        let x = random_x(m, k, 4);
+        let batched = w.matmul_bt(&x, m);
+        for i in 0..m {
+            let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
+            assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: row {i} differs in a batch");
+        }
+        let f32_path = crate::kernels::matmul_bt(&x, dense, m, k, n);
+        if exact {
+            assert!(f32_path.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} must equal the f32 path bitwise");
+        } else {
+            let (num, den) = f32_path.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
+            assert!((num / den).sqrt() < 0.01, "{label}: relative error {}", (num / den).sqrt());
+        }
+    }
+
     #[test]
     fn simd_and_portable_paths_agree_bitwise() {
         let (w, _) = random_matrix(QFormat::Q8_0, 7, 96, 1);
@@ -658,14 +677,7 @@ mod tests {
                 }
             }
         }
-        let batched = w.matmul_bt(&x, m);
-        for i in 0..m {
-            let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
-            assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i} differs in a batch");
-        }
-        let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-        let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-        assert!((num / den).sqrt() < 0.01, "relative error {}", (num / den).sqrt());
+        check(&w, &dense, m, false, "Q4_0 integer");
     }
 
     #[test]
@@ -697,14 +709,7 @@ mod tests {
                 dequantize_small(&w.small_row(j), &mut ours[j * k..(j + 1) * k]);
             }
             assert!(ours.iter().zip(&dense).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: dequantization");
-            let x = random_x(m, k, 13);
-            let batched = w.matmul_bt(&x, m);
-            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: product");
-            for i in 0..m {
-                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
-                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i}");
-            }
+            check(&w, &dense, m, true, &format!("{format:?}"));
         }
     }
 
@@ -732,37 +737,17 @@ mod tests {
             let (n, k, m) = (70, 512, 6);
             let (data, dense) = crate::kquants::tests_support::random(format, n, k, 9);
             let w = QMatrix::new(QFormat::K(format), &data, n, k).unwrap();
-            let x = random_x(m, k, 4);
-            let batched = w.matmul_bt(&x, m);
-            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?} must equal the f32 path bitwise");
-            for i in 0..m {
-                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
-                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i}");
-            }
+            check(&w, &dense, m, true, &format!("{format:?}"));
         }
     }
 
     #[test]
     fn batch_invariant_and_close_to_the_dense_product() {
         for format in [QFormat::Q8_0, QFormat::Q4_1, QFormat::Q4_0] {
-            let (n, k, m) = (130, 576, 9);
-            let (w, dense) = random_matrix(format, n, k, 3);
-            let x = random_x(m, k, 4);
-            let batched = w.matmul_bt(&x, m);
-            for i in 0..m {
-                let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
-                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i} differs in a batch");
-            }
-            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            if format != QFormat::Q8_0 {
-                // The same numbers as the f32 path over the dequantized weights.
-                assert!(exact.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?} must equal the f32 path bitwise");
-            } else {
-                // Only the 8-bit activations differ (~1%).
-                let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-                assert!((num / den).sqrt() < 0.01, "relative error {}", (num / den).sqrt());
-            }
+            let (w, dense) = random_matrix(format, 130, 576, 3);
+            // Q4_x: the f32 path's numbers over the dequantized weights; Q8_0: only the 8-bit
+            // activations differ (~1%).
+            check(&w, &dense, 9, format != QFormat::Q8_0, &format!("{format:?}"));
         }
     }
 }
