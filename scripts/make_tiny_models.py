@@ -8,6 +8,7 @@ For each architecture this builds a model from its transformers config class wit
     model-f32.gguf           llama.cpp's converter (convert_hf_to_gguf.py) on hf/, float32
     model-q8_0.gguf          the same, Q8_0
     model-q4_0.gguf          the f32 GGUF through llama.cpp's llama-quantize, Q4_0
+    model-q5_0.gguf          the same, Q5_0
     reference/manifest.json  cases as in ../shared/reference (prompt, input_ids, greedy tokens)
     reference/<case>.safetensors
                              every HOOKS.md hook of every layer, the logits, input_ids and the
@@ -368,8 +369,9 @@ def main():
                       "the same weights with sliding_window = None: llama.cpp's converter drops Mistral's window")
         for outtype in ["f32", "q8_0"]:
             convert(a.llama_cpp, hf, d / f"model-{outtype}.gguf", outtype)
-        subprocess.run([str(a.llama_quantize), str(d / "model-f32.gguf"), str(d / "model-q4_0.gguf"), "Q4_0"],
-                       check=True, capture_output=True)
+        for qtype in ["Q4_0", "Q5_0"]:
+            subprocess.run([str(a.llama_quantize), str(d / "model-f32.gguf"), str(d / f"model-{qtype.lower()}.gguf"), qtype],
+                           check=True, capture_output=True)
         print(f"{arch}: {sum(f.stat().st_size for f in d.rglob('*') if f.is_file()) / 1e6:.2f} MB")
 
 

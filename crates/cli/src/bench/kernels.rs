@@ -22,7 +22,7 @@ pub struct KernelArgs {
     /// Input rows per call, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
     pub m: Vec<usize>,
-    /// Formats, comma-separated: f32, q8_0, q4_0 (exact), q4_0i (integer), q4_1, q5_0, q5_1,
+    /// Formats, comma-separated: f32, q8_0, q4_0 / q5_0 (exact), q4_0i / q5_0i (integer), q4_1, q5_1,
     /// q4_k, q5_k, q6_k (exact); and
     /// candle-q8_0, candle-q4_0, candle-q4_k, candle-q5_k, candle-q6_k for candle's kernels
     /// run one row per call (how batch invariance has to run them).
@@ -59,6 +59,7 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
         "f32" => return Ok((Kernel::Dense(w), n * k * 4)),
         "q8_0" => (GgmlDType::Q8_0, QFormat::Q8_0),
         "q4_0" | "q4_0i" => (GgmlDType::Q4_0, QFormat::Q4_0),
+        "q5_0i" => (GgmlDType::Q5_0, QFormat::Q5_0),
         "q4_1" => (GgmlDType::Q4_1, QFormat::Q4_1),
         "q5_0" => (GgmlDType::Q5_0, QFormat::Q5_0),
         "q5_1" => (GgmlDType::Q5_1, QFormat::Q5_1),
@@ -70,8 +71,9 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
     let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu)?, dtype)?;
     let data = q.data()?;
     let m = QMatrix::new(ours, &data, n, k).ok_or_else(|| anyhow::anyhow!("{name} needs k to be a multiple of its block ({k} is not)"))?;
-    // `q4_0` is the exact path (f32 expansion), `q4_0i` the default one (integer dots).
-    let m = if name == "q4_0i" { m.with_integer_dots() } else { m };
+    // `q4_0`, `q5_0` are the exact path (f32 expansion), `q4_0i`, `q5_0i` the default one
+    // (integer dots).
+    let m = if name.ends_with("i") { m.with_integer_dots() } else { m };
     Ok((Kernel::Blocks(m), data.len()))
 }
 
