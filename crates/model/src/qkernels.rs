@@ -214,83 +214,39 @@ impl QMatrix {
     fn matmul_kquant(&self, format: KFormat, x: &[f32], m: usize) -> Vec<f32> {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
         let row_bytes = self.k / QK_K * format.block_bytes();
-        let k = self.k;
+        let wrow = |j: usize| &self.q[j * row_bytes..(j + 1) * row_bytes];
         self.by_column_blocks(m, |c0, c1, out, width| {
-            let wrow = |j: usize| &self.q[j * row_bytes..(j + 1) * row_bytes];
-            #[cfg(target_arch = "x86_64")]
-            {
-                // Expanded in registers for each group of rows (measured with `glassbox bench
-                // kernels`: 2.5x faster at 8 rows than expanding the column block once into
-                // f32 with scalar code and reusing it).
-                if crate::kernels::has_avx2() {
-                    let mut i = 0;
-                    while i < m {
-                        let group = (m - i).min(GROUP);
-                        let r = &rows[i..i + group];
-                        for j in c0..c1 {
-                            // SAFETY: AVX2 and FMA are present (checked); rows are k long and
-                            // the weight row holds k / 256 whole super-blocks.
-                            let vals = unsafe {
-                                use crate::kquants::dot_rows_avx2 as dot;
-                                match group {
-                                    4 => dot::<4>(format, [r[0], r[1], r[2], r[3]], wrow(j)),
-                                    3 => pad(dot::<3>(format, [r[0], r[1], r[2]], wrow(j))),
-                                    2 => pad(dot::<2>(format, [r[0], r[1]], wrow(j))),
-                                    _ => pad(dot::<1>(format, [r[0]], wrow(j))),
-                                }
-                            };
-                            for (g, v) in vals.iter().take(group).enumerate() {
-                                out[(i + g) * width + (j - c0)] = *v;
-                            }
-                        }
-                        i += group;
+            exact_block(&rows, (c0, c1), out, width, self.k, |r: &[&[f32]], j| {
+                // SAFETY: only called where AVX2 and FMA are present; rows are k long and the
+                // weight row holds k / 256 whole super-blocks.
+                unsafe {
+                    use crate::kquants::dot_rows_avx2 as dot;
+                    match r.len() {
+                        4 => dot::<4>(format, [r[0], r[1], r[2], r[3]], wrow(j)),
+                        3 => pad(dot::<3>(format, [r[0], r[1], r[2]], wrow(j))),
+                        2 => pad(dot::<2>(format, [r[0], r[1]], wrow(j))),
+                        _ => pad(dot::<1>(format, [r[0]], wrow(j))),
                     }
-                    return;
                 }
-            }
-            let mut w = vec![0f32; width * k];
-            for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
+            }, |j, wr| {
                 for (blk, o) in wrow(j).chunks_exact(format.block_bytes()).zip(wr.chunks_exact_mut(QK_K)) {
                     crate::kquants::dequantize_block(format, blk, o);
                 }
-            }
-            dot_all(&rows, &w, k, out, width);
+            })
         })
     }
 
-    /// Each block of 64 weight rows expanded to f32 once per call, then the f32 kernel's dot
-    /// for every input row, in `kernels::matmul_bt`'s loop order (the input rows' group stays
-    /// in L1, the expanded block in L2).
+    /// The 4/5-bit formats on the f32 arithmetic (the exact path; Q4_1 and Q5_1 always).
+    /// (Expanding a column block once into f32 for all groups of rows, instead of in registers
+    /// per group, measured slower with `glassbox bench kernels` at k = 5632, where the block
+    /// outgrows L2: 9.7 vs 7.2 ms at 32 rows.)
     fn matmul_dequantized(&self, x: &[f32], m: usize) -> Vec<f32> {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
-        let k = self.k;
         self.by_column_blocks(m, |c0, c1, out, width| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if crate::kernels::has_avx2() {
-                    // Expanded in registers for each group of rows. (Expanding a column block
-                    // once into f32 for all groups measured slower with `glassbox bench
-                    // kernels` at k = 5632, where the block outgrows L2: 9.7 vs 7.2 ms at 32 rows.)
-                    let mut i = 0;
-                    while i < m {
-                        let group = (m - i).min(GROUP);
-                        for j in c0..c1 {
-                            // SAFETY: AVX2 and FMA are present (checked); rows are k long.
-                            let vals = unsafe { small_dot_group_avx2(&rows[i..i + group], &self.small_row(j)) };
-                            for (g, v) in vals.iter().take(group).enumerate() {
-                                out[(i + g) * width + (j - c0)] = *v;
-                            }
-                        }
-                        i += group;
-                    }
-                    return;
-                }
-            }
-            let mut w = vec![0f32; width * k];
-            for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
-                dequantize_small(&self.small_row(j), wr);
-            }
-            dot_all(&rows, &w, k, out, width);
+            exact_block(&rows, (c0, c1), out, width, self.k, |r: &[&[f32]], j| {
+                // SAFETY: only called where AVX2 and FMA are present; rows are k long.
+                unsafe { small_dot_group_avx2(r, &self.small_row(j)) }
+            }, |j, wr| dequantize_small(&self.small_row(j), wr))
         })
     }
 
@@ -368,6 +324,40 @@ impl QMatrix {
             }
         })
     }
+}
+
+/// One column block (weight rows `c0..c1`) of an f32-arithmetic product, `out` `[m, width]`.
+/// With AVX2, `fused(rows, j)` gives up to `GROUP` rows' results against weight row `j`
+/// expanded in registers; without, `expand(j, row)` writes weight row `j` in f32 and the f32
+/// kernel runs over it. The same numbers either way.
+fn exact_block(
+    rows: &[&[f32]],
+    (c0, c1): (usize, usize),
+    out: &mut [f32],
+    width: usize,
+    k: usize,
+    fused: impl Fn(&[&[f32]], usize) -> [f32; GROUP],
+    expand: impl Fn(usize, &mut [f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::kernels::has_avx2() {
+            for (g, group) in rows.chunks(GROUP).enumerate() {
+                for j in c0..c1 {
+                    for (r, v) in fused(group, j).iter().take(group.len()).enumerate() {
+                        out[(g * GROUP + r) * width + (j - c0)] = *v;
+                    }
+                }
+            }
+            return;
+        }
+    }
+    let _ = &fused;
+    let mut w = vec![0f32; width * k];
+    for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
+        expand(j, wr);
+    }
+    dot_all(rows, &w, k, out, width);
 }
 
 /// Every input row against every expanded weight row of a column block (`w`: `width` rows of
