@@ -138,7 +138,7 @@ def test_profile_with_layers_api_tracks_timings_metrics_and_access_log():
         assert len(layers) == 5 * len(forwards), (len(layers), len(forwards))
         for layer in layers:
             assert any(nests(layer, f) for f in forwards), layer
-        assert {"q_proj", "k_proj", "v_proj", "attention", "o_proj", "gate_proj", "up_proj", "down_proj", "attn_norm", "lm_head"} <= {o["name"] for o in ops}
+        assert {"qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "attn_norm", "lm_head"} <= {o["name"] for o in ops}
         for op in ops:
             container = layers if op["args"]["layer"] is not None else forwards
             assert any(nests(op, c) for c in container if c["tid"] == op["tid"]), op
@@ -154,7 +154,7 @@ def test_profile_with_layers_api_tracks_timings_metrics_and_access_log():
             assert {"wait for engine", "stream"} & {p["name"] for p in phases}
             assert all(nests(p, whole) for p in phases), mine
         summary = Path(files["summary"]).read_text()
-        assert "q_proj" in summary and "layer" in summary and "api" in summary
+        assert "qkv_proj" in summary and "layer" in summary and "api" in summary
         # Metrics named after vLLM's.
         m = s.metrics()
         assert m['glassbox:request_queue_time_seconds_count{model_name="stories260K"}'] == 2

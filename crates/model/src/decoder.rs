@@ -94,10 +94,13 @@ impl DecoderModel {
             let qkv = if a.pp("qkv_proj").contains("weight") {
                 Qkv::Fused(a.linear_qkv("qkv_proj", d, (h, kv, dh), bias)?)
             } else {
-                Qkv::Split {
-                    q: a.linear_rope("q_proj", d, h * dh, bias, h)?,
-                    k: a.linear_rope("k_proj", d, kv * dh, bias, kv)?,
-                    v: a.linear("v_proj", d, kv * dh, bias)?,
+                let q = a.linear_rope("q_proj", d, h * dh, bias, h)?;
+                let k = a.linear_rope("k_proj", d, kv * dh, bias, kv)?;
+                let v = a.linear("v_proj", d, kv * dh, bias)?;
+                // One pass for the three where their weights share a kernel (same numbers).
+                match Linear::concat(&[&q, &k, &v]) {
+                    Some(qkv) => Qkv::Fused(qkv),
+                    None => Qkv::Split { q, k, v },
                 }
             };
             // Per head, or (OLMoE) over the whole projection.
@@ -415,7 +418,11 @@ impl Mlp {
         } else if mp.pp("gate_up_proj").contains("weight") {
             MlpIn::GatedFused(mp.linear("gate_up_proj", d, 2 * ff, false)?)
         } else {
-            MlpIn::Gated { gate: mp.linear("gate_proj", d, ff, false)?, up: mp.linear("up_proj", d, ff, false)? }
+            let (gate, up) = (mp.linear("gate_proj", d, ff, false)?, mp.linear("up_proj", d, ff, false)?);
+            match Linear::concat(&[&gate, &up]) {
+                Some(both) => MlpIn::GatedFused(both),
+                None => MlpIn::Gated { gate, up },
+            }
         };
         Ok(Mlp { input, down: mp.linear("down_proj", ff, d, bias)?, act: cfg.activation })
     }

@@ -150,6 +150,26 @@ impl QMatrix {
         self.n
     }
 
+    /// The matrices' rows one after another (q, k and v as one projection), when they share
+    /// format, width and kernel; each output is computed exactly as before.
+    pub fn concat_rows(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.format != first.format || p.k != first.k || p.integer != first.integer) {
+            return None;
+        }
+        let cat = |f: fn(&QMatrix) -> &Vec<f32>| parts.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<f32>>();
+        Some(QMatrix {
+            format: first.format,
+            d: cat(|p| &p.d),
+            m: cat(|p| &p.m),
+            h: parts.iter().flat_map(|p| p.h.iter().copied()).collect(),
+            integer: first.integer,
+            q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+        })
+    }
+
     /// Q4_0 and Q5_0 through integer dot products over activations quantized to 8 bits per
     /// block of 32 (llama.cpp's `q4_0 · q8_0`, `q5_0 · q8_0`): ~2x faster than the exact f32 expansion, which is
     /// compute-bound, at a stated accuracy cost (the KL tests). Other formats are unchanged.

@@ -482,6 +482,31 @@ impl Linear {
         })
     }
 
+    /// Several projections of the same input as one (q, k and v; gate and up): their rows one
+    /// after another, when their weights use the same kernel. Every output element is computed
+    /// exactly as by its own projection; what is saved is the passes (the input read and, on
+    /// the integer paths, quantized once instead of per projection).
+    pub fn concat(parts: &[&Linear]) -> Option<Linear> {
+        let weight = match parts.first()?.weight {
+            LinearWeight::Dense(_) => {
+                let ws: Option<Vec<&Arc<Vec<f32>>>> = parts.iter().map(|p| if let LinearWeight::Dense(w) = &p.weight { Some(w) } else { None }).collect();
+                LinearWeight::Dense(Arc::new(ws?.iter().flat_map(|w| w.iter().copied()).collect()))
+            }
+            LinearWeight::Blocks(_) => {
+                let ms: Option<Vec<&QMatrix>> = parts.iter().map(|p| if let LinearWeight::Blocks(m) = &p.weight { Some(m.as_ref()) } else { None }).collect();
+                LinearWeight::Blocks(Arc::new(QMatrix::concat_rows(&ms?)?))
+            }
+            LinearWeight::Quant { .. } => return None,
+        };
+        let bias = if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            let bs: Option<Vec<Tensor>> = parts.iter().map(|p| p.bias.clone()).collect();
+            Some(Tensor::cat(&bs?, 0).ok()?)
+        };
+        Some(Linear { weight, bias })
+    }
+
     /// Move row `r` of a dense weight (and its bias) to row `to(r)`. Load-time only.
     fn permute_rows(self, cols: usize, to: impl Fn(usize) -> usize) -> Result<Linear> {
         let LinearWeight::Dense(w) = &self.weight else {
