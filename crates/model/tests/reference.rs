@@ -316,52 +316,27 @@ fn check_batch_invariance(source: &ModelSource, arch: &str) {
     }
 }
 
-#[test]
-fn tiny_gpt2() {
-    check_tiny("gpt2", 1e-3);
+/// One test per architecture (they run in parallel, and a failure names the model).
+macro_rules! tiny_tests {
+    ($($name:ident: $max_kl:expr),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_tiny(stringify!($name), $max_kl);
+            }
+        )*
+    };
 }
 
-#[test]
-fn tiny_pythia() {
-    check_tiny("pythia", 1e-3);
-}
-
-#[test]
-fn tiny_gemma2() {
-    check_tiny("gemma2", 1e-3);
-}
-
-#[test]
-fn tiny_phi3() {
-    check_tiny("phi3", 1e-3);
-}
-
-#[test]
-fn tiny_mistral() {
-    check_tiny("mistral", 1e-3);
-}
-
-#[test]
-fn tiny_qwen2() {
-    check_tiny("qwen2", 1e-3);
-}
-
-#[test]
-fn tiny_qwen3() {
-    check_tiny("qwen3", 1e-3);
-}
-
-#[test]
-fn tiny_mixtral() {
-    check_tiny("mixtral", 3e-3);
-}
-
-#[test]
-fn tiny_qwen3_moe() {
-    check_tiny("qwen3_moe", 3e-3);
-}
-
-#[test]
-fn tiny_olmoe() {
-    check_tiny("olmoe", 3e-3);
+tiny_tests! {
+    gpt2: 1e-3,
+    pythia: 1e-3,
+    gemma2: 1e-3,
+    phi3: 1e-3,
+    mistral: 1e-3,
+    qwen2: 1e-3,
+    qwen3: 1e-3,
+    mixtral: 3e-3,
+    qwen3_moe: 3e-3,
+    olmoe: 3e-3,
 }
