@@ -140,7 +140,8 @@ impl QMatrix {
                     h.push(word(b, 4));
                     q.extend_from_slice(&b[8..]);
                 }
-                QFormat::K(_) => unreachable!("K-quants keep their bytes (returned above)"),
+                // K-quants keep the file's bytes (returned above).
+                QFormat::K(_) => return None,
             }
         }
         Some(QMatrix { format, d, m, h, integer: format == QFormat::Q8_0, q, n, k })
@@ -222,8 +223,8 @@ impl QMatrix {
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
         match self.format {
-            QFormat::Q8_0 | QFormat::Q4_0 | QFormat::Q5_0 if self.integer => self.matmul_integer(x, m),
-            QFormat::Q8_0 => unreachable!("Q8_0 is always integer"),
+            QFormat::Q8_0 => self.matmul_integer(x, m),
+            QFormat::Q4_0 | QFormat::Q5_0 if self.integer => self.matmul_integer(x, m),
             QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => self.matmul_dequantized(x, m),
             QFormat::K(f) => self.matmul_kquant(f, x, m),
         }
