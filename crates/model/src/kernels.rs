@@ -101,6 +101,19 @@ pub(crate) unsafe fn reduce_lanes(acc: [std::arch::x86_64::__m256; 2], tail: f32
     (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail
 }
 
+/// `reduce_lanes` for every row of kernels whose weights cover whole 16-chunks (no tail): the
+/// empty tail is `0.0`, as in the f32 kernel, which turns a -0.0 sum into +0.0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn reduce_rows<const R: usize>(acc: [[std::arch::x86_64::__m256; 2]; R]) -> [f32; R] {
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = reduce_lanes(acc[r], 0.0);
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_rows_avx2::<1>([a], b)[0]

@@ -173,11 +173,7 @@ pub(crate) unsafe fn dot_rows_avx2<const R: usize>(format: KFormat, xs: [&[f32];
             crate::kernels::fma_chunk16(&mut acc, &xs, b * QK_K + 16 * c, w0, w1);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = crate::kernels::reduce_lanes(acc[r], 0.0);
-    }
-    out
+    crate::kernels::reduce_rows(acc)
 }
 
 /// `chunk_values` with byte-wide SIMD: the 16 values as signed bytes.

@@ -1,22 +1,23 @@
-//! Our own matmul over GGUF block formats (Q8_0, Q4_0 and Q4_1 so far; 32 weights per block).
-//! Why ours: candle walks the rows of the input outermost, so a batch of 32 reads the whole
-//! weight matrix 32 times (SmolLM2's tied 49k×576 output projection took 27% of a 32-sequence
-//! decode step), and it runs Q4_1 with scalar code, which is why Q4_1 used to be dequantized
-//! to f32 at load (6x the memory, and 6x the bytes read per decoded token). Here weights stay
-//! in their blocks (repacked at load) and each weight row is read once per call, for every
-//! input row, with the columns split across threads.
+//! Our own matmul over GGUF block formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32 weights per
+//! block) and the K-quants (256, `kquants.rs`). Why ours: candle walks the rows of the input
+//! outermost, so a batch of 32 reads the whole weight matrix 32 times (SmolLM2's tied 49k×576
+//! output projection took 27% of a 32-sequence decode step), and it runs Q4_1/Q5_x with scalar
+//! code, which is why those used to be dequantized to f32 at load (4-6x the memory, and the
+//! bytes read per decoded token). Here weights stay in their blocks and each weight row is read
+//! once per call, for every input row, with the columns split across threads.
 //!
 //! Two arithmetics, each batch invariant by construction (`y[i, j]` is one fixed sequence of
 //! operations over `x_i` and `w_j`, whatever the number of rows or the thread split):
-//! - Q4_0 and Q4_1 (`dequantized`): each block is expanded to f32 in registers exactly as
-//!   candle's dequantize does (`(q - 8) * d`, `q * d + m`) and multiplied in the f32 kernel's
-//!   lane order, so the numbers are bitwise those of the f32 path (and of the reference
-//!   tests), from a sixth of the memory.
-//! - Q8_0 (`integer`, llama.cpp's): `x_i` is quantized per block of 32 (`d = max|x| / 127`
-//!   rounded to f16, `q = round(x / d)`); per block, lane `l` (of 8) gets the exact integer
-//!   sum of products `4l..4l+4`, added to its accumulator with one FMA by `d_w * d_x`; the
-//!   result is `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. The AVX2 and portable paths compute
-//!   exactly that (a test checks them bitwise).
+//! - exact (`matmul_dequantized`, `matmul_kquant`; Q4_1 and Q5_1 always, every format on the
+//!   exact path): each block is expanded to f32 in registers exactly as candle's dequantize
+//!   does (`(q - 8) * d`, `q * d + m`, ...) and multiplied in the f32 kernel's lane order, so
+//!   the numbers are bitwise those of the f32 path (and of the reference tests).
+//! - integer (`matmul_integer`, llama.cpp's; Q8_0 always, Q4_0 and Q5_0 by default): `x_i` is
+//!   quantized per block of 32 (`d = max|x| / 127` rounded to f16, `q = round(x / d)`); per
+//!   block, lane `l` (of 8) gets the exact integer sum of products `4l..4l+4`, added to its
+//!   accumulator with one FMA by `d_w * d_x`; the result is `((l0+l4)+(l2+l6)) +
+//!   ((l1+l5)+(l3+l7))`. The AVX2 and portable paths compute exactly that (a test checks them
+//!   bitwise).
 
 use crate::kquants::{KFormat, QK_K};
 use half::f16;
@@ -79,8 +80,9 @@ impl QFormat {
     }
 }
 
-/// Quantized weights `[n, k]`, repacked at load: block scales (and Q4_1 mins) as f32 arrays,
-/// the values as one contiguous byte array.
+/// Quantized weights `[n, k]`, repacked at load: block scales (and Q4_1/Q5_1 mins, Q5_x fifth
+/// bits) in arrays of their own, the values as one contiguous byte array; K-quants keep the
+/// file's bytes.
 #[derive(Debug)]
 pub struct QMatrix {
     format: QFormat,
@@ -125,12 +127,11 @@ impl QMatrix {
         for b in data.chunks_exact(format.block_bytes()) {
             d.push(half(b, 0));
             match format {
-                QFormat::Q8_0 => q.extend_from_slice(&b[2..]),
+                QFormat::Q8_0 | QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
                 QFormat::Q4_1 => {
                     m.push(half(b, 2));
                     q.extend_from_slice(&b[4..]);
                 }
-                QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
                 QFormat::Q5_0 => {
                     h.push(word(b, 2));
                     q.extend_from_slice(&b[6..]);
@@ -172,8 +173,9 @@ impl QMatrix {
     }
 
     /// Q4_0 and Q5_0 through integer dot products over activations quantized to 8 bits per
-    /// block of 32 (llama.cpp's `q4_0 · q8_0`, `q5_0 · q8_0`): ~2x faster than the exact f32 expansion, which is
-    /// compute-bound, at a stated accuracy cost (the KL tests). Other formats are unchanged.
+    /// block of 32 (llama.cpp's `q4_0 · q8_0`, `q5_0 · q8_0`): ~3x faster per row than the exact
+    /// f32 expansion, which is compute-bound, at a stated accuracy cost (the KL tests). Other
+    /// formats are unchanged.
     pub fn with_integer_dots(mut self) -> Self {
         self.integer |= matches!(self.format, QFormat::Q4_0 | QFormat::Q5_0);
         self
@@ -318,18 +320,20 @@ impl QMatrix {
         let rows: Vec<QRow> = x.chunks_exact(self.k).map(quantize_row).collect();
         let nb = self.k / QK;
         let packed = self.format.packed();
+        // More than one group of rows: unpack each 4/5-bit weight row to bytes once (into one
+        // buffer per column block) and run the byte loop for every group (the same integers,
+        // so the same results).
+        #[cfg(target_arch = "x86_64")]
+        let unpack = self.format.offset().is_some() && m > GROUP && crate::kernels::has_avx2();
         self.by_column_blocks(m, |c0, c1, out, width| {
+            #[cfg(target_arch = "x86_64")]
+            let mut bytes = if unpack { vec![0u8; nb * QK] } else { vec![] };
             for j in c0..c1 {
                 let nibbles = self.format.offset().map(|offset| Nibbles { h: self.highs(j), offset });
                 let d = &self.d[j * nb..(j + 1) * nb];
                 let w = WRow { d, q: &self.q[j * nb * packed..(j + 1) * nb * packed], nibbles };
-                // More than one group of rows: unpack a 4/5-bit row to bytes once and run the
-                // byte loop for every group (the same integers, so the same results).
                 #[cfg(target_arch = "x86_64")]
-                let mut bytes = vec![];
-                #[cfg(target_arch = "x86_64")]
-                let w = if nibbles.is_some() && m > GROUP && crate::kernels::has_avx2() {
-                    bytes.resize(nb * QK, 0);
+                let w = if unpack {
                     // SAFETY: AVX2 is present (checked); `bytes` holds nb blocks of 32.
                     unsafe { unpack_row_avx2(&w, &mut bytes) };
                     WRow { d, q: &bytes, nibbles: None }
@@ -453,12 +457,7 @@ unsafe fn small_dot_rows_avx2<const R: usize>(xs: [&[f32]; R], w: &SmallRow) -> 
             crate::kernels::fma_chunk16(&mut acc, &xs, b * QK + c * 16, w0, w1);
         }
     }
-    // The f32 kernel's reduction; its (empty) tail is `0.0`, which turns a -0.0 sum into +0.0.
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = crate::kernels::reduce_lanes(acc[r], 0.0);
-    }
-    out
+    crate::kernels::reduce_rows(acc)
 }
 
 /// Weights `32b + 16c .. +16` of a 4/5-bit row as two 8-lane vectors: `q * d + m`, or
@@ -489,7 +488,7 @@ unsafe fn small_chunk_avx2(w: &SmallRow, b: usize, c: usize) -> (std::arch::x86_
     (expand(nib, t0), expand(_mm_srli_si128(nib, 8), t0 + 8))
 }
 
-/// One Q8_0 weight row: per block scales and values.
+/// One integer-path weight row: per block scales and values.
 struct WRow<'a> {
     d: &'a [f32],
     q: &'a [u8],
