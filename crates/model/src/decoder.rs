@@ -236,12 +236,11 @@ impl DecoderModel {
             if t >= self.cfg.vocab_size {
                 return Err(ModelError::BadConfig(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
             }
-            let start = rows.len();
             self.embed.push_row(t, d, &mut rows);
-            // Gemma scales embeddings by sqrt(d) (rounded to the weights' dtype, as transformers does).
-            if let Some(s) = self.cfg.embed_scale() {
-                rows[start..].iter_mut().for_each(|v| *v *= s);
-            }
+        }
+        // Gemma scales embeddings by sqrt(d) (rounded to the weights' dtype, as transformers does).
+        if let Some(s) = self.cfg.embed_scale() {
+            rows.iter_mut().for_each(|v| *v *= s);
         }
         let x = Tensor::from_vec(rows, (tokens.len(), d), &Device::Cpu)?;
         ctx.done(t, None, "embed");

@@ -57,8 +57,12 @@ impl Moe {
         let xs = to_vec(x)?;
         // outputs[(row * k + rank) * d..]: expert `ids[row * k + rank]` applied to `row`.
         let mut outputs = vec![0f32; n * k * d];
-        for (e, expert) in self.experts.iter().enumerate() {
-            let slots: Vec<usize> = (0..n * k).filter(|&s| ids[s] == e).collect();
+        // Each expert's slots (row * k + rank), in row order, in one pass over the choices.
+        let mut slots_of = vec![vec![]; self.experts.len()];
+        for (s, &e) in ids.iter().enumerate() {
+            slots_of[e].push(s);
+        }
+        for (expert, slots) in self.experts.iter().zip(&slots_of) {
             if slots.is_empty() {
                 continue;
             }

@@ -196,25 +196,24 @@ impl<'a> Vb<'a> {
     /// the default path may quantize activations to 8 bits (as llama.cpp does).
     fn weight_from_blocks(&self, q: QTensor, out: usize, inp: usize) -> Result<LinearWeight> {
         let dequantize = self.opts.dequantize;
-        // Q8_0 runs integer dot products over 8-bit activations: the default path only. The
-        // 4/5-bit formats expand in registers with the f32 kernel's arithmetic, bitwise the
-        // dequantized product, from the blocks (a fifth to a third of the f32 bytes). The
-        // K-quants do the same on the exact path; by default they go to candle's integer
-        // kernels (below), measured with `glassbox bench kernels` 3-13x faster for one row than
-        // our f32 expansion, which is compute-bound there.
+        // Q8_0 (integer dots over 8-bit activations) only on the default path. The 4/5-bit
+        // formats everywhere: on the exact path expanded in registers with the f32 kernel's
+        // arithmetic, bitwise the dequantized product, from a fifth to a third of the f32 bytes;
+        // by default Q4_0/Q5_0 take integer dots too (`with_integer_dots`, ~3x faster per row).
+        // The K-quants on the exact path only; by default they go to candle's integer kernels
+        // (below), measured with `glassbox bench kernels` 3-13x faster for one row than our f32
+        // expansion, which is compute-bound there.
         let ours = QMatrix::format_of(q.dtype()).filter(|f| match f {
             QFormat::Q8_0 => !dequantize,
             QFormat::K(_) => dequantize,
             _ => true,
         });
-        Ok(if let Some(m) = ours.and_then(|f| QMatrix::new(f, &q.data().ok()?, out, inp)) {
-            // Q4_0 by default: llama.cpp's integer arithmetic (2x faster; see `qkernels`).
+        Ok(if let Some(m) = ours.and_then(|f| blocks(&q, f, out, inp)) {
             LinearWeight::Blocks(Arc::new(if dequantize { m } else { m.with_integer_dots() }))
         } else if dequantize || !candle_has_fast_kernel(q.dtype()) {
             LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
         } else {
-            let rowwise = self.opts.batch_invariant && !batch_invariant_in_candle(q.dtype(), inp);
-            LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise, out }
+            LinearWeight::Quant { q: QMatMul::from_arc(Arc::new(q))?, rowwise: self.opts.batch_invariant, out }
         })
     }
 
@@ -227,7 +226,7 @@ impl<'a> Vb<'a> {
             let full = lin.full("weight");
             let q = self.qtensor(&full)?;
             check_shape(&full, q.shape().dims(), &[rows, cols])?;
-            if let Some(m) = QMatrix::format_of(q.dtype()).and_then(|f| QMatrix::new(f, &q.data().ok()?, rows, cols)) {
+            if let Some(m) = QMatrix::format_of(q.dtype()).and_then(|f| blocks(&q, f, rows, cols)) {
                 return Ok(Table::Blocks(Arc::new(m)));
             }
             return Ok(Table::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?)));
@@ -259,6 +258,11 @@ impl<'a> Vb<'a> {
     pub fn describe(&self) -> String {
         self.files.describe()
     }
+}
+
+/// A GGUF tensor's blocks as our kernels hold them (`None` if the bytes do not fit the shape).
+fn blocks(q: &QTensor, format: QFormat, rows: usize, cols: usize) -> Option<QMatrix> {
+    QMatrix::new(format, &q.data().ok()?, rows, cols)
 }
 
 /// A tensor's elements, row-major.
@@ -394,22 +398,12 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
 }
 
-/// What goes to candle after `qkernels.rs` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the K-quants on the
-/// exact path): its x86 kernels are SIMD for the K-quants; anything else is dequantized at
-/// load and run by our f32 kernel.
+/// What goes to candle after `qkernels.rs` (which takes Q8_0 and every 4/5-bit format, and the
+/// K-quants on the exact path): its x86 kernels are SIMD for the K-quants; anything else is
+/// dequantized at load and run by our f32 kernel. Candle picks the K-quants' kernel by the
+/// batch size, so the engine feeds them one row at a time when invariance is on.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q8_0 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
-}
-
-/// Candle computes every output of these types with one `vec_dot` per (row, column) whatever
-/// the batch; K-quants (and Q8_0 with k % 256 == 0) go through repacked kernels chosen by the
-/// batch size, so the engine feeds those one row at a time when invariance is on.
-fn batch_invariant_in_candle(dtype: GgmlDType, k: usize) -> bool {
-    match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
-        GgmlDType::Q8_0 => !k.is_multiple_of(256),
-        _ => false,
-    }
+    matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
 }
 
 /// A table read by rows (token embeddings), shared with the output projection when tied.
