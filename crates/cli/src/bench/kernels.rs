@@ -81,6 +81,13 @@ pub fn run(a: KernelArgs) -> Result<()> {
     if a.n == 0 || a.k == 0 || a.m.contains(&0) || a.reps == 0 {
         bail!("--n, --k, --m and --reps must be positive");
     }
+    for name in &a.format {
+        // K-quants hold 256 weights per block, the others 32.
+        let block = if name.ends_with("_k") { 256 } else { 32 };
+        if name != "f32" && !a.k.is_multiple_of(block) {
+            bail!("{name} needs --k to be a multiple of {block} ({} is not)", a.k);
+        }
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("{cores} cores, weights [{} x {}]", a.n, a.k);
     println!("{:>6} {:>5} {:>10} {:>10} {:>10} {:>10}", "format", "m", "ms/call", "MB", "GB/s", "GFLOP/s");

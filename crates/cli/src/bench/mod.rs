@@ -37,10 +37,29 @@ pub enum BenchCommand {
     Memory(memory::MemoryArgs),
 }
 
+/// The model an in-process benchmark loads, and on which path.
 #[derive(Args)]
-pub struct ThroughputArgs {
+pub struct BenchModelArgs {
     #[arg(long)]
     pub model: Option<String>,
+    /// Run GGUF weights dequantized to f32.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub batch_invariant: bool,
+}
+
+impl BenchModelArgs {
+    pub fn load(&self) -> Result<Arc<glassbox_model::LoadedModel>> {
+        Ok(Arc::new(crate::commands::load_model(self.model.as_deref(), self.dequantize, self.batch_invariant)?))
+    }
+}
+
+#[derive(Args)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub load: BenchModelArgs,
     #[arg(long, default_value_t = 64)]
     pub num_prompts: usize,
     /// Prompt length in tokens (random tokens, as vLLM's random dataset).
@@ -62,12 +81,6 @@ pub struct ThroughputArgs {
     pub kv_cache_memory: KvMemory,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run GGUF weights dequantized to f32.
-    #[arg(long)]
-    pub dequantize: bool,
-    /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub batch_invariant: bool,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
     /// Every request captures these hooks (names or globs), to measure what capture costs.
@@ -110,7 +123,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.range_ratio) {
         bail!("--range-ratio must be in [0, 1)");
     }
-    let model = Arc::new(crate::commands::load_model(a.model.as_deref(), a.dequantize, a.batch_invariant)?);
+    let model = a.load.load()?;
     let vocab = model.model.cfg.vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let vary = |len: usize, rng: &mut rand_chacha::ChaCha8Rng| vary_len(len, a.range_ratio, rng);
@@ -197,7 +210,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "max_num_seqs": a.max_num_seqs,
-        "batch_invariant": a.batch_invariant,
+        "batch_invariant": a.load.batch_invariant,
         "prefix_cache_hit_rate": stats.prefix_hit_rate(),
         "preemptions": stats.preemptions,
         "prompt_tokens_computed": stats.prompt_tokens_computed,

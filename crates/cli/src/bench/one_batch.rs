@@ -10,13 +10,12 @@ use glassbox_protocol::{EngineRequest, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args)]
 pub struct OneBatchArgs {
-    #[arg(long)]
-    pub model: Option<String>,
+    #[command(flatten)]
+    pub load: super::BenchModelArgs,
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
     pub batch_size: Vec<usize>,
@@ -27,11 +26,6 @@ pub struct OneBatchArgs {
     pub output_len: usize,
     #[arg(long, default_value = "0.25")]
     pub kv_cache_memory: KvMemory,
-    /// Run GGUF weights dequantized to f32.
-    #[arg(long)]
-    pub dequantize: bool,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub batch_invariant: bool,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -57,7 +51,7 @@ pub fn run(a: OneBatchArgs) -> Result<()> {
     if a.batch_size.iter().chain(&a.input_len).any(|&x| x == 0) || a.output_len < 2 {
         bail!("batch sizes and input lengths must be positive, --output-len at least 2");
     }
-    let model = Arc::new(crate::commands::load_model(a.model.as_deref(), a.dequantize, a.batch_invariant)?);
+    let model = a.load.load()?;
     let (rss_loaded, _) = rss_mib();
     let vocab = model.model.cfg.vocab_size as u32;
     let lo_id = 256.min(vocab / 2);
