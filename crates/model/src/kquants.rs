@@ -41,7 +41,7 @@ fn half(b: &[u8], at: usize) -> f32 {
 }
 
 /// ggml's `get_scale_min_k4`: sub-block `j`'s 6-bit scale and min.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -12,10 +12,13 @@ pub mod forward;
 pub mod hooks;
 pub mod kernels;
 pub mod kquants;
+pub mod ktiles;
 pub mod layers;
 pub mod loader;
 pub mod moe;
+pub mod pool;
 pub mod qkernels;
+pub mod tiles;
 pub mod tokenizer;
 pub mod weights;
 

@@ -8,20 +8,19 @@
 //!
 //! Two arithmetics, each batch invariant by construction (`y[i, j]` is one fixed sequence of
 //! operations over `x_i` and `w_j`, whatever the number of rows or the thread split):
-//! - exact (`matmul_dequantized`, `matmul_kquant`; Q4_1 and Q5_1 always, every format on the
-//!   exact path): each block is expanded to f32 in registers exactly as candle's dequantize
-//!   does (`(q - 8) * d`, `q * d + m`, ...) and multiplied in the f32 kernel's lane order, so
-//!   the numbers are bitwise those of the f32 path (and of the reference tests).
-//! - integer (`matmul_integer`, llama.cpp's; Q8_0 always, Q4_0 and Q5_0 by default): `x_i` is
-//!   quantized per block of 32 (`d = max|x| / 127` rounded to f16, `q = round(x / d)`); per
-//!   block, lane `l` (of 8) gets the exact integer sum of products `4l..4l+4`, added to its
-//!   accumulator with one FMA by `d_w * d_x`; the result is `((l0+l4)+(l2+l6)) +
-//!   ((l1+l5)+(l3+l7))`. The AVX2 and portable paths compute exactly that (a test checks them
-//!   bitwise).
+//! - exact (`matmul_dequantized`, `matmul_kquant`; the exact path, `--dequantize`): each block
+//!   is expanded to f32 in registers exactly as candle's dequantize does (`(q - 8) * d`,
+//!   `q * d + m`, ...) and multiplied in the f32 kernel's lane order, so the numbers are bitwise
+//!   those of the f32 path (and of the reference tests).
+//! - integer (`tiles.rs` for the 32-weight formats, `ktiles.rs` for the K-quants; llama.cpp's
+//!   arithmetic, the default path, Q8_0 always): activations quantized to 8 bits, exact integer
+//!   sums per block, weights repacked into tiles of 8 interleaved rows.
 
 use crate::kquants::{KFormat, QK_K};
+use crate::ktiles::KTiles;
+use crate::tiles::Tiles;
 use half::f16;
-use rayon::prelude::*;
+use crate::pool::Columns;
 
 const QK: usize = 32;
 
@@ -90,19 +89,13 @@ pub struct QMatrix {
     m: Vec<f32>,
     /// Q5_x: each block's 32 fifth bits.
     h: Vec<u32>,
-    /// Q4_0, Q5_0: integer dot products over 8-bit activations (llama.cpp's arithmetic)
-    /// instead of the exact f32 expansion. Always for Q8_0.
-    integer: bool,
+    /// The integer path's layout; the fields above are then empty.
+    tiles: Option<Packed>,
     q: Vec<u8>,
     n: usize,
     k: usize,
 }
 
-/// One activation row quantized to Q8_0: per block, the scale and 32 values.
-struct QRow {
-    d: Vec<f32>,
-    q: Vec<i8>,
-}
 
 /// Input rows handled together against one weight row (each row's arithmetic is the same
 /// as alone; grouping only saves loads).
@@ -110,14 +103,22 @@ const GROUP: usize = 4;
 
 impl QMatrix {
     /// From GGUF bytes (`n` rows of `k / block_len` blocks). `k` must be a multiple of the
-    /// block length.
-    pub fn new(format: QFormat, data: &[u8], n: usize, k: usize) -> Option<Self> {
+    /// block length. `integer`: integer dot products over 8-bit activations (`tiles.rs`,
+    /// `ktiles.rs`; Q8_0 always), else the exact f32 expansion.
+    pub fn new(format: QFormat, data: &[u8], n: usize, k: usize, integer: bool) -> Option<Self> {
         let len = format.block_len();
         if !k.is_multiple_of(len) || data.len() != n * (k / len) * format.block_bytes() {
             return None;
         }
+        if integer || format == QFormat::Q8_0 {
+            let tiles = Some(match format {
+                QFormat::K(f) => Packed::K(KTiles::new(f, data, n, k)?),
+                _ => Packed::Small(Tiles::new(format, data, n, k)?),
+            });
+            return Some(QMatrix { format, d: vec![], m: vec![], h: vec![], tiles, q: vec![], n, k });
+        }
         if let QFormat::K(_) = format {
-            return Some(QMatrix { format, d: vec![], m: vec![], h: vec![], integer: false, q: data.to_vec(), n, k });
+            return Some(QMatrix { format, d: vec![], m: vec![], h: vec![], tiles: None, q: data.to_vec(), n, k });
         }
         let blocks = n * k / QK;
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
@@ -127,7 +128,7 @@ impl QMatrix {
         for b in data.chunks_exact(format.block_bytes()) {
             d.push(half(b, 0));
             match format {
-                QFormat::Q8_0 | QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
+                QFormat::Q4_0 => q.extend_from_slice(&b[2..]),
                 QFormat::Q4_1 => {
                     m.push(half(b, 2));
                     q.extend_from_slice(&b[4..]);
@@ -141,11 +142,11 @@ impl QMatrix {
                     h.push(word(b, 4));
                     q.extend_from_slice(&b[8..]);
                 }
-                // K-quants keep the file's bytes (returned above).
-                QFormat::K(_) => return None,
+                // Q8_0 is tiles and K-quants keep the file's bytes (returned above).
+                QFormat::Q8_0 | QFormat::K(_) => return None,
             }
         }
-        Some(QMatrix { format, d, m, h, integer: format == QFormat::Q8_0, q, n, k })
+        Some(QMatrix { format, d, m, h, tiles: None, q, n, k })
     }
 
     pub fn out_features(&self) -> usize {
@@ -156,45 +157,35 @@ impl QMatrix {
     /// format, width and kernel; each output is computed exactly as before.
     pub fn concat_rows(parts: &[&QMatrix]) -> Option<QMatrix> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.format != first.format || p.k != first.k || p.integer != first.integer) {
+        if parts.iter().any(|p| p.format != first.format || p.k != first.k || p.tiles.is_some() != first.tiles.is_some()) {
             return None;
         }
+        let tiles = match first.tiles {
+            Some(Packed::Small(_)) => Some(Packed::Small(Tiles::concat(&parts.iter().map(|p| if let Some(Packed::Small(t)) = &p.tiles { Some(t) } else { None }).collect::<Option<Vec<_>>>()?)?)),
+            Some(Packed::K(_)) => Some(Packed::K(KTiles::concat(&parts.iter().map(|p| if let Some(Packed::K(t)) = &p.tiles { Some(t) } else { None }).collect::<Option<Vec<_>>>()?)?)),
+            None => None,
+        };
         let cat = |f: fn(&QMatrix) -> &Vec<f32>| parts.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<f32>>();
         Some(QMatrix {
             format: first.format,
             d: cat(|p| &p.d),
             m: cat(|p| &p.m),
             h: parts.iter().flat_map(|p| p.h.iter().copied()).collect(),
-            integer: first.integer,
+            tiles,
             q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
             n: parts.iter().map(|p| p.n).sum(),
             k: first.k,
         })
     }
 
-    /// Q4_0 and Q5_0 through integer dot products over activations quantized to 8 bits per
-    /// block of 32 (llama.cpp's `q4_0 · q8_0`, `q5_0 · q8_0`): ~3x faster per row than the exact
-    /// f32 expansion, which is compute-bound, at a stated accuracy cost (the KL tests). Other
-    /// formats are unchanged.
-    pub fn with_integer_dots(mut self) -> Self {
-        self.integer |= matches!(self.format, QFormat::Q4_0 | QFormat::Q5_0);
-        self
-    }
-
     /// Row `j` in f32, exactly as candle's dequantization computes it (embedding lookups read
     /// single rows of the table this way, so the table stays in its blocks).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        if let Some(t) = &self.tiles {
+            return t.dequantize_row(j, out);
+        }
         let nb = self.k / self.format.block_len();
         match self.format {
-            QFormat::Q8_0 => {
-                let q = &self.q[j * self.k..(j + 1) * self.k];
-                for (b, (o, q)) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK)).enumerate() {
-                    let d = self.d[j * nb + b];
-                    for (y, &v) in o.iter_mut().zip(q) {
-                        *y = v as i8 as f32 * d;
-                    }
-                }
-            }
             QFormat::K(f) => {
                 let row = &self.q[j * nb * f.block_bytes()..(j + 1) * nb * f.block_bytes()];
                 for (blk, o) in row.chunks_exact(f.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
@@ -224,11 +215,12 @@ impl QMatrix {
     /// `y[m, n] = x[m, k] · wᵀ`.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
+        if let Some(t) = &self.tiles {
+            return t.matmul_bt(x, m);
+        }
         match self.format {
-            QFormat::Q8_0 => self.matmul_integer(x, m),
-            QFormat::Q4_0 | QFormat::Q5_0 if self.integer => self.matmul_integer(x, m),
-            QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => self.matmul_dequantized(x, m),
             QFormat::K(f) => self.matmul_kquant(f, x, m),
+            _ => self.matmul_dequantized(x, m),
         }
     }
 
@@ -238,8 +230,8 @@ impl QMatrix {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
         let row_bytes = self.k / QK_K * format.block_bytes();
         let wrow = |j: usize| &self.q[j * row_bytes..(j + 1) * row_bytes];
-        self.by_column_blocks(m, |c0, c1, out, width| {
-            exact_block(&rows, (c0, c1), out, width, self.k, |r: &[&[f32]], j| {
+        crate::pool::by_column_blocks(m, self.n, 64, |c0, c1, out| {
+            exact_block(&rows, (c0, c1), out, self.k, |r: &[&[f32]], j| {
                 // SAFETY: only called where AVX2 and FMA are present; rows are k long and the
                 // weight row holds k / 256 whole super-blocks.
                 unsafe {
@@ -265,8 +257,8 @@ impl QMatrix {
     /// outgrows L2: 9.7 vs 7.2 ms at 32 rows.)
     fn matmul_dequantized(&self, x: &[f32], m: usize) -> Vec<f32> {
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
-        self.by_column_blocks(m, |c0, c1, out, width| {
-            exact_block(&rows, (c0, c1), out, width, self.k, |r: &[&[f32]], j| {
+        crate::pool::by_column_blocks(m, self.n, 64, |c0, c1, out| {
+            exact_block(&rows, (c0, c1), out, self.k, |r: &[&[f32]], j| {
                 // SAFETY: only called where AVX2 and FMA are present; rows are k long.
                 unsafe { small_dot_group_avx2(r, &self.small_row(j)) }
             }, |j, wr| dequantize_small(&self.small_row(j), wr))
@@ -291,75 +283,39 @@ impl QMatrix {
         SmallRow { d: &self.d[j * nb..(j + 1) * nb], m: self.mins(j), h: self.highs(j), q: &self.q[j * nb * QK / 2..(j + 1) * nb * QK / 2], offset: self.format.offset() }
     }
 
-    /// Output columns in blocks of 64 across threads; `f(c0, c1, out, width)` fills one
-    /// block's `[m, width]` outputs.
-    fn by_column_blocks(&self, m: usize, f: impl Fn(usize, usize, &mut [f32], usize) + Sync) -> Vec<f32> {
-        const COLS: usize = 64;
-        let blocks: Vec<(usize, Vec<f32>)> = (0..self.n.div_ceil(COLS))
-            .into_par_iter()
-            .map(|b| {
-                let (c0, c1) = (b * COLS, ((b + 1) * COLS).min(self.n));
-                let width = c1 - c0;
-                let mut out = vec![0f32; m * width];
-                f(c0, c1, &mut out, width);
-                (c0, out)
-            })
-            .collect();
-        let mut y = vec![0f32; m * self.n];
-        for (c0, out) in blocks {
-            let width = out.len() / m.max(1);
-            for i in 0..m {
-                y[i * self.n + c0..i * self.n + c0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
-            }
+}
+
+/// The integer path's weights: tiles of 8 interleaved rows.
+#[derive(Debug)]
+enum Packed {
+    Small(Tiles),
+    K(KTiles),
+}
+
+impl Packed {
+    fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match self {
+            Packed::Small(t) => t.matmul_bt(x, m),
+            Packed::K(t) => t.matmul_bt(x, m),
         }
-        y
     }
 
-    /// Activations quantized to 8 bits, integer dot products (llama.cpp's arithmetic).
-    fn matmul_integer(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let rows: Vec<QRow> = x.chunks_exact(self.k).map(quantize_row).collect();
-        let nb = self.k / QK;
-        let packed = self.format.packed();
-        // More than one group of rows: unpack each 4/5-bit weight row to bytes once (into one
-        // buffer per column block) and run the byte loop for every group (the same integers,
-        // so the same results).
-        #[cfg(target_arch = "x86_64")]
-        let unpack = self.format.offset().is_some() && m > GROUP && crate::kernels::has_avx2();
-        self.by_column_blocks(m, |c0, c1, out, width| {
-            #[cfg(target_arch = "x86_64")]
-            let mut bytes = if unpack { vec![0u8; nb * QK] } else { vec![] };
-            for j in c0..c1 {
-                let nibbles = self.format.offset().map(|offset| Nibbles { h: self.highs(j), offset });
-                let d = &self.d[j * nb..(j + 1) * nb];
-                let w = WRow { d, q: &self.q[j * nb * packed..(j + 1) * nb * packed], nibbles };
-                #[cfg(target_arch = "x86_64")]
-                let w = if unpack {
-                    // SAFETY: AVX2 is present (checked); `bytes` holds nb blocks of 32.
-                    unsafe { unpack_row_avx2(&w, &mut bytes) };
-                    WRow { d, q: &bytes, nibbles: None }
-                } else {
-                    w
-                };
-                for (g, group) in rows.chunks(GROUP).enumerate() {
-                    let vals = dot_group(&w, group);
-                    for (r, v) in vals.iter().take(group.len()).enumerate() {
-                        out[(g * GROUP + r) * width + (j - c0)] = *v;
-                    }
-                }
-            }
-        })
+    fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        match self {
+            Packed::Small(t) => t.dequantize_row(j, out),
+            Packed::K(t) => t.dequantize_row(j, out),
+        }
     }
 }
 
-/// One column block (weight rows `c0..c1`) of an f32-arithmetic product, `out` `[m, width]`.
+/// One column block (weight rows `c0..c1`) of an f32-arithmetic product, into `out`.
 /// With AVX2, `fused(rows, j)` gives up to `GROUP` rows' results against weight row `j`
 /// expanded in registers; without, `expand(j, row)` writes weight row `j` in f32 and the f32
 /// kernel runs over it. The same numbers either way.
 fn exact_block(
     rows: &[&[f32]],
     (c0, c1): (usize, usize),
-    out: &mut [f32],
-    width: usize,
+    out: &Columns,
     k: usize,
     fused: impl Fn(&[&[f32]], usize) -> [f32; GROUP],
     expand: impl Fn(usize, &mut [f32]),
@@ -370,7 +326,7 @@ fn exact_block(
             for (g, group) in rows.chunks(GROUP).enumerate() {
                 for j in c0..c1 {
                     for (r, v) in fused(group, j).iter().take(group.len()).enumerate() {
-                        out[(g * GROUP + r) * width + (j - c0)] = *v;
+                        out.set(g * GROUP + r, j, *v);
                     }
                 }
             }
@@ -378,23 +334,23 @@ fn exact_block(
         }
     }
     let _ = &fused;
-    let mut w = vec![0f32; width * k];
+    let mut w = vec![0f32; (c1 - c0) * k];
     for (wr, j) in w.chunks_exact_mut(k).zip(c0..c1) {
         expand(j, wr);
     }
-    dot_all(rows, &w, k, out, width);
+    dot_all(rows, &w, k, out, c0);
 }
 
 /// Every input row against every expanded weight row of a column block (`w`: `width` rows of
-/// `k`), in groups of `GROUP` rows through the f32 kernel.
-fn dot_all(rows: &[&[f32]], w: &[f32], k: usize, out: &mut [f32], width: usize) {
+/// `k`, the first being column `c0`), in groups of `GROUP` rows through the f32 kernel.
+fn dot_all(rows: &[&[f32]], w: &[f32], k: usize, out: &Columns, c0: usize) {
     let mut i = 0;
     while i < rows.len() {
         let group = (rows.len() - i).min(GROUP);
         for (jj, wj) in w.chunks_exact(k).enumerate() {
             let vals = crate::kernels::dot_group(&rows[i..i + group], wj);
             for (g, v) in vals.iter().take(group).enumerate() {
-                out[(i + g) * width + jj] = *v;
+                out.set(i + g, c0 + jj, *v);
             }
         }
         i += group;
@@ -488,69 +444,6 @@ unsafe fn small_chunk_avx2(w: &SmallRow, b: usize, c: usize) -> (std::arch::x86_
     (expand(nib, t0), expand(_mm_srli_si128(nib, 8), t0 + 8))
 }
 
-/// One integer-path weight row: per block scales and values.
-struct WRow<'a> {
-    d: &'a [f32],
-    q: &'a [u8],
-    /// Q4_0/Q5_0 on the integer path: 16 bytes of nibbles per block (plus Q5_0's fifth bits
-    /// `h`), each value `q - offset`. `None`: Q8_0's 32 signed bytes.
-    nibbles: Option<Nibbles<'a>>,
-}
-
-#[derive(Clone, Copy)]
-struct Nibbles<'a> {
-    h: Option<&'a [u32]>,
-    offset: i32,
-}
-
-impl WRow<'_> {
-    /// Weight `t` of block `b` as the integer the dot product multiplies.
-    fn value(&self, b: usize, t: usize) -> i32 {
-        let Some(nib) = self.nibbles else {
-            return self.q[b * QK + t] as i8 as i32;
-        };
-        let byte = self.q[b * QK / 2 + t % 16];
-        let high = nib.h.map_or(0, |h| ((h[b] >> t) & 1) << 4) as i32;
-        ((if t < 16 { byte & 0x0F } else { byte >> 4 }) as i32 | high) - nib.offset
-    }
-}
-
-fn quantize_row(x: &[f32]) -> QRow {
-    let blocks = x.len() / QK;
-    let mut d = Vec::with_capacity(blocks);
-    let mut q = Vec::with_capacity(x.len());
-    for b in x.chunks_exact(QK) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        d.push(f16::from_f32(scale).to_f32());
-        q.extend(b.iter().map(|v| (v * inv).round() as i8));
-    }
-    QRow { d, q }
-}
-
-/// Up to `GROUP` rows against one Q8_0 weight row.
-fn dot_group(w: &WRow, rows: &[QRow]) -> [f32; GROUP] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::kernels::has_avx2() {
-            // SAFETY: AVX2 and FMA are present (checked); rows have the weight row's length.
-            return unsafe {
-                match rows.len() {
-                    4 => dot_avx2::<4>(w, [&rows[0], &rows[1], &rows[2], &rows[3]]),
-                    3 => pad(dot_avx2::<3>(w, [&rows[0], &rows[1], &rows[2]])),
-                    2 => pad(dot_avx2::<2>(w, [&rows[0], &rows[1]])),
-                    _ => pad(dot_avx2::<1>(w, [&rows[0]])),
-                }
-            };
-        }
-    }
-    let mut out = [0f32; GROUP];
-    for (o, r) in out.iter_mut().zip(rows) {
-        *o = dot_portable(w, r);
-    }
-    out
-}
 
 fn pad<const R: usize>(v: [f32; R]) -> [f32; GROUP] {
     let mut out = [0f32; GROUP];
@@ -558,84 +451,6 @@ fn pad<const R: usize>(v: [f32; R]) -> [f32; GROUP] {
     out
 }
 
-/// Block `b` of an integer-path weight row as 32 signed bytes: Q8_0's bytes, or a 4/5-bit
-/// block's values (`q - offset`) unpacked from its nibbles and fifth bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn weight_bytes_avx2(w: &WRow, b: usize) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let Some(nib) = w.nibbles else {
-        return _mm256_loadu_si256(w.q.as_ptr().add(b * QK) as *const __m256i);
-    };
-    // Weights 0-15 are the low nibbles, 16-31 the high ones; minus the offset.
-    let low = _mm_set1_epi8(0x0F);
-    let p = _mm_loadu_si128(w.q.as_ptr().add(b * QK / 2) as *const __m128i);
-    let (lo, hi) = (_mm_and_si128(p, low), _mm_and_si128(_mm_srli_epi16(p, 4), low));
-    let mut v = _mm256_set_m128i(hi, lo);
-    if let Some(h) = nib.h {
-        // Byte t takes byte t / 8 of the fifth bits, then is 0xFF when bit t % 8 of that byte
-        // is set (OR with every bit but that one, compare with all ones).
-        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-        let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(*h.get_unchecked(b) as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, others), _mm256_set1_epi8(-1));
-        v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-    }
-    _mm256_sub_epi8(v, _mm256_set1_epi8(nib.offset as i8))
-}
-
-/// A 4/5-bit integer-path row unpacked to Q8_0's layout (32 signed bytes per block).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unpack_row_avx2(w: &WRow, out: &mut [u8]) {
-    use std::arch::x86_64::*;
-    for b in 0..w.d.len() {
-        _mm256_storeu_si256(out.as_mut_ptr().add(b * QK) as *mut __m256i, weight_bytes_avx2(w, b));
-    }
-}
-
-/// The reference arithmetic of the integer path (see the module docs).
-fn dot_portable(w: &WRow, x: &QRow) -> f32 {
-    let mut acc = [0f32; 8];
-    for (b, &dw) in w.d.iter().enumerate() {
-        let d = dw * x.d[b];
-        for (l, a) in acc.iter_mut().enumerate() {
-            let s: i32 = (4 * l..4 * l + 4).map(|t| w.value(b, t) * x.q[b * QK + t] as i32).sum();
-            *a = d.mul_add(s as f32, *a);
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2<const R: usize>(w: &WRow, xs: [&QRow; R]) -> [f32; R] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); R];
-    let ones = _mm256_set1_epi16(1);
-    for (b, &dw) in w.d.iter().enumerate() {
-        let v = weight_bytes_avx2(w, b);
-        let wabs = _mm256_sign_epi8(v, v);
-        for r in 0..R {
-            let x = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
-            // |w| · sign(x, w): unsigned × signed byte products summed in pairs (i16, exact
-            // for |q| <= 127), then in fours (i32): lane l holds products 4l..4l+4. (AVX-512
-            // VNNI's `vpdpbusd` gives the same sums in one instruction; measured with `glassbox
-            // bench kernels` on Zen 4 it gained nothing: the per-block float work dominates.)
-            let quads = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, v)), ones);
-            let d = _mm256_set1_ps(dw * *xs[r].d.get_unchecked(b));
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
-        }
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let mut l = [0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), acc[r]);
-        out[r] = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {
@@ -682,7 +497,7 @@ mod tests {
                 QFormat::K(_) | QFormat::Q5_0 | QFormat::Q5_1 => unreachable!("this format's test data comes from candle's quantizer"),
             }
         }
-        (QMatrix::new(format, &data, n, k).unwrap(), dense)
+        (QMatrix::new(format, &data, n, k, false).unwrap(), dense)
     }
 
     fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -710,52 +525,6 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_portable_paths_agree_bitwise() {
-        let (w, _) = random_matrix(QFormat::Q8_0, 7, 96, 1);
-        let rows: Vec<QRow> = random_x(5, 96, 2).chunks_exact(96).map(quantize_row).collect();
-        for j in 0..7 {
-            let wr = WRow { d: &w.d[j * 3..(j + 1) * 3], q: &w.q[j * 96..(j + 1) * 96], nibbles: None };
-            for group in [&rows[..4], &rows[4..]] {
-                let got = dot_group(&wr, group);
-                for (r, x) in group.iter().enumerate() {
-                    assert_eq!(got[r].to_bits(), dot_portable(&wr, x).to_bits());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn nibble_integer_paths_simd_portable_bitwise_invariant_and_close() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use candle_core::{Device, Tensor};
-        let (n, k, m) = (70, 320, 9);
-        for (format, dtype) in [(QFormat::Q4_0, GgmlDType::Q4_0), (QFormat::Q5_0, GgmlDType::Q5_0)] {
-            let q = QTensor::quantize(&Tensor::from_vec(random_x(n, k, 17), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
-            let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let w = QMatrix::new(format, &q.data().unwrap(), n, k).unwrap().with_integer_dots();
-            let rows: Vec<QRow> = random_x(m, k, 18).chunks_exact(k).map(quantize_row).collect();
-            let nb = k / QK;
-            for j in 0..n {
-                let nibbles = Some(Nibbles { h: w.highs(j), offset: format.offset().unwrap() });
-                let wr = WRow { d: &w.d[j * nb..(j + 1) * nb], q: &w.q[j * nb * 16..(j + 1) * nb * 16], nibbles };
-                for b in 0..nb {
-                    for t in 0..QK {
-                        let want = (dense[j * k + b * QK + t] / w.d[j * nb + b]).round() as i32;
-                        assert_eq!(wr.value(b, t), want, "{format:?}: weight {t} of block {b}");
-                    }
-                }
-                for group in rows.chunks(GROUP) {
-                    let got = dot_group(&wr, group);
-                    for (r, xr) in group.iter().enumerate() {
-                        assert_eq!(got[r].to_bits(), dot_portable(&wr, xr).to_bits(), "{format:?}: row {j}");
-                    }
-                }
-            }
-            check(&w, &dense, m, false, &format!("{format:?} integer"));
-        }
-    }
-
-    #[test]
     fn four_bit_expansion_is_candles_dequantization() {
         for format in [QFormat::Q4_1, QFormat::Q4_0] {
             let (w, dense) = random_matrix(format, 3, 96, 5);
@@ -778,7 +547,7 @@ mod tests {
             let vals = random_x(n, k, 12);
             let q = QTensor::quantize(&Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let w = QMatrix::new(format, &q.data().unwrap(), n, k).unwrap();
+            let w = QMatrix::new(format, &q.data().unwrap(), n, k, false).unwrap();
             let mut ours = vec![0f32; n * k];
             for j in 0..n {
                 dequantize_small(&w.small_row(j), &mut ours[j * k..(j + 1) * k]);
@@ -796,11 +565,13 @@ mod tests {
             let (n, k) = (5, 512);
             let q = QTensor::quantize(&Tensor::from_vec(random_x(n, k, 21), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let w = QMatrix::new(QMatrix::format_of(dtype).unwrap(), &q.data().unwrap(), n, k).unwrap();
-            let mut row = vec![0f32; k];
-            for j in 0..n {
-                w.dequantize_row(j, &mut row);
-                assert!(row.iter().zip(&dense[j * k..(j + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} row {j}");
+            for integer in [false, true] {
+                let w = QMatrix::new(QMatrix::format_of(dtype).unwrap(), &q.data().unwrap(), n, k, integer).unwrap();
+                let mut row = vec![0f32; k];
+                for j in 0..n {
+                    w.dequantize_row(j, &mut row);
+                    assert!(row.iter().zip(&dense[j * k..(j + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} row {j}");
+                }
             }
         }
     }
@@ -811,7 +582,7 @@ mod tests {
         for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
             let (n, k, m) = (70, 512, 6);
             let (data, dense) = crate::kquants::tests_support::random(format, n, k, 9);
-            let w = QMatrix::new(QFormat::K(format), &data, n, k).unwrap();
+            let w = QMatrix::new(QFormat::K(format), &data, n, k, false).unwrap();
             check(&w, &dense, m, true, &format!("{format:?}"));
         }
     }

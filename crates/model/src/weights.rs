@@ -196,20 +196,14 @@ impl<'a> Vb<'a> {
     /// the default path may quantize activations to 8 bits (as llama.cpp does).
     fn weight_from_blocks(&self, q: QTensor, out: usize, inp: usize) -> Result<LinearWeight> {
         let dequantize = self.opts.dequantize;
-        // Q8_0 (integer dots over 8-bit activations) only on the default path. The 4/5-bit
-        // formats everywhere: on the exact path expanded in registers with the f32 kernel's
-        // arithmetic, bitwise the dequantized product, from a fifth to a third of the f32 bytes;
-        // by default Q4_0/Q5_0 take integer dots too (`with_integer_dots`, ~3x faster per row).
-        // The K-quants on the exact path only; by default they go to candle's integer kernels
-        // (below), measured with `glassbox bench kernels` 3-13x faster for one row than our f32
-        // expansion, which is compute-bound there.
-        let ours = QMatrix::format_of(q.dtype()).filter(|f| match f {
-            QFormat::Q8_0 => !dequantize,
-            QFormat::K(_) => dequantize,
-            _ => true,
-        });
-        Ok(if let Some(m) = ours.and_then(|f| blocks(&q, f, out, inp)) {
-            LinearWeight::Blocks(Arc::new(if dequantize { m } else { m.with_integer_dots() }))
+        // By default every format of ours runs integer dots over 8-bit activations, weights
+        // in tiles of 8 interleaved rows (`tiles.rs`, `ktiles.rs`). On the exact path the
+        // 4/5-bit formats and the K-quants are expanded in registers with the f32 kernel's
+        // arithmetic, bitwise the dequantized product, from a fifth to a third of the f32
+        // bytes; Q8_0 is dense there.
+        let ours = QMatrix::format_of(q.dtype()).filter(|f| !(dequantize && *f == QFormat::Q8_0));
+        Ok(if let Some(m) = ours.and_then(|f| blocks(&q, f, out, inp, !dequantize)) {
+            LinearWeight::Blocks(Arc::new(m))
         } else if dequantize || !candle_has_fast_kernel(q.dtype()) {
             LinearWeight::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?))
         } else {
@@ -226,7 +220,7 @@ impl<'a> Vb<'a> {
             let full = lin.full("weight");
             let q = self.qtensor(&full)?;
             check_shape(&full, q.shape().dims(), &[rows, cols])?;
-            if let Some(m) = QMatrix::format_of(q.dtype()).and_then(|f| blocks(&q, f, rows, cols)) {
+            if let Some(m) = QMatrix::format_of(q.dtype()).and_then(|f| blocks(&q, f, rows, cols, !self.opts.dequantize)) {
                 return Ok(Table::Blocks(Arc::new(m)));
             }
             return Ok(Table::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?)));
@@ -260,9 +254,10 @@ impl<'a> Vb<'a> {
     }
 }
 
-/// A GGUF tensor's blocks as our kernels hold them (`None` if the bytes do not fit the shape).
-fn blocks(q: &QTensor, format: QFormat, rows: usize, cols: usize) -> Option<QMatrix> {
-    QMatrix::new(format, &q.data().ok()?, rows, cols)
+/// A GGUF tensor's blocks as our kernels hold them (`None` if the bytes do not fit the shape);
+/// `integer`: see `QMatrix::new`.
+fn blocks(q: &QTensor, format: QFormat, rows: usize, cols: usize, integer: bool) -> Option<QMatrix> {
+    QMatrix::new(format, &q.data().ok()?, rows, cols, integer)
 }
 
 /// A tensor's elements, row-major.
@@ -398,8 +393,8 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, dims, &Device::Cpu)?)
 }
 
-/// What goes to candle after `qkernels.rs` (which takes Q8_0 and every 4/5-bit format, and the
-/// K-quants on the exact path): its x86 kernels are SIMD for the K-quants; anything else is
+/// What goes to candle after `qkernels.rs` (which takes Q8_0, the 4/5-bit formats and Q4_K,
+/// Q5_K, Q6_K): its x86 kernels are SIMD for the other K-quants (Q2_K, Q3_K); anything else is
 /// dequantized at load and run by our f32 kernel. Candle picks the K-quants' kernel by the
 /// batch size, so the engine feeds them one row at a time when invariance is on.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {

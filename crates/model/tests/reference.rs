@@ -204,11 +204,14 @@ fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean
     assert!(mean <= max_mean_kl, "{reference}: mean KL {mean:.3e} > {max_mean_kl:.0e}");
 }
 
-/// Measured: mean KL 5.5e-4 (max 3.6e-3); every greedy continuation identical. (Q4_1 runs
-/// dequantized, see weights.rs; the Q8_0 output projection quantizes activations.)
+/// Measured: mean KL 4.4e-3 (max 2.3e-2). `chat_hi` and `code` agree on every token; `capital`
+/// on the first 5 (" Paris.\n\n", then another sentence). Every matmul quantizes activations
+/// to 8 bits per block of 32 (Q4_1 times Q8_1, Q8_0 times Q8_0, as llama.cpp computes them).
+/// Before Q4_1 moved from the exact f32 expansion to integer dots: 5.5e-4, every token equal.
+/// The dequantized path reproduces the reference (`smollm2_dequantized_matches_reference`).
 #[test]
 fn smollm2_quantized_path_kl() {
-    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 2e-3, true);
+    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 6e-3, false);
 }
 
 /// Measured: mean KL 7.6e-3 (max 2.0e-2; 6.2e-3 before Q5_0 moved to integer dots too).

@@ -22,11 +22,12 @@ pub struct KernelArgs {
     /// Input rows per call, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
     pub m: Vec<usize>,
-    /// Formats, comma-separated: f32, q8_0, q4_0 / q5_0 (exact), q4_0i / q5_0i (integer), q4_1, q5_1,
-    /// q4_k, q5_k, q6_k (exact); and
+    /// Formats, comma-separated: f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (the exact
+    /// path; Q8_0 is always integer), the same with an `i` suffix for the default integer path
+    /// (q4_0i, q4_ki, ...); and
     /// candle-q8_0, candle-q4_0, candle-q4_k, candle-q5_k, candle-q6_k for candle's kernels
     /// run one row per call (how batch invariance has to run them).
-    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "q8_0".into(), "q4_0".into(), "q4_0i".into(), "q4_1".into(), "q5_0".into(), "q4_k".into(), "q5_k".into(), "q6_k".into()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "q8_0".into(), "q4_0".into(), "q4_0i".into(), "q4_1".into(), "q4_1i".into(), "q5_0i".into(), "q4_k".into(), "q4_ki".into(), "q6_ki".into()])]
     pub format: Vec<String>,
     /// Timed calls per configuration (the median is reported).
     #[arg(long, default_value_t = 20)]
@@ -35,7 +36,7 @@ pub struct KernelArgs {
 
 enum Kernel {
     Dense(Vec<f32>),
-    Blocks(QMatrix),
+    Blocks(Box<QMatrix>),
     /// candle's quantized matmul, one row per call as batch invariance needs it there.
     CandleRowwise(candle_core::quantized::QMatMul),
 }
@@ -55,26 +56,25 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
         let bytes = q.storage_size_in_bytes();
         return Ok((Kernel::CandleRowwise(candle_core::quantized::QMatMul::from_qtensor(q)?), bytes));
     }
-    let (dtype, ours) = match name {
+    // A trailing `i` is the default path (integer dots over 8-bit activations, `q4_0i`,
+    // `q4_ki`, ...); without it the exact path (f32 expansion). Q8_0 is always integer.
+    let integer = name.ends_with('i');
+    let (dtype, ours) = match name.trim_end_matches('i') {
         "f32" => return Ok((Kernel::Dense(w), n * k * 4)),
         "q8_0" => (GgmlDType::Q8_0, QFormat::Q8_0),
-        "q4_0" | "q4_0i" => (GgmlDType::Q4_0, QFormat::Q4_0),
-        "q5_0i" => (GgmlDType::Q5_0, QFormat::Q5_0),
+        "q4_0" => (GgmlDType::Q4_0, QFormat::Q4_0),
         "q4_1" => (GgmlDType::Q4_1, QFormat::Q4_1),
         "q5_0" => (GgmlDType::Q5_0, QFormat::Q5_0),
         "q5_1" => (GgmlDType::Q5_1, QFormat::Q5_1),
         "q4_k" => (GgmlDType::Q4K, QFormat::K(KFormat::Q4K)),
         "q5_k" => (GgmlDType::Q5K, QFormat::K(KFormat::Q5K)),
         "q6_k" => (GgmlDType::Q6K, QFormat::K(KFormat::Q6K)),
-        other => bail!("unknown format `{other}` (f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)"),
+        other => bail!("unknown format `{other}` (f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; an `i` suffix for the integer path)"),
     };
     let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu)?, dtype)?;
     let data = q.data()?;
-    let m = QMatrix::new(ours, &data, n, k).ok_or_else(|| anyhow::anyhow!("{name} needs k to be a multiple of its block ({k} is not)"))?;
-    // `q4_0`, `q5_0` are the exact path (f32 expansion), `q4_0i`, `q5_0i` the default one
-    // (integer dots).
-    let m = if name.ends_with("i") { m.with_integer_dots() } else { m };
-    Ok((Kernel::Blocks(m), data.len()))
+    let m = QMatrix::new(ours, &data, n, k, integer).ok_or_else(|| anyhow::anyhow!("{name} needs k to be a multiple of its block ({k} is not)"))?;
+    Ok((Kernel::Blocks(Box::new(m)), data.len()))
 }
 
 pub fn run(a: KernelArgs) -> Result<()> {
@@ -83,7 +83,7 @@ pub fn run(a: KernelArgs) -> Result<()> {
     }
     for name in &a.format {
         // K-quants hold 256 weights per block, the others 32.
-        let block = if name.ends_with("_k") { 256 } else { 32 };
+        let block = if name.trim_end_matches('i').ends_with("_k") { 256 } else { 32 };
         if name != "f32" && !a.k.is_multiple_of(block) {
             bail!("{name} needs --k to be a multiple of {block} ({} is not)", a.k);
         }

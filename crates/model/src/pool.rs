@@ -1,0 +1,265 @@
+//! The compute pool: one thread per core, the caller included (the engine thread computes its
+//! share instead of blocking), for the forward pass's parallel loops (matmul column blocks,
+//! attention heads). Why ours rather than rayon: a decode step is ~100 short parallel loops
+//! with serial work between them, and rayon's idle workers go to sleep on a futex (or spin in
+//! `sched_yield`); waking them cost ~10% of a TinyLlama-shaped decode step on a 2-core VM
+//! (`perf`: `__schedule`, `futex_wait`, `sched_yield`). Here workers spin on an atomic for a
+//! short while after each loop (the next one usually comes within microseconds) and only then
+//! park, as llama.cpp's thread pool does between graph nodes.
+//!
+//! Results never depend on the pool: a task is a fixed piece of work (an output block), and
+//! which thread runs it, or whether the loop runs inline, changes no number.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it parks.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// A job as workers see it: the task function, erased to `'static` (see `Pool::run` for why
+/// that is sound), and the number of tasks.
+#[derive(Clone, Copy)]
+struct Job {
+    f: &'static (dyn Fn(usize) + Sync),
+    tasks: usize,
+}
+
+struct Shared {
+    /// Bumped for each job; workers wait for it to change.
+    epoch: AtomicUsize,
+    job: Mutex<Option<Job>>,
+    /// The next task index to claim.
+    next: AtomicUsize,
+    /// Workers inside the current job; `OPEN` set while new workers may join it.
+    inside: AtomicUsize,
+    sleepers: Mutex<usize>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+const OPEN: usize = 1 << (usize::BITS - 1);
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+    /// One job at a time; a second caller (another thread, or a task calling back in) runs its
+    /// loop inline.
+    submit: Mutex<()>,
+}
+
+impl Pool {
+    /// The process-wide pool: one thread per core (`GLASSBOX_THREADS` overrides), the caller
+    /// counted as one.
+    pub fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let cores = std::env::var("GLASSBOX_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n: &usize| n > 0);
+            Pool::new(cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())))
+        })
+    }
+
+    /// A pool of `threads` threads, the caller's included.
+    pub fn new(threads: usize) -> Pool {
+        let shared = Arc::new(Shared {
+            epoch: AtomicUsize::new(0),
+            job: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            inside: AtomicUsize::new(0),
+            sleepers: Mutex::new(0),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let workers = threads.max(1) - 1;
+        for i in 0..workers {
+            let s = shared.clone();
+            // A worker that fails to start leaves its share to the others (the loop still
+            // completes: the caller claims tasks too).
+            let _ = std::thread::Builder::new().name(format!("glassbox-compute-{i}")).spawn(move || worker(&s));
+        }
+        Pool { shared, workers, submit: Mutex::new(()) }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers + 1
+    }
+
+    /// Run `f(0..tasks)`, each index exactly once, spread over the pool; returns when all
+    /// have run.
+    pub fn run(&self, tasks: usize, f: impl Fn(usize) + Sync) {
+        let guard = if self.workers == 0 || tasks <= 1 { None } else { self.submit.try_lock().ok() };
+        let Some(_guard) = guard else {
+            (0..tasks).for_each(f);
+            return;
+        };
+        let s = &*self.shared;
+        let f: &(dyn Fn(usize) + Sync) = &f;
+        // SAFETY: workers only call `f` between joining the job (`inside` incremented while
+        // OPEN) and leaving it (decremented); below we close the job and wait until `inside`
+        // is zero before returning, so `f` outlives every use.
+        let f: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        if let Ok(mut job) = s.job.lock() {
+            *job = Some(Job { f, tasks });
+        }
+        s.next.store(0, Ordering::SeqCst);
+        s.inside.store(OPEN, Ordering::SeqCst);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.lock().map_or(0, |n| *n) > 0 {
+            s.wake.notify_all();
+        }
+        claim(s, f, tasks);
+        s.inside.fetch_and(!OPEN, Ordering::SeqCst);
+        while s.inside.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        if let Ok(mut job) = s.job.lock() {
+            *job = None;
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+    }
+}
+
+fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), tasks: usize) {
+    loop {
+        let i = s.next.fetch_add(1, Ordering::SeqCst);
+        if i >= tasks {
+            return;
+        }
+        f(i);
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = s.epoch.load(Ordering::SeqCst);
+    loop {
+        // Spin, then park until the epoch moves.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while s.epoch.load(Ordering::SeqCst) == seen {
+            spins = spins.wrapping_add(1);
+            // The clock only every 256 spins: reading it was 2% of a decode step.
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+                let Ok(mut sleepers) = s.sleepers.lock() else { return };
+                *sleepers += 1;
+                while s.epoch.load(Ordering::SeqCst) == seen {
+                    sleepers = match s.wake.wait_timeout(sleepers, Duration::from_millis(100)) {
+                        Ok((g, _)) => g,
+                        Err(_) => return,
+                    };
+                }
+                *sleepers -= 1;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if s.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        seen = s.epoch.load(Ordering::SeqCst);
+        // Join the job if it is still open; it may already be done.
+        let mut cur = s.inside.load(Ordering::SeqCst);
+        loop {
+            if cur & OPEN == 0 {
+                break;
+            }
+            match s.inside.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    let job = s.job.lock().ok().and_then(|j| *j);
+                    if let Some(job) = job {
+                        claim(s, job.f, job.tasks);
+                    }
+                    s.inside.fetch_sub(1, Ordering::SeqCst);
+                    break;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// A `[rows, n]` f32 output that tasks fill by disjoint column ranges.
+pub struct Columns {
+    ptr: *mut f32,
+    rows: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint columns (`by_column_blocks` hands each task its own range).
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Set `y[i, j]`. Only called by the task that owns column `j`.
+    #[inline]
+    pub fn set(&self, i: usize, j: usize, v: f32) {
+        assert!(i < self.rows && j < self.n);
+        // SAFETY: in bounds (checked); no other task writes column `j`.
+        unsafe { *self.ptr.add(i * self.n + j) = v }
+    }
+}
+
+/// `y[m, n]` computed in blocks of `cols` output columns across the pool: `f(c0, c1, y)`
+/// fills columns `c0..c1` of every row.
+pub fn by_column_blocks(m: usize, n: usize, cols: usize, f: impl Fn(usize, usize, &Columns) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    let out = Columns { ptr: y.as_mut_ptr(), rows: m, n };
+    Pool::global().run(n.div_ceil(cols), |b| f(b * cols, ((b + 1) * cols).min(n), &out));
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_even_under_concurrent_callers() {
+        let pool = Arc::new(Pool::new(3));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    for round in 0..200 {
+                        let tasks = 1 + round % 37;
+                        let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                        pool.run(tasks, |i| {
+                            counts[i].fetch_add(1, Ordering::SeqCst);
+                        });
+                        assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = Pool::new(2);
+        std::thread::sleep(SPIN * 3);
+        let sum = AtomicUsize::new(0);
+        pool.run(100, |i| {
+            sum.fetch_add(i, Ordering::SeqCst);
+        });
+        assert_eq!(sum.load(Ordering::SeqCst), 4950);
+    }
+
+    #[test]
+    fn column_blocks_fill_every_element() {
+        let y = by_column_blocks(3, 130, 64, |c0, c1, out| {
+            for i in 0..3 {
+                for j in c0..c1 {
+                    out.set(i, j, (i * 1000 + j) as f32);
+                }
+            }
+        });
+        assert!(y.iter().enumerate().all(|(x, v)| *v == ((x / 130) * 1000 + x % 130) as f32));
+    }
+}
