@@ -301,153 +301,193 @@ impl KTiles {
 mod avx2 {
     use super::{high_bytes, slots, KRows, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
     use crate::kquants::{KFormat, QK_K};
-    use crate::tiles::avx2::{highs, nibbles};
+    use crate::tiles::avx2::{highs, nibbles, prefetch_ahead};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group(t: &KTiles, tile: usize, x: &KRows, rows: Range<usize>) -> [[f32; TILE]; GROUP] {
+        group_with(t, tile, x, rows, crate::kernels::has_vnni())
+    }
+
+    /// `group` on the given instruction set (`vnni` only where the CPU has it); the same
+    /// exact integer sums either way.
+    pub(super) unsafe fn group_with(t: &KTiles, tile: usize, x: &KRows, rows: Range<usize>, vnni: bool) -> [[f32; TILE]; GROUP] {
         macro_rules! by_rows {
-            ($f:expr) => {
+            ($kernel:ident, $f:expr) => {
                 match rows.len() {
-                    4 => tile_rows::<4, $f>(t, tile, x, rows.start),
-                    3 => tile_rows::<3, $f>(t, tile, x, rows.start),
-                    2 => tile_rows::<2, $f>(t, tile, x, rows.start),
-                    _ => tile_rows::<1, $f>(t, tile, x, rows.start),
+                    4 => $kernel::<4, $f>(t, tile, x, rows.start),
+                    3 => $kernel::<3, $f>(t, tile, x, rows.start),
+                    2 => $kernel::<2, $f>(t, tile, x, rows.start),
+                    _ => $kernel::<1, $f>(t, tile, x, rows.start),
                 }
             };
         }
-        match t.format {
-            KFormat::Q4K => by_rows!(4),
-            KFormat::Q5K => by_rows!(5),
-            KFormat::Q6K => by_rows!(6),
+        macro_rules! by_format {
+            ($kernel:ident) => {
+                match t.format {
+                    KFormat::Q4K => by_rows!($kernel, 4),
+                    KFormat::Q5K => by_rows!($kernel, 5),
+                    KFormat::Q6K => by_rows!($kernel, 6),
+                }
+            };
+        }
+        if vnni {
+            by_format!(tile_rows_vnni)
+        } else {
+            by_format!(tile_rows_avx2)
         }
     }
 
     /// The shuffles that spread slot parity `par`'s scales of rows `4h..4h+4` over a value
-    /// register's i16 lanes (each row's scale in the high byte of its four lanes, the low
-    /// byte zero): `PATTERNS[h][par]`.
-    const PATTERNS: [[[i8; 32]; 2]; 2] = {
+    /// register's lanes of `WIDTH` bytes (i16 for AVX2's pair sums, i32 for VNNI's quad
+    /// sums): each row's scale in the top byte of its lanes, the other bytes zero, so an
+    /// arithmetic shift right by `8 * (WIDTH - 1)` sign-extends it. `[h][par]`.
+    const fn patterns<const WIDTH: usize>() -> [[[i8; 32]; 2]; 2] {
         let mut p = [[[-1i8; 32]; 2]; 2];
         let mut h = 0;
         while h < 2 {
             let mut par = 0;
             while par < 2 {
-                let mut i = 1;
+                let mut i = WIDTH - 1;
                 while i < 32 {
                     p[h][par][i] = (2 * LANE_ROW[4 * h + i / 8] + par) as i8;
-                    i += 2;
+                    i += WIDTH;
                 }
                 par += 1;
             }
             h += 1;
         }
         p
-    };
-
-    /// `BITS`: 4 (Q4_K), 5 (Q5_K), 6 (Q6_K).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_rows<const R: usize, const BITS: u8>(t: &KTiles, tile: usize, x: &KRows, first: usize) -> [[f32; TILE]; GROUP] {
-        let format = t.format;
-        let (nsb, ns, hb) = (t.k / QK_K, slots(format), high_bytes(format));
-        let patterns: [[__m256i; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|par| _mm256_loadu_si256(PATTERNS[h][par].as_ptr() as *const __m256i)));
-        let xs: [super::KRow; R] = std::array::from_fn(|i| x.row(first + i));
-        let mut acc = [_mm256_setzero_ps(); R];
-        for sb in 0..nsb {
-            let tsb = tile * nsb + sb;
-            let mut sums = [[_mm256_setzero_si256(); 2]; R];
-            let scp = t.sc.as_ptr().add(tsb * TILE * ns);
-            for g in 0..BLOCKS {
-                let qp = t.q.as_ptr().add(tsb * VALUE_BYTES + g * TILE * 16);
-                let mut w = nibbles(qp);
-                if BITS == 5 {
-                    let hp = t.h.as_ptr().add(tsb * hb + g * 32) as *const u32;
-                    for (cc, wc) in w.iter_mut().enumerate() {
-                        for (h, wh) in wc.iter_mut().enumerate() {
-                            *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(hp.add(2 * cc + h))));
-                        }
-                    }
-                } else if BITS == 6 {
-                    let hp = t.h.as_ptr().add(tsb * hb + g * 64);
-                    let tops = [_mm256_loadu_si256(hp as *const __m256i), _mm256_loadu_si256(hp.add(32) as *const __m256i)];
-                    let mask = _mm256_set1_epi8(0x30);
-                    for (cc, wc) in w.iter_mut().enumerate() {
-                        for (h, wh) in wc.iter_mut().enumerate() {
-                            let reg = 2 * cc + h;
-                            let src = tops[reg / 4];
-                            // Bits 2j, 2j+1 of each byte to bits 4, 5.
-                            let moved = match reg % 4 {
-                                0 => _mm256_slli_epi16(src, 4),
-                                1 => _mm256_slli_epi16(src, 2),
-                                2 => src,
-                                _ => _mm256_srli_epi16(src, 2),
-                            };
-                            *wh = _mm256_or_si256(*wh, _mm256_and_si256(moved, mask));
-                        }
-                    }
-                }
-                // Scales for this block's slots, per half: Q4_K/Q5_K one slot (32 values),
-                // Q6_K two (16 each).
-                let scale = |s: usize, h: usize| {
-                    let pair = _mm256_broadcastsi128_si256(_mm_loadu_si128(scp.add((s / 2) * 16) as *const __m128i));
-                    _mm256_srai_epi16(_mm256_shuffle_epi8(pair, patterns[h][s % 2]), 8)
-                };
-                let sc: [[__m256i; 2]; 2] = if BITS == 6 { [[scale(2 * g, 0), scale(2 * g, 1)], [scale(2 * g + 1, 0), scale(2 * g + 1, 1)]] } else { [[scale(g, 0), scale(g, 1)], [_mm256_setzero_si256(); 2]] };
-                for r in 0..R {
-                    let xp = xs[r].q.as_ptr().add(sb * QK_K + g * 32) as *const i64;
-                    let xc: [__m256i; 4] = std::array::from_fn(|c| _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c))));
-                    for h in 0..2 {
-                        let p = |c: usize| _mm256_maddubs_epi16(w[c][h], xc[c]);
-                        // i16 pair sums: at most 4 · 2 · 31 · 127 (Q5_K) or 2 · 2 · 63 · 127
-                        // (Q6_K, per slot of 16) < 2^15.
-                        let s = if BITS == 6 {
-                            _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p(0), p(1)), sc[0][h]), _mm256_madd_epi16(_mm256_add_epi16(p(2), p(3)), sc[1][h]))
-                        } else {
-                            _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3))), sc[0][h])
-                        };
-                        sums[r][h] = _mm256_add_epi32(sums[r][h], s);
-                    }
-                }
-            }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tsb * TILE) as *const __m128i));
-            for r in 0..R {
-                let xr = &xs[r];
-                let mut s = _mm256_hadd_epi32(sums[r][0], sums[r][1]);
-                if BITS == 6 {
-                    // Σ_slots sc · 32 · Σq, per lane: the scales' slot pairs times the sums' pairs.
-                    let mut c = _mm256_setzero_si256();
-                    for pair in 0..ns / 2 {
-                        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(scp.add(pair * 16) as *const __m128i));
-                        let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s16.as_ptr().add(sb * 16 + 2 * pair) as *const i32));
-                        c = _mm256_add_epi32(c, _mm256_madd_epi16(scales, sums));
-                    }
-                    s = _mm256_sub_epi32(s, _mm256_slli_epi32(c, 5));
-                }
-                let dx = _mm256_set1_ps(*xr.d.get_unchecked(sb));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s), acc[r]);
-                if BITS != 6 {
-                    let mp = t.mn.as_ptr().add(tsb * TILE * 8);
-                    let mut m = _mm256_setzero_si256();
-                    for pair in 0..4 {
-                        let mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(mp.add(pair * 16) as *const __m128i));
-                        let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s32.as_ptr().add(sb * 8 + 2 * pair) as *const i32));
-                        m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, sums));
-                    }
-                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(tsb * TILE) as *const __m128i));
-                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), m)), acc[r]);
-                }
-            }
-        }
-        let mut out = [[0f32; TILE]; GROUP];
-        for r in 0..R {
-            let mut lanes = [0f32; TILE];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            for (l, v) in lanes.iter().enumerate() {
-                out[r][LANE_ROW[l]] = *v;
-            }
-        }
-        out
     }
+
+    const PATTERNS_I16: [[[i8; 32]; 2]; 2] = patterns::<2>();
+    const PATTERNS_I32: [[[i8; 32]; 2]; 2] = patterns::<4>();
+
+    /// One slot's scaled sums as two exact i32 lanes per row, AVX2: the chunks' pair sums in
+    /// i16 (at most 4 · 2 · 31 · 127, or 2 · 2 · 63 · 127 for Q6_K's 16-value slots), times
+    /// the scales (i16 lanes) by `madd`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn slot_avx2<const N: usize>(w: [__m256i; N], x: [__m256i; N], pair: __m256i, pattern: __m256i) -> __m256i {
+        let mut s = _mm256_maddubs_epi16(w[0], x[0]);
+        for c in 1..N {
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[c], x[c]));
+        }
+        _mm256_madd_epi16(s, _mm256_srai_epi16(_mm256_shuffle_epi8(pair, pattern), 8))
+    }
+
+    /// The same with AVX-512 VNNI: quad sums by `vpdpbusd`, times the scales (i32 lanes).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    unsafe fn slot_vnni<const N: usize>(w: [__m256i; N], x: [__m256i; N], pair: __m256i, pattern: __m256i) -> __m256i {
+        let mut s = _mm256_setzero_si256();
+        for c in 0..N {
+            s = _mm256_dpbusd_epi32(s, w[c], x[c]);
+        }
+        _mm256_mullo_epi32(s, _mm256_srai_epi32(_mm256_shuffle_epi8(pair, pattern), 24))
+    }
+
+    /// One kernel body compiled per instruction set (`$slot`, `$patterns`). `BITS`: 4 (Q4_K),
+    /// 5 (Q5_K), 6 (Q6_K).
+    macro_rules! ktile_kernel {
+        ($name:ident, $features:literal, $slot:ident, $patterns:ident) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const BITS: u8>(t: &KTiles, tile: usize, x: &KRows, first: usize) -> [[f32; TILE]; GROUP] {
+                let format = t.format;
+                let (nsb, ns, hb) = (t.k / QK_K, slots(format), high_bytes(format));
+                let patterns: [[__m256i; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|par| _mm256_loadu_si256($patterns[h][par].as_ptr() as *const __m256i)));
+                let xs: [super::KRow; R] = std::array::from_fn(|i| x.row(first + i));
+                let mut acc = [_mm256_setzero_ps(); R];
+                for sb in 0..nsb {
+                    let tsb = tile * nsb + sb;
+                    let mut sums = [[_mm256_setzero_si256(); 2]; R];
+                    let scp = t.sc.as_ptr().add(tsb * TILE * ns);
+                    for g in 0..BLOCKS {
+                        let qp = t.q.as_ptr().add(tsb * VALUE_BYTES + g * TILE * 16);
+                        prefetch_ahead(qp, TILE * 16);
+                        let mut w = nibbles(qp);
+                        if BITS == 5 {
+                            let hp = t.h.as_ptr().add(tsb * hb + g * 32) as *const u32;
+                            for (cc, wc) in w.iter_mut().enumerate() {
+                                for (h, wh) in wc.iter_mut().enumerate() {
+                                    *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(hp.add(2 * cc + h))));
+                                }
+                            }
+                        } else if BITS == 6 {
+                            let hp = t.h.as_ptr().add(tsb * hb + g * 64);
+                            let tops = [_mm256_loadu_si256(hp as *const __m256i), _mm256_loadu_si256(hp.add(32) as *const __m256i)];
+                            let mask = _mm256_set1_epi8(0x30);
+                            for (cc, wc) in w.iter_mut().enumerate() {
+                                for (h, wh) in wc.iter_mut().enumerate() {
+                                    let reg = 2 * cc + h;
+                                    let src = tops[reg / 4];
+                                    // Bits 2j, 2j+1 of each byte to bits 4, 5.
+                                    let moved = match reg % 4 {
+                                        0 => _mm256_slli_epi16(src, 4),
+                                        1 => _mm256_slli_epi16(src, 2),
+                                        2 => src,
+                                        _ => _mm256_srli_epi16(src, 2),
+                                    };
+                                    *wh = _mm256_or_si256(*wh, _mm256_and_si256(moved, mask));
+                                }
+                            }
+                        }
+                        // This block's slots' scale bytes (a pair of slots per 16 bytes, both halves of
+                        // the register): Q4_K/Q5_K one slot (32 values), Q6_K two (16 each).
+                        let pair = |s: usize| _mm256_broadcastsi128_si256(_mm_loadu_si128(scp.add((s / 2) * 16) as *const __m128i));
+                        for r in 0..R {
+                            let xp = xs[r].q.as_ptr().add(sb * QK_K + g * 32) as *const i64;
+                            let xc: [__m256i; 4] = std::array::from_fn(|c| _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c))));
+                            for h in 0..2 {
+                                let s = if BITS == 6 {
+                                    let (lo, hi) = (2 * g, 2 * g + 1);
+                                    _mm256_add_epi32(
+                                        $slot::<2>([w[0][h], w[1][h]], [xc[0], xc[1]], pair(lo), patterns[h][lo % 2]),
+                                        $slot::<2>([w[2][h], w[3][h]], [xc[2], xc[3]], pair(hi), patterns[h][hi % 2]),
+                                    )
+                                } else {
+                                    $slot::<4>([w[0][h], w[1][h], w[2][h], w[3][h]], xc, pair(g), patterns[h][g % 2])
+                                };
+                                sums[r][h] = _mm256_add_epi32(sums[r][h], s);
+                            }
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tsb * TILE) as *const __m128i));
+                    for r in 0..R {
+                        let xr = &xs[r];
+                        let mut s = _mm256_hadd_epi32(sums[r][0], sums[r][1]);
+                        if BITS == 6 {
+                            // Σ_slots sc · 32 · Σq, per lane: the scales' slot pairs times the sums' pairs.
+                            let mut c = _mm256_setzero_si256();
+                            for pair in 0..ns / 2 {
+                                let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(scp.add(pair * 16) as *const __m128i));
+                                let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s16.as_ptr().add(sb * 16 + 2 * pair) as *const i32));
+                                c = _mm256_add_epi32(c, _mm256_madd_epi16(scales, sums));
+                            }
+                            s = _mm256_sub_epi32(s, _mm256_slli_epi32(c, 5));
+                        }
+                        let dx = _mm256_set1_ps(*xr.d.get_unchecked(sb));
+                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s), acc[r]);
+                        if BITS != 6 {
+                            let mp = t.mn.as_ptr().add(tsb * TILE * 8);
+                            let mut m = _mm256_setzero_si256();
+                            for pair in 0..4 {
+                                let mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(mp.add(pair * 16) as *const __m128i));
+                                let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s32.as_ptr().add(sb * 8 + 2 * pair) as *const i32));
+                                m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, sums));
+                            }
+                            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(tsb * TILE) as *const __m128i));
+                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), m)), acc[r]);
+                        }
+                    }
+                }
+                crate::tiles::avx2::lanes_to_rows(acc)
+            }
+        };
+    }
+
+    ktile_kernel!(tile_rows_avx2, "avx2,fma,f16c", slot_avx2, PATTERNS_I16);
+    ktile_kernel!(tile_rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", slot_vnni, PATTERNS_I32);
 }
 
 #[cfg(test)]
@@ -480,10 +520,12 @@ mod tests {
             for tile in 0..n.div_ceil(TILE) {
                 for start in 0..m {
                     for len in 1..=GROUP.min(m - start) {
-                        let got = t.tile_group(tile, &xq, start..start + len);
-                        for (i, got) in got.iter().enumerate().take(len) {
-                            let want = t.tile_portable(tile, xq.row(start + i));
-                            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}: {got:?} vs {want:?}");
+                        #[cfg(target_arch = "x86_64")]
+                        for got in crate::tiles::tests::simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &xq, start..start + len, vnni) }) {
+                            for (i, got) in got.iter().enumerate().take(len) {
+                                let want = t.tile_portable(tile, xq.row(start + i));
+                                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}: {got:?} vs {want:?}");
+                            }
                         }
                     }
                 }

@@ -296,26 +296,82 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Monomorphized per format and group size.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// Monomorphized per format and group size; AVX-512 VNNI's `vpdpbusd` where the CPU
+    /// has it (the same exact integer sums, so the same results bitwise).
     pub(super) unsafe fn group(t: &Tiles, tile: usize, x: &QRows, rows: Range<usize>) -> [[f32; TILE]; GROUP] {
+        group_with(t, tile, x, rows, crate::kernels::has_vnni())
+    }
+
+    /// `group` on the given instruction set (`vnni` only where the CPU has it).
+    pub(super) unsafe fn group_with(t: &Tiles, tile: usize, x: &QRows, rows: Range<usize>, vnni: bool) -> [[f32; TILE]; GROUP] {
         macro_rules! by_rows {
-            ($nib:expr, $high:expr, $mins:expr) => {
+            ($kernel:ident, $nib:expr, $high:expr, $mins:expr) => {
                 match rows.len() {
-                    4 => tile_rows::<4, $nib, $high, $mins>(t, tile, x, rows.start),
-                    3 => tile_rows::<3, $nib, $high, $mins>(t, tile, x, rows.start),
-                    2 => tile_rows::<2, $nib, $high, $mins>(t, tile, x, rows.start),
-                    _ => tile_rows::<1, $nib, $high, $mins>(t, tile, x, rows.start),
+                    4 => $kernel::<4, $nib, $high, $mins>(t, tile, x, rows.start),
+                    3 => $kernel::<3, $nib, $high, $mins>(t, tile, x, rows.start),
+                    2 => $kernel::<2, $nib, $high, $mins>(t, tile, x, rows.start),
+                    _ => $kernel::<1, $nib, $high, $mins>(t, tile, x, rows.start),
                 }
             };
         }
-        match t.format {
-            QFormat::Q8_0 => by_rows!(false, false, false),
-            QFormat::Q4_0 => by_rows!(true, false, false),
-            QFormat::Q4_1 => by_rows!(true, false, true),
-            QFormat::Q5_0 => by_rows!(true, true, false),
-            _ => by_rows!(true, true, true),
+        macro_rules! by_format {
+            ($kernel:ident) => {
+                match t.format {
+                    QFormat::Q8_0 => by_rows!($kernel, false, false, false),
+                    QFormat::Q4_0 => by_rows!($kernel, true, false, false),
+                    QFormat::Q4_1 => by_rows!($kernel, true, false, true),
+                    QFormat::Q5_0 => by_rows!($kernel, true, true, false),
+                    _ => by_rows!($kernel, true, true, true),
+                }
+            };
         }
+        if vnni {
+            by_format!(tile_rows_vnni)
+        } else {
+            by_format!(tile_rows_avx2)
+        }
+    }
+
+    /// Σ over the four chunks of unsigned weight bytes times signed activation bytes, as two
+    /// exact i32 lanes per row: AVX2's pair sums in i16 (4 · 2 · 31 · 127 < 2^15), widened once.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn quad_avx2(w: [__m256i; 4], x: [__m256i; 4]) -> __m256i {
+        let p = |c: usize| _mm256_maddubs_epi16(w[c], x[c]);
+        _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3))), _mm256_set1_epi16(1))
+    }
+
+    /// The same sums with AVX-512 VNNI (`vpdpbusd`: four byte products into each i32).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    pub(crate) unsafe fn quad_vnni(w: [__m256i; 4], x: [__m256i; 4]) -> __m256i {
+        let mut s = _mm256_setzero_si256();
+        for c in 0..4 {
+            s = _mm256_dpbusd_epi32(s, w[c], x[c]);
+        }
+        s
+    }
+
+    /// Q8_0's signed weights on AVX2: |w| times x with w's sign, widened per chunk (a pair sum
+    /// can reach 2 · 128 · 127, too much to add four in i16).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_quad_avx2(w: [__m256i; 4], x: [__m256i; 4]) -> (__m256i, i32) {
+        let mut s = _mm256_setzero_si256();
+        for c in 0..4 {
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(x[c], w[c]));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        }
+        (s, 0)
+    }
+
+    /// Q8_0's signed weights on VNNI: `w + 128` is unsigned (an XOR), and `Σ (w + 128) x`
+    /// exceeds the wanted sum by `128 Σx` (returned as the offset to subtract).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    unsafe fn signed_quad_vnni(w: [__m256i; 4], x: [__m256i; 4]) -> (__m256i, i32) {
+        let flip = _mm256_set1_epi8(-128);
+        (quad_vnni(std::array::from_fn(|c| _mm256_xor_si256(w[c], flip)), x), 128)
     }
 
     /// Fifth bits for register `2C + h`: byte `8r + i` is 0x10 when bit `i` of byte `r` of the
@@ -347,75 +403,95 @@ pub(crate) mod avx2 {
         w
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_rows<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, x: &QRows, first: usize) -> [[f32; TILE]; GROUP] {
-        let nb = t.k / QK;
-        let vb = if NIB { QK / 2 } else { QK };
-        let offset = t.offset();
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let xs: [super::XRow; R] = std::array::from_fn(|i| x.row(first + i));
-        for b in 0..nb {
-            let tb = tile * nb + b;
-            // The tile's 32 values per row as 8 registers: w[C][h] holds values 8C..8C+8 of
-            // rows 4h..4h+4.
-            let mut w = [[_mm256_setzero_si256(); 2]; 4];
-            let qp = t.q.as_ptr().add(tb * TILE * vb);
-            if NIB {
-                w = nibbles(qp);
-                if HIGH {
-                    for (cc, wc) in w.iter_mut().enumerate() {
-                        for (h, wh) in wc.iter_mut().enumerate() {
-                            *wh = _mm256_or_si256(*wh, highs(*t.h.get_unchecked(tb * TILE + 2 * cc + h)));
-                        }
-                    }
-                }
-            } else {
-                for (c, wc) in w.iter_mut().enumerate() {
-                    for (h, wh) in wc.iter_mut().enumerate() {
-                        *wh = _mm256_loadu_si256(qp.add((2 * c + h) * 32) as *const __m256i);
-                    }
-                }
-            }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tb * TILE) as *const __m128i));
-            let mw = if MINS { _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(tb * TILE) as *const __m128i)) } else { dw };
-            for r in 0..R {
-                let xr = &xs[r];
-                let xp = xr.q.as_ptr().add(b * QK) as *const i64;
-                let mut half = [_mm256_setzero_si256(); 2];
-                for (h, s) in half.iter_mut().enumerate() {
+    /// One kernel body, compiled once per instruction set (`$quad`: unsigned weights;
+    /// `$signed`: Q8_0's signed ones, with the offset its sums carry).
+    macro_rules! tile_kernel {
+        ($name:ident, $features:literal, $quad:ident, $signed:ident) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, x: &QRows, first: usize) -> [[f32; TILE]; GROUP] {
+                let nb = t.k / QK;
+                let vb = if NIB { QK / 2 } else { QK };
+                let offset = t.offset();
+                let mut acc = [_mm256_setzero_ps(); R];
+                let xs: [super::XRow; R] = std::array::from_fn(|i| x.row(first + i));
+                for b in 0..nb {
+                    let tb = tile * nb + b;
+                    // The tile's 32 values per row as 8 registers: w[C][h] holds values
+                    // 8C..8C+8 of rows 4h..4h+4.
+                    let qp = t.q.as_ptr().add(tb * TILE * vb);
+                    prefetch_ahead(qp, TILE * vb);
+                    let mut w = [[_mm256_setzero_si256(); 2]; 4];
                     if NIB {
-                        // Unsigned 4/5-bit values times signed bytes: the four chunks' pair sums
-                        // fit i16 (4 · 2 · 31 · 127 < 2^15), summed there, then widened once.
-                        let mut s16 = _mm256_setzero_si256();
-                        for (c, wc) in w.iter().enumerate() {
-                            let xc = _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c)));
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wc[h], xc));
+                        w = nibbles(qp);
+                        if HIGH {
+                            for (cc, wc) in w.iter_mut().enumerate() {
+                                for (h, wh) in wc.iter_mut().enumerate() {
+                                    *wh = _mm256_or_si256(*wh, highs(*t.h.get_unchecked(tb * TILE + 2 * cc + h)));
+                                }
+                            }
                         }
-                        *s = _mm256_madd_epi16(s16, ones);
                     } else {
-                        // Signed × signed: |w| times x with w's sign, widened per chunk (a
-                        // pair sum can reach 2 · 128 · 127).
-                        for (c, wc) in w.iter().enumerate() {
-                            let xc = _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c)));
-                            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wc[h], wc[h]), _mm256_sign_epi8(xc, wc[h]));
-                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                        for (c, wc) in w.iter_mut().enumerate() {
+                            for (h, wh) in wc.iter_mut().enumerate() {
+                                *wh = _mm256_loadu_si256(qp.add((2 * c + h) * 32) as *const __m256i);
+                            }
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tb * TILE) as *const __m128i));
+                    let mw = if MINS { _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(tb * TILE) as *const __m128i)) } else { dw };
+                    for r in 0..R {
+                        let xr = &xs[r];
+                        let xp = xr.q.as_ptr().add(b * QK) as *const i64;
+                        let xc: [__m256i; 4] = std::array::from_fn(|c| _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c))));
+                        let mut half = [_mm256_setzero_si256(); 2];
+                        let mut extra = 0;
+                        for (h, s) in half.iter_mut().enumerate() {
+                            let wh = [w[0][h], w[1][h], w[2][h], w[3][h]];
+                            if NIB {
+                                *s = $quad(wh, xc);
+                            } else {
+                                (*s, extra) = $signed(wh, xc);
+                            }
+                        }
+                        // Rows 0-3 hold two partial sums each in `half[0]`, rows 4-7 in
+                        // `half[1]`: one hadd gives each row's total, lanes in `LANE_ROW` order.
+                        let mut sum = _mm256_hadd_epi32(half[0], half[1]);
+                        if offset + extra != 0 {
+                            sum = _mm256_sub_epi32(sum, _mm256_set1_epi32((offset + extra) * *xr.sum.get_unchecked(b)));
+                        }
+                        let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xr.d.get_unchecked(b)));
+                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
+                        if MINS {
+                            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xr.s.get_unchecked(b)), acc[r]);
                         }
                     }
                 }
-                // Rows 0-3 hold two partial sums each in `half[0]`, rows 4-7 in `half[1]`:
-                // one hadd gives each row's total, lanes in `LANE_ROW` order.
-                let mut sum = _mm256_hadd_epi32(half[0], half[1]);
-                if offset != 0 {
-                    sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(offset * *xr.sum.get_unchecked(b)));
-                }
-                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xr.d.get_unchecked(b)));
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
-                if MINS {
-                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xr.s.get_unchecked(b)), acc[r]);
-                }
+                lanes_to_rows(acc)
             }
+        };
+    }
+
+    tile_kernel!(tile_rows_avx2, "avx2,fma,f16c", quad_avx2, signed_quad_avx2);
+    tile_kernel!(tile_rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", quad_vnni, signed_quad_vnni);
+
+    /// How far ahead of the kernel the weight stream is requested.
+    pub(crate) const PREFETCH_BYTES: usize = 2048;
+
+    /// Ask for the `len` bytes `PREFETCH_BYTES` past `p` (a hint: prefetching past the end of
+    /// an allocation is harmless, and nothing is read).
+    #[inline]
+    pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
+        let at = p.wrapping_add(PREFETCH_BYTES);
+        for line in (0..len).step_by(64) {
+            // SAFETY: a prefetch has no architectural effect, whatever the address.
+            unsafe { _mm_prefetch(at.wrapping_add(line) as *const i8, _MM_HINT_T0) };
         }
+    }
+
+    /// Per input row, the 8 lanes of its accumulator back in row order.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(crate) unsafe fn lanes_to_rows<const R: usize>(acc: [__m256; R]) -> [[f32; TILE]; GROUP] {
         let mut out = [[0f32; TILE]; GROUP];
         for r in 0..R {
             let mut lanes = [0f32; TILE];
@@ -429,7 +505,7 @@ pub(crate) mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -438,6 +514,19 @@ mod tests {
     fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// What every SIMD path this CPU has computes: AVX2, and AVX-512 VNNI where present.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn simd_paths<T>(f: impl Fn(bool) -> T) -> Vec<T> {
+        let mut out = vec![];
+        if simd() {
+            out.push(f(false));
+        }
+        if crate::kernels::has_vnni() {
+            out.push(f(true));
+        }
+        out
     }
 
     const FORMATS: [(QFormat, GgmlDType); 5] =
@@ -469,10 +558,12 @@ mod tests {
             for tile in 0..n.div_ceil(TILE) {
                 for start in 0..m {
                     for len in 1..=GROUP.min(m - start) {
-                        let got = t.tile_group(tile, &xq, start..start + len);
-                        for (i, got) in got.iter().enumerate().take(len) {
-                            let want = t.tile_portable(tile, xq.row(start + i));
-                            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}");
+                        #[cfg(target_arch = "x86_64")]
+                        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &xq, start..start + len, vnni) }) {
+                            for (i, got) in got.iter().enumerate().take(len) {
+                                let want = t.tile_portable(tile, xq.row(start + i));
+                                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}");
+                            }
                         }
                     }
                 }
@@ -500,8 +591,10 @@ mod tests {
         let t = Tiles::new(QFormat::Q8_0, &data, n, k).unwrap();
         let x: Vec<f32> = (0..k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let xq = QRows::quantize(&x, k);
-        let got = t.tile_group(0, &xq, 0..1)[0];
-        assert_eq!(got, t.tile_portable(0, xq.row(0)));
+        #[cfg(target_arch = "x86_64")]
+        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, 0, &xq, 0..1, vnni) }) {
+            assert_eq!(got[0], t.tile_portable(0, xq.row(0)));
+        }
     }
 
     #[test]
