@@ -6,8 +6,8 @@
 //!
 //! The arithmetic, identical on every path (a test checks the AVX2 path bitwise against the
 //! scalar one) and batch invariant by construction: activations are quantized per super-block
-//! (`d = max|x| / 127` in f32, `q = round(x / d)`, with sums of `q` per 16 and per 32). For
-//! output `j` and input row `x`, per super-block: the exact integer
+//! (`d = max|x| / 127` in f32, `q = round(x / d)` to nearest even, with sums of `q` per 16
+//! and per 32). For output `j` and input row `x`, per super-block: the exact integer
 //! `S = Σ_slots sc · Σ_{t in slot} (w_t - o) q_t` (slots of 32 with 6-bit scales for Q4_K and
 //! Q5_K, of 16 with signed 8-bit scales and `o = 32` for Q6_K), `M = Σ_32 m · Σq` (Q4_K and
 //! Q5_K's mins), then `acc = fma(d_w · d_x, S, acc)` and `acc = fma(dmin_w · d_x, -M, acc)`.
@@ -52,16 +52,15 @@ impl KRows {
         let blocks = x.len() / QK_K;
         let mut r = KRows { k, q: Vec::with_capacity(x.len()), d: Vec::with_capacity(blocks), s16: Vec::with_capacity(blocks * 16), s32: Vec::with_capacity(blocks * 8) };
         for b in x.chunks_exact(QK_K) {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            let d = crate::tiles::max_abs(b) / 127.0;
             let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
             let start = r.q.len();
-            r.q.extend(b.iter().map(|v| (v * inv).round() as i8));
-            for c in r.q[start..].chunks_exact(16) {
-                r.s16.push(c.iter().map(|&v| v as i16).sum());
+            r.q.resize(start + QK_K, 0);
+            for (c, q) in b.chunks_exact(16).zip(r.q[start..].chunks_exact_mut(16)) {
+                r.s16.push(crate::tiles::quantize_values(c, inv, q) as i16);
             }
-            for c in r.q[start..].chunks_exact(32) {
-                r.s32.push(c.iter().map(|&v| v as i16).sum());
+            for pair in r.s16[r.s16.len() - 16..].chunks_exact(2) {
+                r.s32.push(pair[0] + pair[1]);
             }
             r.d.push(d);
         }
@@ -254,21 +253,22 @@ impl KTiles {
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
         let xq = KRows::quantize(x, self.k);
-        crate::tiles::tiled_matmul(m, self.n, |tile, rows| self.tile_group(tile, &xq, rows))
+        let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
+        crate::tiles::tiled_matmul(m, self.n, |tile, r| self.tile_group(tile, &rows[r]))
     }
 
-    fn tile_group(&self, tile: usize, x: &KRows, rows: std::ops::Range<usize>) -> [[f32; TILE]; GROUP] {
+    fn tile_group(&self, tile: usize, rows: &[KRow]) -> [[f32; TILE]; GROUP] {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::tiles::simd() {
                 // SAFETY: AVX2, FMA and F16C are present (checked); rows are k long and the
                 // tile holds k / 256 super-blocks.
-                return unsafe { avx2::group(self, tile, x, rows) };
+                return unsafe { avx2::group(self, tile, rows) };
             }
         }
         let mut out = [[0f32; TILE]; GROUP];
         for (o, i) in out.iter_mut().zip(rows) {
-            *o = self.tile_portable(tile, x.row(i));
+            *o = self.tile_portable(tile, *i);
         }
         out
     }
@@ -299,26 +299,25 @@ impl KTiles {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{high_bytes, slots, KRows, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
+    use super::{high_bytes, slots, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
     use crate::kquants::{KFormat, QK_K};
     use crate::tiles::avx2::{highs, nibbles, prefetch_ahead};
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    pub(super) unsafe fn group(t: &KTiles, tile: usize, x: &KRows, rows: Range<usize>) -> [[f32; TILE]; GROUP] {
-        group_with(t, tile, x, rows, crate::kernels::has_vnni())
+    pub(super) unsafe fn group(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
+        group_with(t, tile, rows, crate::kernels::has_vnni())
     }
 
     /// `group` on the given instruction set (`vnni` only where the CPU has it); the same
     /// exact integer sums either way.
-    pub(super) unsafe fn group_with(t: &KTiles, tile: usize, x: &KRows, rows: Range<usize>, vnni: bool) -> [[f32; TILE]; GROUP] {
+    pub(super) unsafe fn group_with(t: &KTiles, tile: usize, rows: &[super::KRow], vnni: bool) -> [[f32; TILE]; GROUP] {
         macro_rules! by_rows {
             ($kernel:ident, $f:expr) => {
                 match rows.len() {
-                    4 => $kernel::<4, $f>(t, tile, x, rows.start),
-                    3 => $kernel::<3, $f>(t, tile, x, rows.start),
-                    2 => $kernel::<2, $f>(t, tile, x, rows.start),
-                    _ => $kernel::<1, $f>(t, tile, x, rows.start),
+                    4 => $kernel::<4, $f>(t, tile, rows),
+                    3 => $kernel::<3, $f>(t, tile, rows),
+                    2 => $kernel::<2, $f>(t, tile, rows),
+                    _ => $kernel::<1, $f>(t, tile, rows),
                 }
             };
         }
@@ -392,11 +391,11 @@ mod avx2 {
     macro_rules! ktile_kernel {
         ($name:ident, $features:literal, $slot:ident, $patterns:ident) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize, const BITS: u8>(t: &KTiles, tile: usize, x: &KRows, first: usize) -> [[f32; TILE]; GROUP] {
+            unsafe fn $name<const R: usize, const BITS: u8>(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
                 let format = t.format;
                 let (nsb, ns, hb) = (t.k / QK_K, slots(format), high_bytes(format));
                 let patterns: [[__m256i; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|par| _mm256_loadu_si256($patterns[h][par].as_ptr() as *const __m256i)));
-                let xs: [super::KRow; R] = std::array::from_fn(|i| x.row(first + i));
+                let xs: [super::KRow; R] = std::array::from_fn(|i| rows[i]);
                 let mut acc = [_mm256_setzero_ps(); R];
                 for sb in 0..nsb {
                     let tsb = tile * nsb + sb;
@@ -517,11 +516,12 @@ mod tests {
             }
             let x = random_x(m * k, 6);
             let xq = KRows::quantize(&x, k);
+            let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
             for tile in 0..n.div_ceil(TILE) {
                 for start in 0..m {
                     for len in 1..=GROUP.min(m - start) {
                         #[cfg(target_arch = "x86_64")]
-                        for got in crate::tiles::tests::simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &xq, start..start + len, vnni) }) {
+                        for got in crate::tiles::tests::simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &rows[start..start + len], vnni) }) {
                             for (i, got) in got.iter().enumerate().take(len) {
                                 let want = t.tile_portable(tile, xq.row(start + i));
                                 assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}: {got:?} vs {want:?}");

@@ -11,8 +11,8 @@
 //!
 //! The arithmetic, identical on every path (a test checks the AVX2 path bitwise against the
 //! scalar one), batch invariant by construction: activations are quantized per block of 32
-//! (`d = max|x| / 127` rounded to f16, `q = round(x / d)`, `s = d * Σq`); for output `j` of
-//! input row `x` the accumulator starts at 0 and, block by block,
+//! (`d = max|x| / 127` rounded to f16, `q = round(x / d)` to nearest even, `s = d * Σq`); for
+//! output `j` of input row `x` the accumulator starts at 0 and, block by block,
 //! `acc = fma(d_w * d_x, Σ w·q_x, acc)` with the integer sum exact (`w` the stored value minus
 //! Q4_0's 8 or Q5_0's 16), then for Q4_1/Q5_1 `acc = fma(m_w, s_x, acc)`. Nothing depends on
 //! how many rows share the call or how tiles are split across threads.
@@ -61,22 +61,17 @@ impl QRows {
         let blocks = x.len() / QK;
         let mut r = QRows { k, q: Vec::with_capacity(x.len()), d: Vec::with_capacity(blocks), sum: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks) };
         for b in x.chunks_exact(QK) {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
+            let scale = max_abs(b) / 127.0;
             let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             let d = f16::from_f32(scale).to_f32();
             let start = r.q.len();
-            r.q.extend(b.iter().map(|v| (v * inv).round() as i8));
-            let sum: i32 = r.q[start..].iter().map(|&v| v as i32).sum();
+            r.q.resize(start + QK, 0);
+            let sum = quantize_values(b, inv, &mut r.q[start..]);
             r.d.push(d);
             r.sum.push(sum);
             r.s.push(d * sum as f32);
         }
         r
-    }
-
-    fn rows(&self) -> usize {
-        self.q.len() / self.k.max(1)
     }
 
     fn row(&self, i: usize) -> XRow<'_> {
@@ -213,23 +208,24 @@ impl Tiles {
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
         let xq = QRows::quantize(x, self.k);
-        tiled_matmul(m, self.n, |tile, rows| self.tile_group(tile, &xq, rows))
+        let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
+        tiled_matmul(m, self.n, |tile, r| self.tile_group(tile, &rows[r]))
     }
 
     /// Rows `rows` of `x` (at most `GROUP`) against one tile: per row, the tile's 8 outputs.
-    fn tile_group(&self, tile: usize, x: &QRows, rows: std::ops::Range<usize>) -> [[f32; TILE]; GROUP] {
-        debug_assert!(rows.len() <= GROUP && rows.end <= x.rows());
+    fn tile_group(&self, tile: usize, rows: &[XRow]) -> [[f32; TILE]; GROUP] {
+        debug_assert!(rows.len() <= GROUP);
         #[cfg(target_arch = "x86_64")]
         {
             if simd() {
                 // SAFETY: AVX2, FMA and F16C are present (checked); the rows are k long and the
                 // tile holds k / 32 blocks.
-                return unsafe { avx2::group(self, tile, x, rows) };
+                return unsafe { avx2::group(self, tile, rows) };
             }
         }
         let mut out = [[0f32; TILE]; GROUP];
         for (o, i) in out.iter_mut().zip(rows) {
-            *o = self.tile_portable(tile, x.row(i));
+            *o = self.tile_portable(tile, *i);
         }
         out
     }
@@ -273,6 +269,36 @@ pub(crate) fn tiled_matmul(m: usize, n: usize, group: impl Fn(usize, std::ops::R
     })
 }
 
+/// `max |x|` (exact whatever the order).
+pub(crate) fn max_abs(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd() {
+            // SAFETY: AVX is present (checked).
+            return unsafe { avx2::max_abs(x) };
+        }
+    }
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// `q = round(x · inv)` (ties to even) into `out`, returning `Σq`. `|x · inv| <= 127.5` is
+/// the caller's promise (`inv = 127 / max|x|`).
+pub(crate) fn quantize_values(x: &[f32], inv: f32, out: &mut [i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd() && x.len().is_multiple_of(8) {
+            // SAFETY: AVX2 is present (checked); `out` is as long as `x`.
+            return unsafe { avx2::quantize_values(x, inv, out) };
+        }
+    }
+    let mut sum = 0;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even() as i8;
+        sum += *o as i32;
+    }
+    sum
+}
+
 /// Value bytes per row and block.
 fn value_bytes(format: QFormat) -> usize {
     if format == QFormat::Q8_0 {
@@ -291,26 +317,25 @@ pub(crate) fn simd() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{QRows, Tiles, GROUP, LANE_ROW, QK, TILE};
+    use super::{Tiles, GROUP, LANE_ROW, QK, TILE};
     use crate::qkernels::QFormat;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// Monomorphized per format and group size; AVX-512 VNNI's `vpdpbusd` where the CPU
     /// has it (the same exact integer sums, so the same results bitwise).
-    pub(super) unsafe fn group(t: &Tiles, tile: usize, x: &QRows, rows: Range<usize>) -> [[f32; TILE]; GROUP] {
-        group_with(t, tile, x, rows, crate::kernels::has_vnni())
+    pub(super) unsafe fn group(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; GROUP] {
+        group_with(t, tile, rows, crate::kernels::has_vnni())
     }
 
     /// `group` on the given instruction set (`vnni` only where the CPU has it).
-    pub(super) unsafe fn group_with(t: &Tiles, tile: usize, x: &QRows, rows: Range<usize>, vnni: bool) -> [[f32; TILE]; GROUP] {
+    pub(super) unsafe fn group_with(t: &Tiles, tile: usize, rows: &[super::XRow], vnni: bool) -> [[f32; TILE]; GROUP] {
         macro_rules! by_rows {
             ($kernel:ident, $nib:expr, $high:expr, $mins:expr) => {
                 match rows.len() {
-                    4 => $kernel::<4, $nib, $high, $mins>(t, tile, x, rows.start),
-                    3 => $kernel::<3, $nib, $high, $mins>(t, tile, x, rows.start),
-                    2 => $kernel::<2, $nib, $high, $mins>(t, tile, x, rows.start),
-                    _ => $kernel::<1, $nib, $high, $mins>(t, tile, x, rows.start),
+                    4 => $kernel::<4, $nib, $high, $mins>(t, tile, rows),
+                    3 => $kernel::<3, $nib, $high, $mins>(t, tile, rows),
+                    2 => $kernel::<2, $nib, $high, $mins>(t, tile, rows),
+                    _ => $kernel::<1, $nib, $high, $mins>(t, tile, rows),
                 }
             };
         }
@@ -408,12 +433,12 @@ pub(crate) mod avx2 {
     macro_rules! tile_kernel {
         ($name:ident, $features:literal, $quad:ident, $signed:ident) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, x: &QRows, first: usize) -> [[f32; TILE]; GROUP] {
+            unsafe fn $name<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; GROUP] {
                 let nb = t.k / QK;
                 let vb = if NIB { QK / 2 } else { QK };
                 let offset = t.offset();
                 let mut acc = [_mm256_setzero_ps(); R];
-                let xs: [super::XRow; R] = std::array::from_fn(|i| x.row(first + i));
+                let xs: [super::XRow; R] = std::array::from_fn(|i| rows[i]);
                 for b in 0..nb {
                     let tb = tile * nb + b;
                     // The tile's 32 values per row as 8 registers: w[C][h] holds values
@@ -473,6 +498,39 @@ pub(crate) mod avx2 {
 
     tile_kernel!(tile_rows_avx2, "avx2,fma,f16c", quad_avx2, signed_quad_avx2);
     tile_kernel!(tile_rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", quad_vnni, signed_quad_vnni);
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn max_abs(x: &[f32]) -> f32 {
+        let mut m = _mm256_setzero_ps();
+        let chunks = x.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_loadu_ps(c.as_ptr())));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        lanes.iter().chain(tail).fold(0f32, |a, v| a.max(v.abs()))
+    }
+
+    /// `quantize_values` 8 at a time: multiply, round to nearest even, narrow (exact: the
+    /// values fit i8), and the integer sum.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_values(x: &[f32], inv: f32, out: &mut [i8]) -> i32 {
+        let vinv = _mm256_set1_ps(inv);
+        let mut sum = _mm256_setzero_si256();
+        for (c, o) in x.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+            let q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            sum = _mm256_add_epi32(sum, q);
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, q);
+            for (d, v) in o.iter_mut().zip(lanes) {
+                *d = v as i8;
+            }
+        }
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, sum);
+        lanes.iter().sum()
+    }
 
     /// How far ahead of the kernel the weight stream is requested.
     pub(crate) const PREFETCH_BYTES: usize = 2048;
@@ -555,11 +613,12 @@ pub(crate) mod tests {
             }
             let x = random(m * k, 4);
             let xq = QRows::quantize(&x, k);
+            let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
             for tile in 0..n.div_ceil(TILE) {
                 for start in 0..m {
                     for len in 1..=GROUP.min(m - start) {
                         #[cfg(target_arch = "x86_64")]
-                        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &xq, start..start + len, vnni) }) {
+                        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &rows[start..start + len], vnni) }) {
                             for (i, got) in got.iter().enumerate().take(len) {
                                 let want = t.tile_portable(tile, xq.row(start + i));
                                 assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}");
@@ -592,9 +651,30 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let xq = QRows::quantize(&x, k);
         #[cfg(target_arch = "x86_64")]
-        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, 0, &xq, 0..1, vnni) }) {
+        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, 0, &[xq.row(0)], vnni) }) {
             assert_eq!(got[0], t.tile_portable(0, xq.row(0)));
         }
+    }
+
+    /// The activations' quantization: SIMD equal to the scalar loop, ties to even.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn quantization_simd_is_scalar() {
+        if !simd() {
+            return;
+        }
+        let mut x = random(256, 9);
+        x[3] = 2.5 / 127.0 * 2.0; // a tie once scaled
+        let inv = 127.0 / x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (mut a, mut b) = (vec![0i8; 256], vec![0i8; 256]);
+        let sum = unsafe { avx2::quantize_values(&x, inv, &mut a) };
+        let mut want = 0;
+        for (o, v) in b.iter_mut().zip(&x) {
+            *o = (v * inv).round_ties_even() as i8;
+            want += *o as i32;
+        }
+        assert_eq!((a, sum), (b, want));
+        assert_eq!(unsafe { avx2::max_abs(&x[..37]) }, x[..37].iter().fold(0f32, |m, v| m.max(v.abs())));
     }
 
     #[test]
