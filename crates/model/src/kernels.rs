@@ -321,7 +321,8 @@ pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, wa
         // Each position's offset once (a division), for its key and its value row.
         let offsets: Vec<usize> = (lo..=p).map(|j| kv.offset(j) + kvh * dh).collect();
         let qs: Vec<&[f32]> = heads.clone().map(|head| &q[(r * h + head) * dh..(r * h + head + 1) * dh]).collect();
-        let mut probs = vec![vec![0f32; keys]; group];
+        // Scores key-major (`[key][head]`): each key's heads side by side for the value loop.
+        let mut probs = vec![0f32; keys * group];
         for (i, &o) in offsets.iter().enumerate() {
             if let Some(&ahead) = offsets.get(i + PREFETCH) {
                 prefetch(&kv.k[ahead..ahead + dh]);
@@ -329,36 +330,34 @@ pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, wa
             let k = &kv.k[o..o + dh];
             // Up to 4 heads against one key: each result is `dot(q_head, k)` exactly.
             for (c, qc) in qs.chunks(4).enumerate() {
-                for (g, v) in dot_group(qc, k).iter().take(qc.len()).enumerate() {
-                    probs[4 * c + g][i] = v * s.scale;
+                let at = i * group + 4 * c;
+                for (p, v) in probs[at..at + qc.len()].iter_mut().zip(dot_group(qc, k)) {
+                    *p = v * s.scale;
                 }
             }
         }
-        let mut zs = vec![vec![0f32; dh]; group];
-        for pr in probs.iter_mut() {
+        for g in 0..group {
             if let Some(cap) = s.softcap {
-                pr.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
+                probs.iter_mut().skip(g).step_by(group).for_each(|e| *e = cap * (*e / cap).tanh());
             }
-            let max = pr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max = probs.iter().skip(g).step_by(group).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0f32;
-            for e in pr.iter_mut() {
+            for e in probs.iter_mut().skip(g).step_by(group) {
                 *e = (*e - max).exp();
                 sum += *e;
             }
             let inv = 1.0 / sum;
-            pr.iter_mut().for_each(|e| *e *= inv);
+            probs.iter_mut().skip(g).step_by(group).for_each(|e| *e *= inv);
         }
-        let mut a = vec![0f32; group];
+        let mut zs = vec![vec![0f32; dh]; group];
         for (i, &o) in offsets.iter().enumerate() {
             if let Some(&ahead) = offsets.get(i + PREFETCH) {
                 prefetch(&kv.v[ahead..ahead + dh]);
             }
-            for (a, pr) in a.iter_mut().zip(&probs) {
-                *a = pr[i];
-            }
-            axpy_rows(&mut zs, &a, &kv.v[o..o + dh]);
+            axpy_rows(&mut zs, &probs[i * group..(i + 1) * group], &kv.v[o..o + dh]);
         }
-        for ((head, z), pr) in heads.zip(zs).zip(probs) {
+        for (g, (head, z)) in heads.zip(zs).enumerate() {
+            let pr = probs.iter().skip(g).step_by(group).copied().collect();
             if let Ok(mut slot) = slots[r * h + head].lock() {
                 *slot = (z, pr);
             }
