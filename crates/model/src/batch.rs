@@ -1,7 +1,7 @@
 //! The flat, ragged batch of one forward pass, and the KV cache interface attention reads through.
 
 use crate::error::{ModelError, Result};
-pub use crate::kernels::KvView;
+pub use crate::attention::KvView;
 use std::collections::HashMap;
 use std::ops::Range;
 

@@ -6,7 +6,7 @@
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
-use crate::kernels::{attention, AttnShape};
+use crate::attention::{attention, AttnShape};
 use crate::layers::{activate, Norm, Rope};
 use crate::moe::Moe;
 use crate::weights::{to_vec, Linear, LinearWeight, Table, Vb};

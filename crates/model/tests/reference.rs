@@ -204,7 +204,7 @@ fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean
     assert!(mean <= max_mean_kl, "{reference}: mean KL {mean:.3e} > {max_mean_kl:.0e}");
 }
 
-/// Measured: mean KL 4.4e-3 (max 2.3e-2). `chat_hi` and `code` agree on every token; `capital`
+/// Measured: mean KL 3.8e-3 (max 2.5e-2). `chat_hi` and `code` agree on every token; `capital`
 /// on the first 5 (" Paris.\n\n", then another sentence). Every matmul quantizes activations
 /// to 8 bits per block of 32 (Q4_1 times Q8_1, Q8_0 times Q8_0, as llama.cpp computes them).
 /// Before Q4_1 moved from the exact f32 expansion to integer dots: 5.5e-4, every token equal.
@@ -214,12 +214,12 @@ fn smollm2_quantized_path_kl() {
     check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 6e-3, false);
 }
 
-/// Measured: mean KL 7.6e-3 (max 2.0e-2; 6.2e-3 before Q5_0 moved to integer dots too).
+/// Measured: mean KL 8.1e-3 (max 2.3e-2; 7.6e-3 while the K-quants ran on candle's kernels,
+/// 6.2e-3 before Q5_0 moved to integer dots too).
 /// `chat_capital` agrees on all 12 tokens; the open-ended `hello` ("Hello" -> ",") agrees on
-/// the first token and then picks another continuation: the Q4_K/Q6_K/Q8_0/Q5_0 matmuls
-/// quantize activations to 8 bits (as llama.cpp does), and after "Hello," the model's top
-/// choices are close. The dequantized path
-/// reproduces the reference exactly (gemma3_dequantized_matches_reference).
+/// the first token and then picks another continuation: every matmul quantizes activations to
+/// 8 bits (as llama.cpp does), and after "Hello," the model's top choices are close. The
+/// dequantized path reproduces the reference exactly (gemma3_dequantized_matches_reference).
 #[test]
 fn gemma3_quantized_path_kl() {
     check_quantized(ModelSource::Gguf(glassbox_model::fetch::GEMMA3_270M.ensure().unwrap()), "gemma-3-270m-it", 1.5e-2, false);
