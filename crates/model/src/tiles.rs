@@ -27,8 +27,9 @@ const QK: usize = 32;
 /// leaves rows 0-3 and 4-7 in). It is its own inverse.
 pub(crate) const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 /// Input rows computed together against one tile (each row's arithmetic is the same as
-/// alone; grouping only saves unpacking the weights).
-pub(crate) const GROUP: usize = 4;
+/// alone; grouping only saves unpacking the weights). 8 measured slower here (registers
+/// spill), faster for the K-quants (`ktiles::GROUP`).
+const GROUP: usize = 4;
 
 /// A `[n, k]` weight matrix in tiles of 8 rows, one record per tile and block (llama.cpp's
 /// `block_q4_0x8` idea: the kernel reads one stream; separate arrays for scales and values
@@ -266,14 +267,14 @@ impl Tiles {
     }
 }
 
-/// `y[m, n]` from `group(tile, rows)`, which gives up to `GROUP` input rows' outputs against
-/// one tile: tiles in blocks of 8 (64 columns) across the compute pool.
-pub(crate) fn tiled_matmul(m: usize, n: usize, group: impl Fn(usize, std::ops::Range<usize>) -> [[f32; TILE]; GROUP] + Sync) -> Vec<f32> {
+/// `y[m, n]` from `group(tile, rows)`, which gives up to `G` input rows' outputs against one
+/// tile: tiles in blocks of 8 (64 columns) across the compute pool.
+pub(crate) fn tiled_matmul<const G: usize>(m: usize, n: usize, group: impl Fn(usize, std::ops::Range<usize>) -> [[f32; TILE]; G] + Sync) -> Vec<f32> {
     crate::pool::by_column_blocks(m, n, 8 * TILE, |c0, c1, out| {
         for tile in c0 / TILE..c1.div_ceil(TILE) {
-            for g in (0..m).step_by(GROUP) {
-                let vals = group(tile, g..(g + GROUP).min(m));
-                for (i, row) in vals.iter().enumerate().take((m - g).min(GROUP)) {
+            for g in (0..m).step_by(G) {
+                let vals = group(tile, g..(g + G).min(m));
+                for (i, row) in vals.iter().enumerate().take((m - g).min(G)) {
                     for (r, v) in row.iter().enumerate() {
                         let j = tile * TILE + r;
                         if j < c1 {
@@ -568,8 +569,8 @@ pub(crate) mod avx2 {
     /// Per input row, the 8 lanes of its accumulator back in row order.
     #[inline]
     #[target_feature(enable = "avx")]
-    pub(crate) unsafe fn lanes_to_rows<const R: usize>(acc: [__m256; R]) -> [[f32; TILE]; GROUP] {
-        let mut out = [[0f32; TILE]; GROUP];
+    pub(crate) unsafe fn lanes_to_rows<const R: usize, const G: usize>(acc: [__m256; R]) -> [[f32; TILE]; G] {
+        let mut out = [[0f32; TILE]; G];
         for r in 0..R {
             let mut lanes = [0f32; TILE];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
