@@ -31,42 +31,20 @@ pub(crate) const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 /// spill), faster for the K-quants (`ktiles::GROUP`).
 const GROUP: usize = 4;
 
-/// A `[n, k]` weight matrix in tiles of 8 rows, one record per tile and block (llama.cpp's
-/// `block_q4_0x8` idea: the kernel reads one stream; separate arrays for scales and values
-/// measured the same): 8 f16 scales (and Q4_1/Q5_1 mins) in lane order; Q5_x's fifth bits as 8
-/// words; the value bytes as 32-byte registers, register `2c + h` holding bytes `8c..8c+8` of
-/// rows `4h..4h+4` (Q8_0: the values; 4/5-bit: the nibble pairs, value `8c + i` low and
-/// `8c + 16 + i` high). Rows past `n` are zero.
+/// A `[n, k]` weight matrix in tiles of 8 rows. Per tile and block: 8 f16 scales (and Q4_1/Q5_1
+/// mins) in lane order; Q5_x's fifth bits as 8 words; the value bytes as 32-byte registers,
+/// register `2c + h` holding bytes `8c..8c+8` of rows `4h..4h+4` (Q8_0: the values; 4/5-bit:
+/// the nibble pairs, value `8c + i` low and `8c + 16 + i` high). Rows past `n` are zero.
 #[derive(Debug)]
 pub struct Tiles {
     format: QFormat,
     n: usize,
     k: usize,
-    /// One record per tile block, in the order the kernel reads them (one stream):
-    /// `Layout::of(format)` says where each part is.
-    data: Vec<u8>,
-}
-
-/// Where a tile block's parts lie in its record: 8 f16 scales at 0, Q4_1/Q5_1's 8 f16 mins
-/// at `m`, Q5_x's 8 words of fifth bits at `h` (word `2C + h`: byte `r` is bits `8C..8C+8` of
-/// row `4h + r`'s), the value registers at `q`; `len` bytes in all.
-#[derive(Clone, Copy)]
-struct Layout {
-    m: Option<usize>,
-    h: Option<usize>,
-    q: usize,
-    len: usize,
-}
-
-impl Layout {
-    fn of(format: QFormat) -> Layout {
-        let mins = matches!(format, QFormat::Q4_1 | QFormat::Q5_1);
-        let highs = matches!(format, QFormat::Q5_0 | QFormat::Q5_1);
-        let m = mins.then_some(2 * TILE);
-        let h = highs.then_some(2 * TILE * (1 + mins as usize));
-        let q = 2 * TILE * (1 + mins as usize) + if highs { 4 * TILE } else { 0 };
-        Layout { m, h, q, len: q + TILE * value_bytes(format) }
-    }
+    d: Vec<u16>,
+    m: Vec<u16>,
+    /// Word `2C + h` of a tile block: byte `r` is bits `8C..8C+8` of row `4h + r`'s fifth bits.
+    h: Vec<u32>,
+    q: Vec<u8>,
 }
 
 /// Input rows quantized to 8 bits per block of 32: values, scales, and per block `Σq` and
@@ -128,37 +106,41 @@ impl Tiles {
         }
         let (nb, tiles) = (k / QK, n.div_ceil(TILE));
         let vb = value_bytes(format);
-        let lay = Layout::of(format);
-        let mut t = Tiles { format, n, k, data: vec![0; tiles * nb * lay.len] };
+        let mins = matches!(format, QFormat::Q4_1 | QFormat::Q5_1);
+        let highs = matches!(format, QFormat::Q5_0 | QFormat::Q5_1);
+        let mut t = Tiles {
+            format,
+            n,
+            k,
+            d: vec![0; tiles * nb * TILE],
+            m: if mins { vec![0; tiles * nb * TILE] } else { vec![] },
+            h: if highs { vec![0; tiles * nb * TILE] } else { vec![] },
+            q: vec![0; tiles * nb * TILE * vb],
+        };
+        let half = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
         for (j, row) in data.chunks_exact(nb * bb).enumerate() {
             let (tile, r) = (j / TILE, j % TILE);
             let lane = LANE_ROW[r];
             for (b, blk) in row.chunks_exact(bb).enumerate() {
-                let rec = &mut t.data[(tile * nb + b) * lay.len..(tile * nb + b + 1) * lay.len];
-                rec[2 * lane..2 * lane + 2].copy_from_slice(&blk[0..2]);
-                if let Some(m) = lay.m {
-                    rec[m + 2 * lane..m + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+                let tb = tile * nb + b;
+                t.d[tb * TILE + lane] = half(blk, 0);
+                if mins {
+                    t.m[tb * TILE + lane] = half(blk, 2);
                 }
-                if let Some(h) = lay.h {
-                    // Byte `c` of the row's fifth bits goes to byte `r % 4` of word `2c + r / 4`.
+                if highs {
+                    let word = u32::from_le_bytes([blk[val_at - 4], blk[val_at - 3], blk[val_at - 2], blk[val_at - 1]]);
                     for c in 0..4 {
-                        rec[h + 4 * (2 * c + r / 4) + r % 4] = blk[val_at - 4 + c];
+                        t.h[tb * TILE + 2 * c + r / 4] |= ((word >> (8 * c)) & 0xFF) << (8 * (r % 4));
                     }
                 }
                 let vals = &blk[val_at..];
                 for c in 0..vb / 8 {
-                    let at = lay.q + (2 * c + r / 4) * 32 + (r % 4) * 8;
-                    rec[at..at + 8].copy_from_slice(&vals[8 * c..8 * c + 8]);
+                    let at = tb * TILE * vb + (2 * c + r / 4) * 32 + (r % 4) * 8;
+                    t.q[at..at + 8].copy_from_slice(&vals[8 * c..8 * c + 8]);
                 }
             }
         }
         Some(t)
-    }
-
-    /// Tile block `tb`'s record.
-    fn record(&self, tb: usize) -> &[u8] {
-        let len = Layout::of(self.format).len;
-        &self.data[tb * len..(tb + 1) * len]
     }
 
     pub fn out_features(&self) -> usize {
@@ -172,20 +154,29 @@ impl Tiles {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) || init.iter().any(|p| !p.n.is_multiple_of(TILE)) {
             return None;
         }
-        Some(Tiles { format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k, data: parts.iter().flat_map(|p| p.data.iter().copied()).collect() })
+        Some(Tiles {
+            format: first.format,
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
+            m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+            h: parts.iter().flat_map(|p| p.h.iter().copied()).collect(),
+            q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+        })
     }
 
     /// Value `v` (0..32) of row `r` of `tile`, block `b`, as stored (before any offset).
     fn raw(&self, tile: usize, r: usize, b: usize, v: usize) -> i32 {
-        let lay = Layout::of(self.format);
-        let rec = self.record(tile * (self.k / QK) + b);
-        let byte = |c: usize, i: usize| rec[lay.q + (2 * c + r / 4) * 32 + (r % 4) * 8 + i];
+        let nb = self.k / QK;
+        let tb = tile * nb + b;
+        let vb = value_bytes(self.format);
+        let byte = |c: usize, i: usize| self.q[tb * TILE * vb + (2 * c + r / 4) * 32 + (r % 4) * 8 + i];
         if self.format == QFormat::Q8_0 {
             return byte(v / 8, v % 8) as i8 as i32;
         }
         let pair = byte((v % 16) / 8, v % 8);
         let nib = if v < 16 { pair & 0x0F } else { pair >> 4 } as i32;
-        let high = lay.h.map_or(0, |h| (rec[h + 4 * (2 * (v / 8) + r / 4) + r % 4] >> (v % 8)) & 1) as i32;
+        let high = if self.h.is_empty() { 0 } else { ((self.h[tb * TILE + 2 * (v / 8) + r / 4] >> (8 * (r % 4) + v % 8)) & 1) as i32 };
         nib | (high << 4)
     }
 
@@ -197,27 +188,19 @@ impl Tiles {
         }
     }
 
-    /// Row `r`'s f16 at `at` in tile block (`tile`, `b`)'s record (its scale at 0, its min at
-    /// `Layout::m`).
-    fn half(&self, at: usize, tile: usize, b: usize, r: usize) -> f32 {
-        let rec = self.record(tile * (self.k / QK) + b);
-        let i = at + 2 * LANE_ROW[r];
-        f16::from_le_bytes([rec[i], rec[i + 1]]).to_f32()
+    fn scale(v: &[u16], tile: usize, nb: usize, b: usize, r: usize) -> f32 {
+        f16::from_bits(v[(tile * nb + b) * TILE + LANE_ROW[r]]).to_f32()
     }
 
     /// Row `j` in f32, exactly as candle's dequantization computes it (`(q - 8) * d`,
     /// `q * d + m`, ...).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let (tile, r) = (j / TILE, j % TILE);
-        let mins = Layout::of(self.format).m;
+        let (tile, r, nb) = (j / TILE, j % TILE, self.k / QK);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let d = self.half(0, tile, b, r);
+            let d = Self::scale(&self.d, tile, nb, b, r);
             for (v, y) in o.iter_mut().enumerate() {
                 let q = self.raw(tile, r, b, v);
-                *y = match mins {
-                    Some(m) => (q as f32) * d + self.half(m, tile, b, r),
-                    None => ((q - self.offset()) as f32) * d,
-                };
+                *y = if self.m.is_empty() { ((q - self.offset()) as f32) * d } else { (q as f32) * d + Self::scale(&self.m, tile, nb, b, r) };
             }
         }
     }
@@ -256,9 +239,9 @@ impl Tiles {
             let mut acc = 0f32;
             for b in 0..nb {
                 let sum: i32 = (0..QK).map(|v| (self.raw(tile, r, b, v) - self.offset()) * x.q[b * QK + v] as i32).sum();
-                acc = (self.half(0, tile, b, r) * x.d[b]).mul_add(sum as f32, acc);
-                if let Some(m) = Layout::of(self.format).m {
-                    acc = self.half(m, tile, b, r).mul_add(x.s[b], acc);
+                acc = (Self::scale(&self.d, tile, nb, b, r) * x.d[b]).mul_add(sum as f32, acc);
+                if !self.m.is_empty() {
+                    acc = Self::scale(&self.m, tile, nb, b, r).mul_add(x.s[b], acc);
                 }
             }
             *o = acc;
@@ -453,7 +436,7 @@ pub(crate) mod avx2 {
             #[target_feature(enable = $features)]
             unsafe fn $name<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; GROUP] {
                 let nb = t.k / QK;
-                let lay = super::Layout::of(t.format);
+                let vb = if NIB { QK / 2 } else { QK };
                 let offset = t.offset();
                 let mut acc = [_mm256_setzero_ps(); R];
                 let xs: [super::XRow; R] = std::array::from_fn(|i| rows[i]);
@@ -461,17 +444,15 @@ pub(crate) mod avx2 {
                     let tb = tile * nb + b;
                     // The tile's 32 values per row as 8 registers: w[C][h] holds values
                     // 8C..8C+8 of rows 4h..4h+4.
-                    let rec = t.data.as_ptr().add(tb * lay.len);
-                    prefetch_ahead(rec, lay.len);
-                    let qp = rec.add(lay.q);
+                    let qp = t.q.as_ptr().add(tb * TILE * vb);
+                    prefetch_ahead(qp, TILE * vb);
                     let mut w = [[_mm256_setzero_si256(); 2]; 4];
                     if NIB {
                         w = nibbles(qp);
                         if HIGH {
                             for (cc, wc) in w.iter_mut().enumerate() {
                                 for (h, wh) in wc.iter_mut().enumerate() {
-                                    let word = std::ptr::read_unaligned((rec.add(lay.h.unwrap_or(0)) as *const u32).add(2 * cc + h));
-                                    *wh = _mm256_or_si256(*wh, highs(u32::from_le(word)));
+                                    *wh = _mm256_or_si256(*wh, highs(*t.h.get_unchecked(tb * TILE + 2 * cc + h)));
                                 }
                             }
                         }
@@ -482,8 +463,8 @@ pub(crate) mod avx2 {
                             }
                         }
                     }
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec as *const __m128i));
-                    let mw = if MINS { _mm256_cvtph_ps(_mm_loadu_si128(rec.add(lay.m.unwrap_or(0)) as *const __m128i)) } else { dw };
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tb * TILE) as *const __m128i));
+                    let mw = if MINS { _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(tb * TILE) as *const __m128i)) } else { dw };
                     for r in 0..R {
                         let xr = &xs[r];
                         let xp = xr.q.as_ptr().add(b * QK) as *const i64;
@@ -623,8 +604,8 @@ pub(crate) mod tests {
     /// the product within 1% of the f32 one over the dequantized weights.
     #[test]
     fn tiles_are_exact_invariant_and_close() {
-        let (n, k, m) = (19, 256, 6);
-        for (format, dtype) in FORMATS {
+        // k = 96: an odd number of blocks.
+        for ((n, k, m), (format, dtype)) in [(19, 256, 6), (11, 96, 5)].into_iter().flat_map(|s| FORMATS.map(|f| (s, f))) {
             let (t, dense) = matrix(format, dtype, n, k, 3);
             let mut row = vec![0f32; k];
             for j in 0..n {
