@@ -198,10 +198,7 @@ pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, wa
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32) - 0.5).collect()
-    }
+    use crate::kernels::tests::data;
 
     #[test]
     fn axpy_is_the_scalar_loop_bitwise() {

@@ -205,10 +205,11 @@ pub fn matmul_bt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic test values in [-0.5, 0.5).
+    pub(crate) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32) - 0.5).collect()
     }
 

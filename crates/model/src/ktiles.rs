@@ -188,8 +188,7 @@ impl KTiles {
     /// The matrices' rows one after another, when each but the last fills its tiles.
     pub fn concat(parts: &[&KTiles]) -> Option<KTiles> {
         let first = parts.first()?;
-        let (init, _) = parts.split_at(parts.len() - 1);
-        if parts.iter().any(|p| p.format != first.format || p.k != first.k) || init.iter().any(|p| !p.n.is_multiple_of(TILE)) {
+        if !crate::tiles::concatenable(parts.iter().map(|p| (p.format, p.k, p.n))) {
             return None;
         }
         let cat = |f: fn(&KTiles) -> &Vec<u16>| parts.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<u16>>();
@@ -525,27 +524,11 @@ mod tests {
             let x = random_x(m * k, 6);
             let xq = KRows::quantize(&x, k);
             let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
-            for tile in 0..n.div_ceil(TILE) {
-                for start in 0..m {
-                    for len in 1..=GROUP.min(m - start) {
-                        #[cfg(target_arch = "x86_64")]
-                        for got in crate::tiles::tests::simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &rows[start..start + len], vnni) }) {
-                            for (i, got) in got.iter().enumerate().take(len) {
-                                let want = t.tile_portable(tile, xq.row(start + i));
-                                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}: {got:?} vs {want:?}");
-                            }
-                        }
-                    }
-                }
-            }
-            let batched = t.matmul_bt(&x, m);
-            for i in 0..m {
-                let alone = t.matmul_bt(&x[i * k..(i + 1) * k], 1);
-                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i} differs in a batch");
-            }
-            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-            assert!((num / den).sqrt() < 0.01, "{format:?}: relative error {}", (num / den).sqrt());
+            #[cfg(target_arch = "x86_64")]
+            let simd = |tile: usize, rows: &[KRow], vnni: bool| unsafe { avx2::group_with(&t, tile, rows, vnni) }.to_vec();
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd = |_: usize, _: &[KRow], _: bool| vec![];
+            crate::tiles::tests::check_tiled(&format!("{format:?}"), (n, k, GROUP), (&x, &dense), &rows, simd, |tile, row| t.tile_portable(tile, row), |x, m| t.matmul_bt(x, m));
         }
     }
 

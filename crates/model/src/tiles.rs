@@ -150,8 +150,7 @@ impl Tiles {
     /// The matrices' rows one after another, when each but the last fills its tiles.
     pub fn concat(parts: &[&Tiles]) -> Option<Tiles> {
         let first = parts.first()?;
-        let (init, _) = parts.split_at(parts.len() - 1);
-        if parts.iter().any(|p| p.format != first.format || p.k != first.k) || init.iter().any(|p| !p.n.is_multiple_of(TILE)) {
+        if !concatenable(parts.iter().map(|p| (p.format, p.k, p.n))) {
             return None;
         }
         Some(Tiles {
@@ -248,6 +247,14 @@ impl Tiles {
         }
         out
     }
+}
+
+/// Whether matrices (format, `k`, `n` each) can be stacked row-wise as tiles: one format and
+/// width, and every part but the last filling its tiles.
+pub(crate) fn concatenable<F: PartialEq>(parts: impl Iterator<Item = (F, usize, usize)>) -> bool {
+    let parts: Vec<_> = parts.collect();
+    let Some((f0, k0, _)) = parts.first() else { return false };
+    parts.iter().all(|(f, k, _)| f == f0 && k == k0) && parts.iter().rev().skip(1).all(|(_, _, n)| n.is_multiple_of(TILE))
 }
 
 /// `y[m, n]` from `group(tile, rows)`, which gives up to `G` input rows' outputs against one
@@ -615,28 +622,51 @@ pub(crate) mod tests {
             let x = random(m * k, 4);
             let xq = QRows::quantize(&x, k);
             let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
-            for tile in 0..n.div_ceil(TILE) {
-                for start in 0..m {
-                    for len in 1..=GROUP.min(m - start) {
-                        #[cfg(target_arch = "x86_64")]
-                        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, tile, &rows[start..start + len], vnni) }) {
-                            for (i, got) in got.iter().enumerate().take(len) {
-                                let want = t.tile_portable(tile, xq.row(start + i));
-                                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: tile {tile}, rows {start}+{len}");
-                            }
+            #[cfg(target_arch = "x86_64")]
+            let simd = |tile: usize, rows: &[XRow], vnni: bool| unsafe { avx2::group_with(&t, tile, rows, vnni) }.to_vec();
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd = |_: usize, _: &[XRow], _: bool| vec![];
+            check_tiled(&format!("{format:?}"), (n, k, GROUP), (&x, &dense), &rows, simd, |tile, row| t.tile_portable(tile, row), |x, m| t.matmul_bt(x, m));
+        }
+    }
+
+    /// What every tiled format must do (`tiles`, `ktiles`), for `x` (`m` rows of `k`) against
+    /// `n` weight rows (`dense` their dequantized values): every SIMD path (`simd(tile, rows,
+    /// vnni)`) bitwise the scalar reference (`portable(tile, row)`) for every run of up to
+    /// `group` rows; a batch bitwise its rows alone; within 1% of the f32 product.
+    pub(crate) fn check_tiled<R: Copy>(
+        label: &str,
+        (n, k, group): (usize, usize, usize),
+        (x, dense): (&[f32], &[f32]),
+        rows: &[R],
+        simd: impl Fn(usize, &[R], bool) -> Vec<[f32; TILE]>,
+        portable: impl Fn(usize, R) -> [f32; TILE],
+        matmul: impl Fn(&[f32], usize) -> Vec<f32>,
+    ) {
+        let m = rows.len();
+        for tile in 0..n.div_ceil(TILE) {
+            for start in 0..m {
+                for len in 1..=group.min(m - start) {
+                    #[cfg(target_arch = "x86_64")]
+                    for got in simd_paths(|vnni| simd(tile, &rows[start..start + len], vnni)) {
+                        for (i, got) in got.iter().enumerate().take(len) {
+                            let want = portable(tile, rows[start + i]);
+                            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: tile {tile}, rows {start}+{len}: {got:?} vs {want:?}");
                         }
                     }
                 }
             }
-            let batched = t.matmul_bt(&x, m);
-            for i in 0..m {
-                let alone = t.matmul_bt(&x[i * k..(i + 1) * k], 1);
-                assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {i} differs in a batch");
-            }
-            let exact = crate::kernels::matmul_bt(&x, &dense, m, k, n);
-            let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-            assert!((num / den).sqrt() < 0.01, "{format:?}: relative error {}", (num / den).sqrt());
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (&simd, &portable);
+        let batched = matmul(x, m);
+        for i in 0..m {
+            let alone = matmul(&x[i * k..(i + 1) * k], 1);
+            assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: row {i} differs in a batch");
+        }
+        let exact = crate::kernels::matmul_bt(x, dense, m, k, n);
+        let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
+        assert!((num / den).sqrt() < 0.01, "{label}: relative error {}", (num / den).sqrt());
     }
 
     /// Extreme values: Q8_0's -128 and a full-scale activation block still sum exactly.
