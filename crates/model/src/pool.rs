@@ -36,6 +36,9 @@ struct Shared {
     sleepers: Mutex<usize>,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// The first panic of the current job's tasks, re-raised on the caller once every thread
+    /// has left the job (a panicking task must not kill a worker and hang the caller).
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 const OPEN: usize = 1 << (usize::BITS - 1);
@@ -69,6 +72,7 @@ impl Pool {
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            panic: Mutex::new(None),
         });
         let workers = threads.max(1) - 1;
         for i in 0..workers {
@@ -85,10 +89,20 @@ impl Pool {
     }
 
     /// Run `f(0..tasks)`, each index exactly once, spread over the pool; returns when all
-    /// have run.
+    /// have run. If tasks panic, the others still run and the first panic is raised here, on
+    /// the caller (the engine's per-step crash handling sees it as it would without the pool).
     pub fn run(&self, tasks: usize, f: impl Fn(usize) + Sync) {
-        let guard = if self.workers == 0 || tasks <= 1 { None } else { self.submit.try_lock().ok() };
-        let Some(_guard) = guard else {
+        // One job at a time; a poisoned lock (a task panicked while it was held) is still ours.
+        let guard = if self.workers == 0 || tasks <= 1 {
+            None
+        } else {
+            match self.submit.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        let Some(guard) = guard else {
             (0..tasks).for_each(f);
             return;
         };
@@ -115,6 +129,13 @@ impl Pool {
         if let Ok(mut job) = s.job.lock() {
             *job = None;
         }
+        // Every thread has left the job, so `f` is no longer used: a task's panic goes on
+        // from here, on the caller, as it would have without the pool.
+        let panicked = s.panic.lock().ok().and_then(|mut p| p.take());
+        drop(guard);
+        if let Some(payload) = panicked {
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
@@ -126,13 +147,19 @@ impl Drop for Pool {
     }
 }
 
+/// Run tasks until none is left. A panicking task is caught and kept for the caller (the
+/// remaining tasks still run), so every thread leaves the job normally.
 fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), tasks: usize) {
     loop {
         let i = s.next.fetch_add(1, Ordering::SeqCst);
         if i >= tasks {
             return;
         }
-        f(i);
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))) {
+            if let Ok(mut first) = s.panic.lock() {
+                first.get_or_insert(payload);
+            }
+        }
     }
 }
 
@@ -238,6 +265,29 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    /// A panicking task (on a worker or on the caller) reaches the caller as a panic once the
+    /// job is over, and the pool keeps working: no dead worker, no hang.
+    #[test]
+    fn a_task_panic_reaches_the_caller_and_the_pool_survives() {
+        let pool = Pool::new(2);
+        for bad in [0, 7, 63] {
+            let ran = AtomicUsize::new(0);
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(64, |i| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    assert_ne!(i, bad, "task {bad} fails");
+                })
+            }));
+            assert!(got.is_err(), "the panic of task {bad} must reach the caller");
+            assert_eq!(ran.load(Ordering::SeqCst), 64, "the other tasks still run");
+        }
+        let sum = AtomicUsize::new(0);
+        pool.run(100, |i| {
+            sum.fetch_add(i, Ordering::SeqCst);
+        });
+        assert_eq!(sum.load(Ordering::SeqCst), 4950);
     }
 
     #[test]
