@@ -430,6 +430,12 @@ impl Mlp {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let (gate, up) = match &self.input {
+            // No hook on gate or up: SiLU and the product straight from the fused output.
+            MlpIn::GatedFused(w) if self.act == Activation::Silu && !ctx.wants(name(Site::MlpPre)) && !ctx.wants(name(Site::MlpPreLinear)) => {
+                let y = ctx.timed(l, "gate_up_proj", || w.forward(x))?;
+                let post = ctx.timed(l, "act", || crate::layers::silu_mul_halves(&y))?;
+                return self.finish(post, layer, ctx);
+            }
             MlpIn::Plain(up) => {
                 let pre = ctx.timed(l, "up_proj", || up.forward(x))?;
                 let pre = ctx.hook(name(Site::MlpPre), pre)?;

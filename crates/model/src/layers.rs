@@ -58,6 +58,21 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `silu(gate) · up` for `y = [gate | up]` (`[n, 2f]` → `[n, f]`) in one pass: the gated MLP's
+/// fused projection without splitting it into two tensors first. The same arithmetic as
+/// candle's `silu` (`v / (1 + exp(-v))`) then the product, so the same numbers (a test checks).
+pub fn silu_mul_halves(y: &Tensor) -> Result<Tensor> {
+    let (n, two_f) = y.dims2()?;
+    let f = two_f / 2;
+    let v = crate::weights::to_vec(y)?;
+    let mut out = Vec::with_capacity(n * f);
+    for row in v.chunks_exact(two_f) {
+        let (gate, up) = row.split_at(f);
+        out.extend(gate.iter().zip(up).map(|(&g, &u)| (g / (1.0 + (-g).exp())) * u));
+    }
+    Ok(Tensor::from_vec(out, (n, f), &Device::Cpu)?)
+}
+
 /// Rotary position embedding in Hugging Face's half-split ("rotate_half") layout, over the
 /// first `rotary_dim` dimensions of each head (all of them unless rotary is partial, as in
 /// GPT-NeoX); the rest pass through.
@@ -160,5 +175,22 @@ impl Rope {
             }
         }
         Ok(Tensor::from_vec(v, (n, heads, head_dim), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused SiLU·up is candle's `silu(gate) * up`, bitwise.
+    #[test]
+    fn fused_silu_mul_is_candles() {
+        let (n, f) = (3, 37);
+        let v: Vec<f32> = crate::kernels::tests::data(n * 2 * f, 5).iter().map(|x| x * 20.0).collect();
+        let y = Tensor::from_vec(v, (n, 2 * f), &Device::Cpu).unwrap();
+        let want = (candle_nn::ops::silu(&y.narrow(1, 0, f).unwrap()).unwrap() * y.narrow(1, f, f).unwrap()).unwrap();
+        let got = silu_mul_halves(&y).unwrap();
+        let (a, b) = (crate::weights::to_vec(&got).unwrap(), crate::weights::to_vec(&want).unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }
