@@ -258,8 +258,8 @@ impl DecoderModel {
             let p = ctx.hook(HookName::global(Site::PosEmbed), Tensor::from_vec(rows, (positions.len(), d), &Device::Cpu)?)?;
             x = (x + p)?;
         }
-        let rope_of = |r: &Option<Rope>| r.as_ref().map(|r| r.cos_sin(positions)).transpose();
-        let (global, local) = (rope_of(&self.rope_global)?, rope_of(&self.rope_local)?);
+        let rope_of = |r: &Option<Rope>| r.as_ref().map(|r| r.cos_sin(positions));
+        let (global, local) = (rope_of(&self.rope_global), rope_of(&self.rope_local));
         for (i, block) in self.layers.iter().enumerate() {
             let rope = if block.sliding { local.as_ref() } else { global.as_ref() };
             let t = ctx.start();
@@ -285,7 +285,7 @@ impl DecoderModel {
 }
 
 /// cos and sin for each row of the step (None without rotary embeddings).
-type CosSin<'a> = Option<&'a (Tensor, Tensor)>;
+type CosSin<'a> = Option<&'a (Vec<f32>, Vec<f32>)>;
 
 impl Block {
     fn forward(&self, x: Tensor, layer: usize, cfg: &ModelConfig, rope: CosSin, ctx: &mut ForwardCtx) -> Result<Tensor> {

@@ -3,7 +3,7 @@
 use crate::config::{Activation, NormKind, RopeScaling};
 use crate::error::Result;
 use crate::weights::Vb;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
@@ -136,8 +136,9 @@ impl Rope {
         Rope { inv_freq: inv_freq.iter().map(|&f| f as f32).collect(), attention_factor, position_scale }
     }
 
-    /// cos and sin, `[n, head_dim/2]`, for the given absolute positions.
-    pub fn cos_sin(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+    /// cos and sin, `[n, head_dim/2]` row-major, for the given absolute positions (once per
+    /// step, shared by every layer's `apply`).
+    pub fn cos_sin(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -149,18 +150,16 @@ impl Rope {
                 sin.push(a.sin() * self.attention_factor);
             }
         }
-        let n = positions.len();
-        Ok((Tensor::from_vec(cos, (n, half), &Device::Cpu)?, Tensor::from_vec(sin, (n, half), &Device::Cpu)?))
+        (cos, sin)
     }
 
     /// Rotate `x` (`[n, heads, head_dim]`) by per-row cos/sin (`[n, rotary_dim/2]`).
-    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub fn apply(x: &Tensor, cos: &[f32], sin: &[f32]) -> Result<Tensor> {
         // One pass over the rows instead of eight tensor ops (narrows, broadcast products, a
         // difference, a sum, a concatenation): the same products, difference and sum per
         // element, so the same numbers (`x1·cos - x2·sin`, `x2·cos + x1·sin`, each rounded).
         let (n, heads, head_dim) = x.dims3()?;
-        let half = cos.dim(D::Minus1)?;
-        let (cos, sin) = (crate::weights::to_vec(cos)?, crate::weights::to_vec(sin)?);
+        let half = cos.len() / n.max(1);
         let mut v = crate::weights::to_vec(x)?;
         for (r, row) in v.chunks_exact_mut(heads * head_dim).enumerate().take(n) {
             let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
