@@ -14,7 +14,7 @@ use crate::kernels::has_avx2;
 /// `z_r += a_r * v` for every row `r`, element by element (a multiply, then an add: no FMA),
 /// so the AVX path's numbers are the scalar loop's; `v` is read once for all rows.
 #[inline]
-pub fn axpy_rows(zs: &mut [Vec<f32>], a: &[f32], v: &[f32]) {
+fn axpy_rows(zs: &mut [Vec<f32>], a: &[f32], v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
@@ -59,13 +59,7 @@ const PREFETCH: usize = 8;
 /// Ask the CPU to bring `row` into cache (a hint; no effect on results).
 #[inline]
 fn prefetch(row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
-        // SAFETY: a prefetch of a valid address has no architectural effect.
-        unsafe { std::arch::x86_64::_mm_prefetch(line.as_ptr() as *const i8, std::arch::x86_64::_MM_HINT_T0) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
+    crate::kernels::prefetch(row.as_ptr() as *const u8, std::mem::size_of_val(row));
 }
 
 /// `out[i * heads + h] = dot(qs[h], k_i) * scale` for the keys at `offsets` in `k` (each as
@@ -104,16 +98,6 @@ impl KvView<'_> {
     pub fn offset(&self, pos: usize) -> usize {
         let b = self.block_table[pos / self.block_size] as usize;
         (b * self.block_size + pos % self.block_size) * self.row
-    }
-    #[inline]
-    pub fn k_row(&self, pos: usize) -> &[f32] {
-        let o = self.offset(pos);
-        &self.k[o..o + self.row]
-    }
-    #[inline]
-    pub fn v_row(&self, pos: usize) -> &[f32] {
-        let o = self.offset(pos);
-        &self.v[o..o + self.row]
     }
 }
 
@@ -173,7 +157,8 @@ pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, wa
             axpy_rows(&mut zs, &probs[i * group..(i + 1) * group], &kv.v[o..o + dh]);
         }
         for (g, (head, z)) in heads.zip(zs).enumerate() {
-            let pr = probs.iter().skip(g).step_by(group).copied().collect();
+            // A head's probabilities are copied out only when the pattern was asked for.
+            let pr = if want_probs { probs.iter().skip(g).step_by(group).copied().collect() } else { vec![] };
             if let Ok(mut slot) = slots[r * h + head].lock() {
                 *slot = (z, pr);
             }

@@ -42,6 +42,19 @@ pub fn has_vnni() -> bool {
     })
 }
 
+/// Ask the CPU to bring the `len` bytes at `p` into cache: a hint, with no effect on results
+/// (any address may be named, nothing is read). A no-op off x86-64.
+#[inline]
+pub(crate) fn prefetch(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..len).step_by(64) {
+        // SAFETY: a prefetch has no architectural effect, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch(p.wrapping_add(line) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;

@@ -543,15 +543,11 @@ pub(crate) mod avx2 {
     /// How far ahead of the kernel the weight stream is requested.
     pub(crate) const PREFETCH_BYTES: usize = 2048;
 
-    /// Ask for the `len` bytes `PREFETCH_BYTES` past `p` (a hint: prefetching past the end of
-    /// an allocation is harmless, and nothing is read).
+    /// Ask for the `len` bytes `PREFETCH_BYTES` past `p` (past the end of the weights is
+    /// harmless: nothing is read).
     #[inline]
     pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
-        let at = p.wrapping_add(PREFETCH_BYTES);
-        for line in (0..len).step_by(64) {
-            // SAFETY: a prefetch has no architectural effect, whatever the address.
-            unsafe { _mm_prefetch(at.wrapping_add(line) as *const i8, _MM_HINT_T0) };
-        }
+        crate::kernels::prefetch(p.wrapping_add(PREFETCH_BYTES), len);
     }
 
     /// Per input row, the 8 lanes of its accumulator back in row order.
