@@ -19,7 +19,7 @@
 //! the 2-bit tops of four value registers (register `4K + j` at bits `2j`).
 
 use crate::kquants::{scale_min_k4, KFormat, QK_K};
-use crate::tiles::{LANE_ROW, TILE};
+use crate::tiles::{high_word, register_byte, LANE_ROW, TILE};
 use half::f16;
 
 /// Input rows computed together against one tile: 8 here (4 for the 32-weight formats), as
@@ -105,6 +105,12 @@ fn high_bytes(f: KFormat) -> usize {
 
 const VALUE_BYTES: usize = BLOCKS * TILE * 16;
 
+/// Where slot `s`'s scale (or min) of accumulator lane `lane` lies among a super-block's:
+/// slots in pairs, `[pair][lane][2]`, so one 16-byte load holds two slots for all 8 lanes.
+fn pair_slot(s: usize, lane: usize) -> usize {
+    (s / 2) * 16 + lane * 2 + s % 2
+}
+
 impl KTiles {
     /// From GGUF bytes (`n` rows of `k / 256` super-blocks).
     pub fn new(format: KFormat, data: &[u8], n: usize, k: usize) -> Option<KTiles> {
@@ -141,31 +147,29 @@ impl KTiles {
                     }
                 }
                 let ns = slots(format);
-                let slot_at = |s: usize| tsb * TILE * ns + (s / 2) * 16 + lane * 2 + s % 2;
                 if mins {
                     t.d[tsb * TILE + lane] = half(blk, 0);
                     t.dmin[tsb * TILE + lane] = half(blk, 2);
                     for s in 0..8 {
                         let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                        t.sc[slot_at(s)] = sc as i8;
-                        t.mn[tsb * TILE * 8 + (s / 2) * 16 + lane * 2 + s % 2] = m as i8;
+                        t.sc[tsb * TILE * ns + pair_slot(s, lane)] = sc as i8;
+                        t.mn[tsb * TILE * 8 + pair_slot(s, lane)] = m as i8;
                     }
                 } else {
                     t.d[tsb * TILE + lane] = half(blk, 208);
                     for s in 0..16 {
-                        t.sc[slot_at(s)] = blk[192 + s] as i8;
+                        t.sc[tsb * TILE * ns + pair_slot(s, lane)] = blk[192 + s] as i8;
                     }
                 }
                 for g in 0..BLOCKS {
                     let vals = &v[32 * g..32 * g + 32];
                     for c in 0..2 {
-                        let at = tsb * VALUE_BYTES + g * TILE * 16 + (2 * c + r / 4) * 32 + (r % 4) * 8;
                         for i in 0..8 {
-                            t.q[at + i] = (vals[8 * c + i] & 0x0F) | ((vals[8 * c + 16 + i] & 0x0F) << 4);
+                            t.q[tsb * VALUE_BYTES + g * TILE * 16 + register_byte(c, r, i)] = (vals[8 * c + i] & 0x0F) | ((vals[8 * c + 16 + i] & 0x0F) << 4);
                         }
                     }
                     for cc in 0..4 {
-                        let reg = 2 * cc + r / 4;
+                        let reg = high_word(cc, r);
                         for i in 0..8 {
                             let top = vals[8 * cc + i] >> 4;
                             match format {
@@ -209,9 +213,9 @@ impl KTiles {
     /// Row `r` of `tile`, super-block `tsb` (absolute), value `v` (0..256) as stored unsigned.
     fn raw(&self, tsb: usize, r: usize, v: usize) -> i32 {
         let (g, t) = (v / 32, v % 32);
-        let pair = self.q[tsb * VALUE_BYTES + g * TILE * 16 + (2 * ((t % 16) / 8) + r / 4) * 32 + (r % 4) * 8 + t % 8];
+        let pair = self.q[tsb * VALUE_BYTES + g * TILE * 16 + register_byte((t % 16) / 8, r, t % 8)];
         let low = if t < 16 { pair & 0x0F } else { pair >> 4 } as i32;
-        let reg = 2 * (t / 8) + r / 4;
+        let reg = high_word(t / 8, r);
         let top = match self.format {
             KFormat::Q4K => 0,
             KFormat::Q5K => (self.h[tsb * high_bytes(self.format) + g * 32 + reg * 4 + r % 4] >> (t % 8)) & 1,
@@ -222,11 +226,11 @@ impl KTiles {
 
     /// Slot `s`'s scale of row `r` (and Q4_K/Q5_K's min of 32-value block `s`).
     fn scale(&self, tsb: usize, r: usize, s: usize) -> i32 {
-        self.sc[tsb * TILE * slots(self.format) + (s / 2) * 16 + LANE_ROW[r] * 2 + s % 2] as i32
+        self.sc[tsb * TILE * slots(self.format) + pair_slot(s, LANE_ROW[r])] as i32
     }
 
     fn min(&self, tsb: usize, r: usize, s: usize) -> i32 {
-        self.mn[tsb * TILE * 8 + (s / 2) * 16 + LANE_ROW[r] * 2 + s % 2] as i32
+        self.mn[tsb * TILE * 8 + pair_slot(s, LANE_ROW[r])] as i32
     }
 
     fn half(v: &[u16], tsb: usize, r: usize) -> f32 {
@@ -304,7 +308,7 @@ impl KTiles {
 mod avx2 {
     use super::{high_bytes, slots, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
     use crate::kquants::{KFormat, QK_K};
-    use crate::tiles::avx2::{highs, nibbles, prefetch_ahead};
+    use crate::tiles::avx2::{add_highs, nibbles, prefetch_ahead};
     use std::arch::x86_64::*;
 
     pub(super) unsafe fn group(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
@@ -393,6 +397,21 @@ mod avx2 {
         _mm256_mullo_epi32(s, _mm256_srai_epi32(_mm256_shuffle_epi8(pair, pattern), 24))
     }
 
+    /// Per accumulator lane, `Σ_slots bytes[slot] · sums[slot]` over `pairs` pairs of slots:
+    /// the scales or mins (`pair_slot`'s layout, signed bytes) against the activations' block
+    /// sums, two slots per `madd` (exact in i32).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pair_dot(bytes: *const i8, sums: *const i16, pairs: usize) -> __m256i {
+        let mut acc = _mm256_setzero_si256();
+        for pair in 0..pairs {
+            let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(bytes.add(pair * 16) as *const __m128i));
+            let s = _mm256_set1_epi32(std::ptr::read_unaligned(sums.add(2 * pair) as *const i32));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(b, s));
+        }
+        acc
+    }
+
     /// One kernel body compiled per instruction set (`$slot`, `$patterns`). `BITS`: 4 (Q4_K),
     /// 5 (Q5_K), 6 (Q6_K).
     macro_rules! ktile_kernel {
@@ -413,12 +432,7 @@ mod avx2 {
                         prefetch_ahead(qp, TILE * 16);
                         let mut w = nibbles(qp);
                         if BITS == 5 {
-                            let hp = t.h.as_ptr().add(tsb * hb + g * 32) as *const u32;
-                            for (cc, wc) in w.iter_mut().enumerate() {
-                                for (h, wh) in wc.iter_mut().enumerate() {
-                                    *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(hp.add(2 * cc + h))));
-                                }
-                            }
+                            add_highs(&mut w, t.h.as_ptr().add(tsb * hb + g * 32) as *const u32);
                         } else if BITS == 6 {
                             let hp = t.h.as_ptr().add(tsb * hb + g * 64);
                             let tops = [_mm256_loadu_si256(hp as *const __m256i), _mm256_loadu_si256(hp.add(32) as *const __m256i)];
@@ -464,24 +478,13 @@ mod avx2 {
                         let mut s = _mm256_hadd_epi32(sums[r][0], sums[r][1]);
                         if BITS == 6 {
                             // Σ_slots sc · 32 · Σq, per lane: the scales' slot pairs times the sums' pairs.
-                            let mut c = _mm256_setzero_si256();
-                            for pair in 0..ns / 2 {
-                                let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(scp.add(pair * 16) as *const __m128i));
-                                let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s16.as_ptr().add(sb * 16 + 2 * pair) as *const i32));
-                                c = _mm256_add_epi32(c, _mm256_madd_epi16(scales, sums));
-                            }
+                            let c = pair_dot(scp, xr.s16.as_ptr().add(sb * 16), ns / 2);
                             s = _mm256_sub_epi32(s, _mm256_slli_epi32(c, 5));
                         }
                         let dx = _mm256_set1_ps(*xr.d.get_unchecked(sb));
                         acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s), acc[r]);
                         if BITS != 6 {
-                            let mp = t.mn.as_ptr().add(tsb * TILE * 8);
-                            let mut m = _mm256_setzero_si256();
-                            for pair in 0..4 {
-                                let mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(mp.add(pair * 16) as *const __m128i));
-                                let sums = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s32.as_ptr().add(sb * 8 + 2 * pair) as *const i32));
-                                m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, sums));
-                            }
+                            let m = pair_dot(t.mn.as_ptr().add(tsb * TILE * 8), xr.s32.as_ptr().add(sb * 8), 4);
                             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(tsb * TILE) as *const __m128i));
                             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), m)), acc[r]);
                         }

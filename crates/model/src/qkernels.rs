@@ -41,7 +41,7 @@ pub enum QFormat {
 }
 
 impl QFormat {
-    fn block_bytes(self) -> usize {
+    pub(crate) fn block_bytes(self) -> usize {
         match self {
             QFormat::Q8_0 => 2 + QK,
             QFormat::Q4_1 => 4 + QK / 2,
@@ -53,7 +53,7 @@ impl QFormat {
     }
 
     /// The fixed offset subtracted from every value (`None`: per-block mins instead).
-    fn offset(self) -> Option<i32> {
+    pub(crate) fn offset(self) -> Option<i32> {
         match self {
             QFormat::Q4_0 => Some(8),
             QFormat::Q5_0 => Some(16),
@@ -69,8 +69,9 @@ impl QFormat {
         }
     }
 
-    /// Bytes of values per block once repacked (scales and mins live apart).
-    fn packed(self) -> usize {
+    /// Bytes of values per block once repacked (scales and mins live apart); in a 32-weight
+    /// block they are its last bytes.
+    pub(crate) fn packed(self) -> usize {
         match self {
             QFormat::Q8_0 => QK,
             QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => QK / 2,

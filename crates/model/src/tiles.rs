@@ -93,19 +93,16 @@ impl Tiles {
     /// From GGUF bytes of a 32-weight format (`n` rows of `k / 32` blocks); `None` for other
     /// formats or bytes that do not fit.
     pub fn new(format: QFormat, data: &[u8], n: usize, k: usize) -> Option<Tiles> {
-        let (bb, val_at) = match format {
-            QFormat::Q8_0 => (34, 2),
-            QFormat::Q4_0 => (18, 2),
-            QFormat::Q4_1 => (20, 4),
-            QFormat::Q5_0 => (22, 6),
-            QFormat::Q5_1 => (24, 8),
-            QFormat::K(_) => return None,
-        };
+        if let QFormat::K(_) = format {
+            return None;
+        }
+        // f16 scale, then (Q4_1/Q5_1) f16 min, (Q5_x) 32 fifth bits, and the values last.
+        let (bb, vb) = (format.block_bytes(), format.packed());
+        let val_at = bb - vb;
         if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * bb {
             return None;
         }
         let (nb, tiles) = (k / QK, n.div_ceil(TILE));
-        let vb = value_bytes(format);
         let mins = matches!(format, QFormat::Q4_1 | QFormat::Q5_1);
         let highs = matches!(format, QFormat::Q5_0 | QFormat::Q5_1);
         let mut t = Tiles {
@@ -130,12 +127,12 @@ impl Tiles {
                 if highs {
                     let word = u32::from_le_bytes([blk[val_at - 4], blk[val_at - 3], blk[val_at - 2], blk[val_at - 1]]);
                     for c in 0..4 {
-                        t.h[tb * TILE + 2 * c + r / 4] |= ((word >> (8 * c)) & 0xFF) << (8 * (r % 4));
+                        t.h[tb * TILE + high_word(c, r)] |= ((word >> (8 * c)) & 0xFF) << (8 * (r % 4));
                     }
                 }
                 let vals = &blk[val_at..];
                 for c in 0..vb / 8 {
-                    let at = tb * TILE * vb + (2 * c + r / 4) * 32 + (r % 4) * 8;
+                    let at = tb * TILE * vb + register_byte(c, r, 0);
                     t.q[at..at + 8].copy_from_slice(&vals[8 * c..8 * c + 8]);
                 }
             }
@@ -168,23 +165,19 @@ impl Tiles {
     fn raw(&self, tile: usize, r: usize, b: usize, v: usize) -> i32 {
         let nb = self.k / QK;
         let tb = tile * nb + b;
-        let vb = value_bytes(self.format);
-        let byte = |c: usize, i: usize| self.q[tb * TILE * vb + (2 * c + r / 4) * 32 + (r % 4) * 8 + i];
+        let vb = self.format.packed();
+        let byte = |c: usize, i: usize| self.q[tb * TILE * vb + register_byte(c, r, i)];
         if self.format == QFormat::Q8_0 {
             return byte(v / 8, v % 8) as i8 as i32;
         }
         let pair = byte((v % 16) / 8, v % 8);
         let nib = if v < 16 { pair & 0x0F } else { pair >> 4 } as i32;
-        let high = if self.h.is_empty() { 0 } else { ((self.h[tb * TILE + 2 * (v / 8) + r / 4] >> (8 * (r % 4) + v % 8)) & 1) as i32 };
+        let high = if self.h.is_empty() { 0 } else { ((self.h[tb * TILE + high_word(v / 8, r)] >> (8 * (r % 4) + v % 8)) & 1) as i32 };
         nib | (high << 4)
     }
 
     fn offset(&self) -> i32 {
-        match self.format {
-            QFormat::Q4_0 => 8,
-            QFormat::Q5_0 => 16,
-            _ => 0,
-        }
+        self.format.offset().unwrap_or(0)
     }
 
     fn scale(v: &[u16], tile: usize, nb: usize, b: usize, r: usize) -> f32 {
@@ -307,13 +300,17 @@ pub(crate) fn quantize_values(x: &[f32], inv: f32, out: &mut [i8]) -> i32 {
     sum
 }
 
-/// Value bytes per row and block.
-fn value_bytes(format: QFormat) -> usize {
-    if format == QFormat::Q8_0 {
-        QK
-    } else {
-        QK / 2
-    }
+/// Where byte `i` of chunk `c` (bytes `8c..8c+8` of a row's block) of tile row `r` lies in a
+/// tile block's value registers: register `2c + r / 4`, row slot `r % 4`. The one layout of
+/// `Tiles` and `KTiles` (whose 4-bit blocks are these blocks).
+pub(crate) fn register_byte(c: usize, r: usize, i: usize) -> usize {
+    (2 * c + r / 4) * 32 + (r % 4) * 8 + i
+}
+
+/// The fifth-bit word that holds byte `c` (values `8c..8c+8`) of tile row `r`'s fifth bits, at
+/// byte `r % 4` of it (the register `2c + r / 4` those values sit in).
+pub(crate) fn high_word(c: usize, r: usize) -> usize {
+    2 * c + r / 4
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -411,12 +408,24 @@ pub(crate) mod avx2 {
     /// word is set (spread the word's bytes, OR with every bit but bit `i`, compare).
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn highs(word: u32) -> __m256i {
+    unsafe fn highs(word: u32) -> __m256i {
         let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
         let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
         let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
         let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, others), _mm256_set1_epi8(-1));
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// A tile block's fifth bits (8 words at `words`, `super::high_word`'s layout) set as
+    /// 0x10 into its value registers.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn add_highs(w: &mut [[__m256i; 2]; 4], words: *const u32) {
+        for (c, wc) in w.iter_mut().enumerate() {
+            for (h, wh) in wc.iter_mut().enumerate() {
+                *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(words.add(super::high_word(c, 4 * h)))));
+            }
+        }
     }
 
     /// A 4-bit tile block's 128 bytes as `[C][h]` registers of byte values (`C`: values
@@ -457,11 +466,7 @@ pub(crate) mod avx2 {
                     if NIB {
                         w = nibbles(qp);
                         if HIGH {
-                            for (cc, wc) in w.iter_mut().enumerate() {
-                                for (h, wh) in wc.iter_mut().enumerate() {
-                                    *wh = _mm256_or_si256(*wh, highs(*t.h.get_unchecked(tb * TILE + 2 * cc + h)));
-                                }
-                            }
+                            add_highs(&mut w, t.h.as_ptr().add(tb * TILE));
                         }
                     } else {
                         for (c, wc) in w.iter_mut().enumerate() {
