@@ -84,10 +84,6 @@ impl Pool {
         Pool { shared, workers, submit: Mutex::new(()) }
     }
 
-    pub fn threads(&self) -> usize {
-        self.workers + 1
-    }
-
     /// Run `f(0..tasks)`, each index exactly once, spread over the pool; returns when all
     /// have run. If tasks panic, the others still run and the first panic is raised here, on
     /// the caller (the engine's per-step crash handling sees it as it would without the pool).
@@ -211,22 +207,24 @@ fn worker(s: &Shared) {
     }
 }
 
-/// A `[rows, n]` f32 output that tasks fill by disjoint column ranges.
+/// One task's view of a `[rows, n]` f32 output: it may write only its own columns.
 pub struct Columns {
     ptr: *mut f32,
     rows: usize,
     n: usize,
+    cols: std::ops::Range<usize>,
 }
 
-// SAFETY: tasks write disjoint columns (`by_column_blocks` hands each task its own range).
+// SAFETY: each task's view writes only its own column range (checked in `set`), and
+// `by_column_blocks` hands out disjoint ranges.
 unsafe impl Sync for Columns {}
 
 impl Columns {
-    /// Set `y[i, j]`. Only called by the task that owns column `j`.
+    /// Set `y[i, j]`; `j` must be one of this task's columns.
     #[inline]
     pub fn set(&self, i: usize, j: usize, v: f32) {
-        assert!(i < self.rows && j < self.n);
-        // SAFETY: in bounds (checked); no other task writes column `j`.
+        assert!(i < self.rows && self.cols.contains(&j));
+        // SAFETY: in bounds (checked: `cols` lies within `0..n`); no other task writes `j`.
         unsafe { *self.ptr.add(i * self.n + j) = v }
     }
 }
@@ -235,8 +233,12 @@ impl Columns {
 /// fills columns `c0..c1` of every row.
 pub fn by_column_blocks(m: usize, n: usize, cols: usize, f: impl Fn(usize, usize, &Columns) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    let out = Columns { ptr: y.as_mut_ptr(), rows: m, n };
-    Pool::global().run(n.div_ceil(cols), |b| f(b * cols, ((b + 1) * cols).min(n), &out));
+    // The address as an integer, so the closure is `Sync`; each task gets its own view.
+    let ptr = y.as_mut_ptr() as usize;
+    Pool::global().run(n.div_ceil(cols), |b| {
+        let (c0, c1) = (b * cols, ((b + 1) * cols).min(n));
+        f(c0, c1, &Columns { ptr: ptr as *mut f32, rows: m, n, cols: c0..c1 });
+    });
     y
 }
 
@@ -283,6 +285,18 @@ mod tests {
             assert!(got.is_err(), "the panic of task {bad} must reach the caller");
             assert_eq!(ran.load(Ordering::SeqCst), 64, "the other tasks still run");
         }
+        runs_every_task(&pool);
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = Pool::new(2);
+        std::thread::sleep(SPIN * 3);
+        runs_every_task(&pool);
+    }
+
+    /// A 100-task loop on `pool` runs each task once.
+    fn runs_every_task(pool: &Pool) {
         let sum = AtomicUsize::new(0);
         pool.run(100, |i| {
             sum.fetch_add(i, Ordering::SeqCst);
@@ -290,15 +304,11 @@ mod tests {
         assert_eq!(sum.load(Ordering::SeqCst), 4950);
     }
 
+    /// A task writing outside its own columns is stopped (the write would race another task).
     #[test]
-    fn parked_workers_wake_for_the_next_job() {
-        let pool = Pool::new(2);
-        std::thread::sleep(SPIN * 3);
-        let sum = AtomicUsize::new(0);
-        pool.run(100, |i| {
-            sum.fetch_add(i, Ordering::SeqCst);
-        });
-        assert_eq!(sum.load(Ordering::SeqCst), 4950);
+    #[should_panic]
+    fn a_task_cannot_write_another_tasks_columns() {
+        by_column_blocks(2, 130, 64, |_, c1, out| out.set(0, c1 % 130, 1.0));
     }
 
     #[test]
