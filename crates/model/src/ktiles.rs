@@ -503,12 +503,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::kquants::tests_support::random;
-
-    fn random_x(len: usize, seed: u64) -> Vec<f32> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
-    }
+    use crate::qkernels::tests::random_x;
 
     /// Per format (n not a multiple of the tile): rows read back as candle dequantizes them;
     /// every SIMD group size bitwise the scalar reference; a batch bitwise its rows alone; the
@@ -524,7 +519,7 @@ mod tests {
                 t.dequantize_row(j, &mut row);
                 assert!(row.iter().zip(&dense[j * k..(j + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {j}");
             }
-            let x = random_x(m * k, 6);
+            let x = random_x(m, k, 6);
             let xq = KRows::quantize(&x, k);
             let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
             #[cfg(target_arch = "x86_64")]

@@ -454,7 +454,7 @@ fn pad<const R: usize>(v: [f32; R]) -> [f32; GROUP] {
 
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -501,7 +501,8 @@ mod tests {
         (QMatrix::new(format, &data, n, k, false).unwrap(), dense)
     }
 
-    fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    /// `m * k` random values in [-2, 2).
+    pub(crate) fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect()
     }
@@ -509,14 +510,20 @@ mod tests {
     /// `w`'s product with random rows: bitwise the same alone as in a batch, and (`exact`)
     /// bitwise the f32 kernel's over `dense`, or else within 1% of it.
     fn check(w: &QMatrix, dense: &[f32], m: usize, exact: bool, label: &str) {
-        let (n, k) = (w.n, w.k);
-        let x = random_x(m, k, 4);
-        let batched = w.matmul_bt(&x, m);
+        check_product(label, (w.n, w.k), &random_x(m, w.k, 4), dense, |x, m| w.matmul_bt(x, m), exact);
+    }
+
+    /// What every quantized product must do, for `x` (rows of `k`) against `n` weight rows
+    /// (`dense`: their dequantized values): a batch bitwise its rows alone, and (`exact`)
+    /// bitwise the f32 kernel's product over `dense`, or else within 1% of it.
+    pub(crate) fn check_product(label: &str, (n, k): (usize, usize), x: &[f32], dense: &[f32], matmul: impl Fn(&[f32], usize) -> Vec<f32>, exact: bool) {
+        let m = x.len() / k;
+        let batched = matmul(x, m);
         for i in 0..m {
-            let alone = w.matmul_bt(&x[i * k..(i + 1) * k], 1);
+            let alone = matmul(&x[i * k..(i + 1) * k], 1);
             assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: row {i} differs in a batch");
         }
-        let f32_path = crate::kernels::matmul_bt(&x, dense, m, k, n);
+        let f32_path = crate::kernels::matmul_bt(x, dense, m, k, n);
         if exact {
             assert!(f32_path.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{label} must equal the f32 path bitwise");
         } else {

@@ -576,12 +576,7 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    use rand::{Rng, SeedableRng};
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
-    }
+    use crate::qkernels::tests::random_x;
 
     /// What every SIMD path this CPU has computes: AVX2, and AVX-512 VNNI where present.
     #[cfg(target_arch = "x86_64")]
@@ -602,7 +597,7 @@ pub(crate) mod tests {
     /// `n` random rows of `k` in `dtype` through candle's quantizer: our tiles and candle's
     /// dequantized weights.
     fn matrix(format: QFormat, dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Tiles, Vec<f32>) {
-        let q = QTensor::quantize(&Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+        let q = QTensor::quantize(&Tensor::from_vec(random_x(n, k, seed), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
         let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         (Tiles::new(format, &q.data().unwrap(), n, k).unwrap(), dense)
     }
@@ -620,7 +615,7 @@ pub(crate) mod tests {
                 t.dequantize_row(j, &mut row);
                 assert!(row.iter().zip(&dense[j * k..(j + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: row {j}");
             }
-            let x = random(m * k, 4);
+            let x = random_x(m, k, 4);
             let xq = QRows::quantize(&x, k);
             let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
             #[cfg(target_arch = "x86_64")]
@@ -660,14 +655,7 @@ pub(crate) mod tests {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (&simd, &portable);
-        let batched = matmul(x, m);
-        for i in 0..m {
-            let alone = matmul(&x[i * k..(i + 1) * k], 1);
-            assert!(alone.iter().zip(&batched[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: row {i} differs in a batch");
-        }
-        let exact = crate::kernels::matmul_bt(x, dense, m, k, n);
-        let (num, den) = exact.iter().zip(&batched).fold((0f64, 0f64), |(a, b), (e, g)| (a + ((e - g) as f64).powi(2), b + (*e as f64).powi(2)));
-        assert!((num / den).sqrt() < 0.01, "{label}: relative error {}", (num / den).sqrt());
+        crate::qkernels::tests::check_product(label, (n, k), x, dense, matmul, false);
     }
 
     /// Extreme values: Q8_0's -128 and a full-scale activation block still sum exactly.
@@ -695,7 +683,7 @@ pub(crate) mod tests {
         if !simd() {
             return;
         }
-        let mut x = random(256, 9);
+        let mut x = random_x(1, 256, 9);
         x[3] = 2.5 / 127.0 * 2.0; // a tie once scaled
         let inv = 127.0 / x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (mut a, mut b) = (vec![0i8; 256], vec![0i8; 256]);
