@@ -398,7 +398,7 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
 /// dequantized at load and run by our f32 kernel. Candle picks the K-quants' kernel by the
 /// batch size, so the engine feeds them one row at a time when invariance is on.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8K)
+    matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q8K)
 }
 
 /// A table read by rows (token embeddings), shared with the output projection when tied.

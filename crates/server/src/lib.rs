@@ -67,7 +67,8 @@ pub struct ServeArgs {
     /// Run GGUF weights dequantized to f32.
     #[arg(long)]
     pub dequantize: bool,
-    /// Keep each request's numbers independent of the batch (costs speed on K-quant weights).
+    /// Keep each request's numbers independent of the batch (our kernels always are; this costs
+    /// speed only on the formats left to candle, Q2_K and Q3_K, run a row at a time).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub batch_invariant: bool,
     /// Where a failing engine step writes its crash dump (and SIGQUIT / POST
