@@ -159,23 +159,29 @@ fn gemma3_dequantized_matches_reference() {
 /// llama.cpp does) against the reference logits: mean KL(reference || ours) over every position,
 /// and greedy decoding compared token for token (differences are printed, not failed: the
 /// reference was computed on dequantized weights with float activations).
-fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64, greedy_must_agree: bool) {
-    check_quantized_in(source, &shared().join("reference").join(reference), reference, max_mean_kl, greedy_must_agree)
+fn check_quantized(source: ModelSource, reference: &str, max_mean_kl: f64) {
+    check_quantized_in(source, &shared().join("reference").join(reference), reference, max_mean_kl)
 }
 
-fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean_kl: f64, greedy_must_agree: bool) {
+/// Log-probabilities `[positions, vocab]` of `m` over a whole prompt.
+fn log_probs(m: &glassbox_model::LoadedModel, input: &[u32]) -> Vec<Vec<f32>> {
+    let layout = BatchLayout::single(input.len(), 0, LogitRows::All);
+    let logits = m.model.forward(input, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
+    candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// KL(p || q) per position, from log-probabilities.
+fn kls(p: &[Vec<f32>], q: &[Vec<f32>]) -> Vec<f64> {
+    p.iter().zip(q).map(|(p, q)| p.iter().zip(q).map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq as f64)).sum()).collect()
+}
+
+fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean_kl: f64) {
     let m = load(&source, LoadOptions::default()).unwrap();
-    let mut kls = vec![];
+    let mut kls_all = vec![];
     for case in cases_in(dir) {
         let input = ids(&case.tensors["input_ids"]);
-        let layout = BatchLayout::single(input.len(), 0, LogitRows::All);
-        let logits = m.model.forward(&input, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
-        let ours = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
         let refs = candle_nn::ops::log_softmax(&case.tensors["logits"], 1).unwrap().to_vec2::<f32>().unwrap();
-        for (o, r) in ours.iter().zip(&refs) {
-            let kl: f64 = r.iter().zip(o).map(|(&lr, &lo)| (lr as f64).exp() * (lr as f64 - lo as f64)).sum();
-            kls.push(kl);
-        }
+        kls_all.extend(kls(&refs, &log_probs(&m, &input)));
         let expect = ids(&case.tensors["greedy_continuation"]);
         let mut cache = ContiguousKvCache::default();
         let (mut step, mut pos, mut got) = (input.clone(), 0, vec![]);
@@ -194,13 +200,10 @@ fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean
             expect.len(),
             m.tokenizer.decode(&got, false).unwrap()
         );
-        if greedy_must_agree {
-            assert_eq!(got, expect, "{reference}/{}: quantized greedy continuation", case.name);
-        }
     }
-    let mean = kls.iter().sum::<f64>() / kls.len() as f64;
-    let max = kls.iter().cloned().fold(0.0, f64::max);
-    println!("{reference}: quantized path KL(ref||ours) mean {mean:.2e}, max {max:.2e} over {} positions", kls.len());
+    let mean = kls_all.iter().sum::<f64>() / kls_all.len() as f64;
+    let max = kls_all.iter().cloned().fold(0.0, f64::max);
+    println!("{reference}: quantized path KL(ref||ours) mean {mean:.2e}, max {max:.2e} over {} positions", kls_all.len());
     assert!(mean <= max_mean_kl, "{reference}: mean KL {mean:.3e} > {max_mean_kl:.0e}");
 }
 
@@ -211,7 +214,7 @@ fn check_quantized_in(source: ModelSource, dir: &Path, reference: &str, max_mean
 /// The dequantized path reproduces the reference (`smollm2_dequantized_matches_reference`).
 #[test]
 fn smollm2_quantized_path_kl() {
-    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 6e-3, false);
+    check_quantized(ModelSource::Gguf(glassbox_model::fetch::DEFAULT_MODEL.ensure().unwrap()), "smollm2-135m-instruct", 6e-3);
 }
 
 /// Measured: mean KL 8.1e-3 (max 2.3e-2; 7.6e-3 while the K-quants ran on candle's kernels,
@@ -222,7 +225,7 @@ fn smollm2_quantized_path_kl() {
 /// dequantized path reproduces the reference exactly (gemma3_dequantized_matches_reference).
 #[test]
 fn gemma3_quantized_path_kl() {
-    check_quantized(ModelSource::Gguf(glassbox_model::fetch::GEMMA3_270M.ensure().unwrap()), "gemma-3-270m-it", 1.5e-2, false);
+    check_quantized(ModelSource::Gguf(glassbox_model::fetch::GEMMA3_270M.ensure().unwrap()), "gemma-3-270m-it", 1.5e-2);
 }
 
 // ---- Tiny random-weight models of every architecture (scripts/make_tiny_models.py) ----
@@ -248,7 +251,7 @@ fn check_tiny(arch: &str, max_kl: f64) {
     let gguf_reference = Some(dir.join("reference-gguf")).filter(|d| d.is_dir()).unwrap_or_else(|| reference.clone());
     check_model_in(ModelSource::HfDir(dir.join("hf")), &reference, &format!("{arch} (hf)"), true);
     check_model_in(ModelSource::Gguf(dir.join("model-f32.gguf")), &gguf_reference, &format!("{arch} (gguf f32)"), true);
-    check_quantized_in(ModelSource::Gguf(dir.join("model-q8_0.gguf")), &gguf_reference, &format!("{arch} (gguf q8_0)"), max_kl, false);
+    check_quantized_in(ModelSource::Gguf(dir.join("model-q8_0.gguf")), &gguf_reference, &format!("{arch} (gguf q8_0)"), max_kl);
     for source in [ModelSource::HfDir(dir.join("hf")), ModelSource::Gguf(dir.join("model-q8_0.gguf")), ModelSource::Gguf(dir.join("model-q4_0.gguf"))] {
         check_batch_invariance(&source, arch);
     }
@@ -263,20 +266,13 @@ fn check_tiny(arch: &str, max_kl: f64) {
 fn check_integer_path(path: &Path, reference: &Path, arch: &str) {
     let fast = load(&ModelSource::Gguf(path.to_path_buf()), LoadOptions::default()).unwrap();
     let exact = load(&ModelSource::Gguf(path.to_path_buf()), LoadOptions { dequantize: true, ..Default::default() }).unwrap();
-    let mut kls = vec![];
+    let mut kls_all = vec![];
     for case in cases_in(reference) {
         let input = ids(&case.tensors["input_ids"]);
-        let layout = BatchLayout::single(input.len(), 0, LogitRows::All);
-        let logits = |m: &glassbox_model::LoadedModel| {
-            let l = m.model.forward(&input, &mut ForwardCtx::new(&layout, &mut ContiguousKvCache::default())).unwrap();
-            candle_nn::ops::log_softmax(&l, 1).unwrap().to_vec2::<f32>().unwrap()
-        };
-        for (e, f) in logits(&exact).iter().zip(&logits(&fast)) {
-            kls.push(e.iter().zip(f).map(|(&le, &lf)| (le as f64).exp() * (le as f64 - lf as f64)).sum::<f64>());
-        }
+        kls_all.extend(kls(&log_probs(&exact, &input), &log_probs(&fast, &input)));
     }
-    let mean = kls.iter().sum::<f64>() / kls.len() as f64;
-    println!("{arch}: integer path vs exact path, mean KL {mean:.2e}, max {:.2e}", kls.iter().cloned().fold(0.0, f64::max));
+    let mean = kls_all.iter().sum::<f64>() / kls_all.len() as f64;
+    println!("{arch}: integer path vs exact path, mean KL {mean:.2e}, max {:.2e}", kls_all.iter().cloned().fold(0.0, f64::max));
     assert!(mean <= 2e-3, "{arch}: integer path mean KL {mean:.3e} > 2e-3 against the exact path");
 }
 
