@@ -11,43 +11,99 @@ use crate::kernels::dot_group;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::has_avx2;
 
-/// `z_r += a_r * v` for every row `r`, element by element (a multiply, then an add: no FMA),
-/// so the AVX path's numbers are the scalar loop's; `v` is read once for all rows.
-#[inline]
-fn axpy_rows(zs: &mut [Vec<f32>], a: &[f32], v: &[f32]) {
+/// `z_h = Σ_i p[i][h] · v_i` over the keys at `offsets` in `v`, for each head `h` of `z`
+/// (`[heads, dh]`; `p` key-major: key `i`'s heads at `p[i * stride + first ..]`): per element
+/// a multiply then an add (no FMA), in key order from zero, so every path gives the scalar
+/// loop's numbers.
+fn weighted_values(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: &[f32], offsets: &[usize]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
-            // SAFETY: AVX is present (checked); every row is indexed within min(len).
-            return unsafe { axpy_rows_avx(zs, a, v) };
+        if has_avx2() && dh > 0 {
+            // SAFETY: AVX is present (checked); each `values_avx` call checks its shapes.
+            let done = unsafe {
+                match z.len() / dh {
+                    1 => values_avx::<1, 8>(z, dh, p, stride, first, v, offsets),
+                    2 => values_avx::<2, 4>(z, dh, p, stride, first, v, offsets),
+                    3 => values_avx::<3, 2>(z, dh, p, stride, first, v, offsets),
+                    4 => values_avx::<4, 2>(z, dh, p, stride, first, v, offsets),
+                    _ => false,
+                }
+            };
+            if done {
+                return;
+            }
         }
     }
-    for (z, &a) in zs.iter_mut().zip(a) {
-        for (zi, vi) in z.iter_mut().zip(v) {
-            *zi += a * vi;
+    z.fill(0.0);
+    for (i, &o) in offsets.iter().enumerate() {
+        if let Some(&ahead) = offsets.get(i + PREFETCH) {
+            prefetch(&v[ahead..ahead + dh]);
+        }
+        for (h, zh) in z.chunks_exact_mut(dh.max(1)).enumerate() {
+            let a = p[i * stride + first + h];
+            for (zi, vi) in zh.iter_mut().zip(&v[o..o + dh]) {
+                *zi += a * vi;
+            }
         }
     }
 }
 
+/// Keys per pass of [`values_avx`]: their value rows stay in L1 while each slice of the
+/// head dimension is summed over them.
+const KEY_BLOCK: usize = 32;
+
+/// [`weighted_values`] for `H` heads with their sums in registers: `C` 8-float registers per
+/// head, a slice of `8C` dimensions at a time over a block of keys (the accumulators stay in
+/// registers across the block instead of a load and a store per key). Returns false (nothing
+/// done) when the shapes do not fit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn axpy_rows_avx(zs: &mut [Vec<f32>], a: &[f32], v: &[f32]) {
+unsafe fn values_avx<const H: usize, const C: usize>(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: &[f32], offsets: &[usize]) -> bool {
     use std::arch::x86_64::*;
-    let n = zs.iter().map(|z| z.len()).fold(v.len(), usize::min);
-    let mut i = 0;
-    while i + 8 <= n {
-        let vv = _mm256_loadu_ps(v.as_ptr().add(i));
-        for (z, &a) in zs.iter_mut().zip(a) {
-            let zp = z.as_mut_ptr().add(i);
-            _mm256_storeu_ps(zp, _mm256_add_ps(_mm256_loadu_ps(zp), _mm256_mul_ps(_mm256_set1_ps(a), vv)));
-        }
-        i += 8;
+    let fits = z.len() == H * dh
+        && dh.is_multiple_of(8 * C)
+        && first + H <= stride
+        && p.len() >= offsets.len() * stride
+        && offsets.iter().all(|&o| o + dh <= v.len());
+    if !fits {
+        return false;
     }
-    for (z, &a) in zs.iter_mut().zip(a) {
-        for j in i..n {
-            z[j] += a * v[j];
+    z.fill(0.0);
+    for (b, block) in offsets.chunks(KEY_BLOCK).enumerate() {
+        let key0 = b * KEY_BLOCK;
+        // The next block's value rows, while this one is summed.
+        for &ahead in offsets.iter().skip(key0 + KEY_BLOCK).take(KEY_BLOCK) {
+            prefetch(&v[ahead..ahead + dh]);
+        }
+        for c0 in (0..dh).step_by(8 * C) {
+            let mut acc = [[_mm256_setzero_ps(); C]; H];
+            for (h, a) in acc.iter_mut().enumerate() {
+                for (c, r) in a.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(z.as_ptr().add(h * dh + c0 + 8 * c));
+                }
+            }
+            for (i, &o) in block.iter().enumerate() {
+                let row = v.as_ptr().add(o + c0);
+                let pk = p.as_ptr().add((key0 + i) * stride + first);
+                let mut vv = [_mm256_setzero_ps(); C];
+                for (c, x) in vv.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(row.add(8 * c));
+                }
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*pk.add(h));
+                    for (c, r) in a.iter_mut().enumerate() {
+                        *r = _mm256_add_ps(*r, _mm256_mul_ps(w, vv[c]));
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                for (c, r) in a.iter().enumerate() {
+                    _mm256_storeu_ps(z.as_mut_ptr().add(h * dh + c0 + 8 * c), *r);
+                }
+            }
         }
     }
+    true
 }
 
 /// How many positions ahead attention asks for key and value rows. The rows of one KV head are
@@ -83,6 +139,38 @@ fn scores(qs: &[&[f32]], k: &[f32], offsets: &[usize], scale: f32, out: &mut [f3
     }
 }
 
+/// Softmax of each column of `p` (`[keys][heads]`, `heads` wide), soft-capped first when
+/// asked: per head, max, then `exp(x - max)` and their sum, then `· 1/sum`, each in key
+/// order. The heads advance together, row by row; each head's numbers are those of a loop
+/// over its column alone.
+fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>) {
+    if heads == 0 {
+        return;
+    }
+    if let Some(cap) = softcap {
+        p.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
+    }
+    let mut max = vec![f32::NEG_INFINITY; heads];
+    for row in p.chunks_exact(heads) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x);
+        }
+    }
+    let mut sum = vec![0f32; heads];
+    for row in p.chunks_exact_mut(heads) {
+        for ((e, m), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+            *e = (*e - m).exp();
+            *s += *e;
+        }
+    }
+    let inv: Vec<f32> = sum.iter().map(|s| 1.0 / s).collect();
+    for row in p.chunks_exact_mut(heads) {
+        for (e, i) in row.iter_mut().zip(&inv) {
+            *e *= i;
+        }
+    }
+}
+
 /// Keys and values of one sequence for one layer, as stored by a KV cache: rows of
 /// `kv_heads * head_dim` floats, position `p` in block `block_table[p / block_size]`.
 pub struct KvView<'a> {
@@ -112,72 +200,93 @@ pub struct AttnShape {
     pub softcap: Option<f32>,
 }
 
-/// Causal attention for `t` query rows at positions `pos..pos+t` of one sequence.
-/// `q` is `[t, heads, head_dim]`; returns `z` (`[t, heads, head_dim]`) and, when asked, the
-/// probabilities `[heads, t, ctx]` with zeros where a key is invisible.
+/// One sequence's part of a step: `t` query rows (`[t, heads, head_dim]`) at positions
+/// `pos..pos+t`, and its keys and values (those of the step included).
+pub struct SeqQueries<'a> {
+    pub q: &'a [f32],
+    pub pos: usize,
+    pub t: usize,
+    pub kv: KvView<'a>,
+}
+
+/// What attention gives back for a step.
+pub struct AttnOut {
+    /// `[rows, heads, head_dim]`, the sequences' rows one after another.
+    pub z: Vec<f32>,
+    /// Per sequence, when asked: the probabilities `[heads, t, ctx]`, zeros where a key is
+    /// invisible.
+    pub probs: Vec<Option<Vec<f32>>>,
+}
+
+/// Causal attention for every sequence of a step, in one loop over the compute pool.
 /// Each (row, head) is computed alone: scores in key order, max, exp, sum in key order,
-/// then the weighted sum of values in key order.
-pub fn attention(q: &[f32], pos: usize, t: usize, kv: &KvView, s: &AttnShape, want_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+/// then the weighted sum of values in key order; so a row's numbers depend neither on the
+/// other sequences nor on how its prompt was chunked.
+pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOut {
     let (h, dh) = (s.heads, s.head_dim);
     let group = h / s.kv_heads;
-    let ctx = pos + t;
+    // The step's rows as (sequence, row within it).
+    let rows: Vec<(usize, usize)> = seqs.iter().enumerate().flat_map(|(i, sq)| (0..sq.t).map(move |r| (i, r))).collect();
     // One task per (row, KV head): the heads sharing a KV head read each key and value row
-    // once, from L1, instead of once per head. Each head's arithmetic is unchanged.
-    let slots: Vec<std::sync::Mutex<(Vec<f32>, Vec<f32>)>> = (0..t * h).map(|_| Default::default()).collect();
-    crate::pool::Pool::global().run(t * s.kv_heads, |task| {
-        let (r, kvh) = (task / s.kv_heads, task % s.kv_heads);
+    // once instead of once per head. With few rows (decoding one sequence) a KV head's heads
+    // are split into parts, so that every thread gets several tasks (4 KV heads on 2 threads
+    // left one idle while the other ran a whole head group). A head's arithmetic is the same
+    // in any part.
+    let threads = crate::pool::Pool::global().threads();
+    let parts = (4 * threads).div_ceil((rows.len() * s.kv_heads).max(1)).clamp(1, group.max(1));
+    let per_part = group.div_ceil(parts);
+    let parts = group.div_ceil(per_part);
+    // Task `i`'s heads of its row, one contiguous piece of `z`.
+    let task = |i: usize| {
+        let (row, kvh, part) = (i / (s.kv_heads * parts), i / parts % s.kv_heads, i % parts);
+        (row, kvh * group + part * per_part..kvh * group + ((part + 1) * per_part).min(group))
+    };
+    let pieces: Vec<std::ops::Range<usize>> = (0..rows.len() * s.kv_heads * parts)
+        .map(|i| {
+            let (row, heads) = task(i);
+            (row * h + heads.start) * dh..(row * h + heads.end) * dh
+        })
+        .collect();
+    // Probabilities leave the tasks only when the pattern was asked for: per (row, head).
+    let pattern: Vec<std::sync::Mutex<Vec<f32>>> = (0..if want_probs { rows.len() * h } else { 0 }).map(|_| Default::default()).collect();
+    let mut z = vec![0f32; rows.len() * h * dh];
+    crate::pool::for_each_slice(&mut z, &pieces, |i, out| {
+        let (row, heads) = task(i);
+        let kvh = heads.start / group;
+        let (sq, r) = rows[row];
+        let SeqQueries { q, pos, kv, .. } = &seqs[sq];
         let p = pos + r;
         let lo = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let heads = kvh * group..(kvh + 1) * group;
+        let n_heads = heads.len();
         let keys = p + 1 - lo;
         // Each position's offset once (a division), for its key and its value row.
         let offsets: Vec<usize> = (lo..=p).map(|j| kv.offset(j) + kvh * dh).collect();
         let qs: Vec<&[f32]> = heads.clone().map(|head| &q[(r * h + head) * dh..(r * h + head + 1) * dh]).collect();
         // Scores key-major (`[key][head]`): each key's heads side by side for the value loop.
-        let mut probs = vec![0f32; keys * group];
+        let mut probs = vec![0f32; keys * n_heads];
         scores(&qs, kv.k, &offsets, s.scale, &mut probs);
-        for g in 0..group {
-            if let Some(cap) = s.softcap {
-                probs.iter_mut().skip(g).step_by(group).for_each(|e| *e = cap * (*e / cap).tanh());
-            }
-            let max = probs.iter().skip(g).step_by(group).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for e in probs.iter_mut().skip(g).step_by(group) {
-                *e = (*e - max).exp();
-                sum += *e;
-            }
-            let inv = 1.0 / sum;
-            probs.iter_mut().skip(g).step_by(group).for_each(|e| *e *= inv);
+        softmax_columns(&mut probs, n_heads, s.softcap);
+        for (c, chunk) in out.chunks_mut(4 * dh).enumerate() {
+            weighted_values(chunk, dh, &probs, n_heads, 4 * c, kv.v, &offsets);
         }
-        let mut zs = vec![vec![0f32; dh]; group];
-        for (i, &o) in offsets.iter().enumerate() {
-            if let Some(&ahead) = offsets.get(i + PREFETCH) {
-                prefetch(&kv.v[ahead..ahead + dh]);
-            }
-            axpy_rows(&mut zs, &probs[i * group..(i + 1) * group], &kv.v[o..o + dh]);
-        }
-        for (g, (head, z)) in heads.zip(zs).enumerate() {
-            // A head's probabilities are copied out only when the pattern was asked for.
-            let pr = if want_probs { probs.iter().skip(g).step_by(group).copied().collect() } else { vec![] };
-            if let Ok(mut slot) = slots[r * h + head].lock() {
-                *slot = (z, pr);
+        for (g, head) in heads.enumerate().filter(|_| want_probs) {
+            if let Ok(mut slot) = pattern[row * h + head].lock() {
+                *slot = probs.iter().skip(g).step_by(n_heads).copied().collect();
             }
         }
     });
-    let rows = slots.into_iter().map(|s| s.into_inner().unwrap_or_default());
-    let mut z = vec![0f32; t * h * dh];
-    let mut probs = want_probs.then(|| vec![0f32; h * t * ctx]);
-    for (rh, (zr, pr)) in rows.enumerate() {
-        let (r, head) = (rh / h, rh % h);
-        z[rh * dh..(rh + 1) * dh].copy_from_slice(&zr);
-        if let Some(all) = probs.as_mut() {
-            let p = pos + r;
+    let mut probs: Vec<Option<Vec<f32>>> = seqs.iter().map(|sq| want_probs.then(|| vec![0f32; h * sq.t * (sq.pos + sq.t)])).collect();
+    for (rh, slot) in pattern.into_iter().enumerate() {
+        let pr = slot.into_inner().unwrap_or_default();
+        let ((sq, r), head) = (rows[rh / h], rh % h);
+        if let Some(all) = probs[sq].as_mut() {
+            let (t, p) = (seqs[sq].t, seqs[sq].pos + r);
             let lo = p + 1 - pr.len();
-            let base = (head * t + r) * ctx;
+            let base = (head * t + r) * (seqs[sq].pos + t);
             all[base + lo..base + p + 1].copy_from_slice(&pr);
         }
     }
-    (z, probs)
+    AttnOut { z, probs }
 }
 
 #[cfg(test)]
@@ -185,15 +294,27 @@ mod tests {
     use super::*;
     use crate::kernels::tests::data;
 
+    /// The register-blocked value sum is the scalar loop, bitwise, for every head count and
+    /// head size (including ones it leaves to the scalar loop) and more keys than a block.
     #[test]
-    fn axpy_is_the_scalar_loop_bitwise() {
-        for n in [1, 7, 8, 64, 67] {
-            let (v, z0) = (data(n, 3), data(n, 4));
-            let mut zs = vec![z0.clone(), z0.clone()];
-            axpy_rows(&mut zs, &[0.37, -1.5], &v);
-            for (z, a) in zs.iter().zip([0.37f32, -1.5]) {
-                let want: Vec<f32> = z0.iter().zip(&v).map(|(z, v)| z + a * v).collect();
-                assert!(z.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n = {n}");
+    fn weighted_values_are_the_scalar_loop_bitwise() {
+        for (heads, dh) in [(1, 64), (2, 64), (3, 64), (4, 64), (4, 256), (3, 8), (1, 40), (5, 64)] {
+            let (keys, stride, first) = (KEY_BLOCK * 2 + 7, heads + 2, 1);
+            let v = data(keys * dh * 2, 3);
+            let p = data(keys * stride, 4);
+            // Rows out of order, as a paged cache stores them.
+            let offsets: Vec<usize> = (0..keys).map(|i| ((i * 7) % keys) * 2 * dh).collect();
+            let mut zs = vec![f32::NAN; heads * dh];
+            weighted_values(&mut zs, dh, &p, stride, first, &v, &offsets);
+            for (h, z) in zs.chunks_exact(dh).enumerate() {
+                let mut want = vec![0f32; dh];
+                for (i, &o) in offsets.iter().enumerate() {
+                    let a = p[i * stride + first + h];
+                    for (w, x) in want.iter_mut().zip(&v[o..o + dh]) {
+                        *w += a * x;
+                    }
+                }
+                assert!(z.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "heads {heads}, dh {dh}");
             }
         }
     }
@@ -213,20 +334,32 @@ mod tests {
             ks[o..o + row].copy_from_slice(&k[p * row..(p + 1) * row]);
             vs[o..o + row].copy_from_slice(&v[p * row..(p + 1) * row]);
         }
-        let view = KvView { k: &ks, v: &vs, block_table: &table, block_size: 4, row };
+        let view = || KvView { k: &ks, v: &vs, block_table: &table, block_size: 4, row };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None, softcap: None };
-        let (whole, probs) = attention(&q, 0, t, &view, &shape, true);
-        let probs = probs.unwrap();
+        let one = |q: &[f32], pos: usize, t: usize, shape: &AttnShape| {
+            let out = attention(&[SeqQueries { q, pos, t, kv: view() }], shape, true);
+            (out.z, out.probs.into_iter().next().flatten().unwrap())
+        };
+        let (whole, probs) = one(&q, 0, t, &shape);
         // Rows sum to one; the future is masked.
         let r0: f32 = probs[0..t].iter().sum();
         assert!((r0 - 1.0).abs() < 1e-6 && probs[1] == 0.0);
-        let first = attention(&q[..3 * h * dh], 0, 3, &view, &shape, false).0;
-        let rest = attention(&q[3 * h * dh..], 3, t - 3, &view, &shape, false).0;
+        let first = one(&q[..3 * h * dh], 0, 3, &shape).0;
+        let rest = one(&q[3 * h * dh..], 3, t - 3, &shape).0;
         assert_eq!([first, rest].concat(), whole);
+        // Both chunks in one call (as two sequences of one step): the same rows, the same
+        // probabilities.
+        let both = attention(
+            &[SeqQueries { q: &q[..3 * h * dh], pos: 0, t: 3, kv: view() }, SeqQueries { q: &q[3 * h * dh..], pos: 3, t: t - 3, kv: view() }],
+            &shape,
+            true,
+        );
+        assert_eq!(both.z, whole);
+        let p1 = both.probs[1].as_ref().unwrap();
+        assert_eq!(p1[..t], probs[3 * t..4 * t]);
         // A window of 2 sees only the last two keys.
         let win = AttnShape { window: Some(2), ..shape };
-        let (_, p) = attention(&q, 0, t, &view, &win, true);
-        let p = p.unwrap();
+        let (_, p) = one(&q, 0, t, &win);
         assert_eq!(&p[6 * t..6 * t + 5], &[0.0; 5]);
     }
 }

@@ -6,7 +6,7 @@
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
-use crate::attention::{attention, AttnShape};
+use crate::attention::{attention, AttnOut, AttnShape, SeqQueries};
 use crate::layers::{activate, Norm, Rope};
 use crate::moe::Moe;
 use crate::weights::{to_vec, Linear, LinearWeight, Table, Vb};
@@ -380,18 +380,26 @@ impl Attention {
         let t = ctx.start();
         let (qf, kf, vf) = (to_vec(&q)?, to_vec(&k)?, to_vec(&v)?);
         let (qrow, kvrow) = (h * dh, kvh * dh);
-        let mut z = Vec::with_capacity(n * qrow);
-        for (s, seq) in ctx.layout.seqs.iter().enumerate() {
-            let rows = seq.start..seq.start + seq.len;
-            ctx.cache.write(layer, seq, &kf[rows.start * kvrow..rows.end * kvrow], &vf[rows.start * kvrow..rows.end * kvrow])?;
-            let view = ctx.cache.view(layer, seq)?;
-            let (zs, probs) = attention(&qf[rows.start * qrow..rows.end * qrow], seq.pos, seq.len, &view, &shape, want_pattern);
-            if let Some(p) = probs {
+        // The step's keys and values go into the cache first; then every sequence's queries
+        // in one attention loop.
+        for seq in &ctx.layout.seqs {
+            let rows = seq.start * kvrow..(seq.start + seq.len) * kvrow;
+            ctx.cache.write(layer, seq, &kf[rows.clone()], &vf[rows])?;
+        }
+        let seqs = ctx
+            .layout
+            .seqs
+            .iter()
+            .map(|seq| Ok(SeqQueries { q: &qf[seq.start * qrow..(seq.start + seq.len) * qrow], pos: seq.pos, t: seq.len, kv: ctx.cache.view(layer, seq)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let AttnOut { z, probs } = attention(&seqs, &shape, want_pattern);
+        drop(seqs);
+        for (s, (seq, p)) in ctx.layout.seqs.iter().zip(probs).enumerate() {
+            if let Some(p) = p {
                 let p = Tensor::from_vec(p, (h, seq.len, seq.ctx_len()), &Device::Cpu)?;
                 // Attention patterns are observed, not replaced: the output is already computed.
                 ctx.hook_seq(name(Site::Pattern), s, p)?;
             }
-            z.extend(zs);
         }
         let z = Tensor::from_vec(z, (n, h, dh), &Device::Cpu)?;
         ctx.done(t, l, "attention");
