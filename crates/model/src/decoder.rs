@@ -7,7 +7,7 @@ use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::attention::{attention, AttnOut, AttnShape, SeqQueries};
-use crate::layers::{activate, Norm, Rope};
+use crate::layers::{activate, add, Norm, Rope};
 use crate::moe::Moe;
 use crate::weights::{to_vec, Linear, LinearWeight, Table, Vb};
 use candle_core::{Device, Tensor};
@@ -301,7 +301,7 @@ impl Block {
         }
         let a = ctx.hook(name(Site::AttnOut), a)?;
         // Parallel blocks (GPT-NeoX) feed the MLP from the block's input, and add both at once.
-        let mid = if cfg.parallel_residual { None } else { Some(ctx.hook(name(Site::ResidMid), (&x + &a)?)?) };
+        let mid = if cfg.parallel_residual { None } else { Some(ctx.hook(name(Site::ResidMid), add(&x, &a)?)?) };
         let h = ctx.timed(l, "mlp_norm", || self.ln2.forward(mid.as_ref().unwrap_or(&x)))?;
         let h = ctx.hook(name(Site::Ln2), h)?;
         let mut m = self.mlp.forward(&h, layer, ctx)?;
@@ -311,9 +311,9 @@ impl Block {
         }
         let m = ctx.hook(name(Site::MlpOut), m)?;
         let out = match mid {
-            Some(mid) => (mid + m)?,
+            Some(mid) => add(&mid, &m)?,
             // transformers' order: mlp + attn, then the residual.
-            None => ((m + a)? + x)?,
+            None => add(&add(&m, &a)?, &x)?,
         };
         ctx.hook(name(Site::ResidPost), out)
     }

@@ -282,6 +282,21 @@ pub fn for_each_slice(out: &mut [f32], ranges: &[std::ops::Range<usize>], f: imp
     });
 }
 
+/// `f(first_row, piece)` over `out` cut into pieces of whole rows (`row` elements each), at
+/// least `min_elems` elements a piece: small outputs (a decode step's one row) stay on the
+/// caller, large ones spread over the pool, a few pieces per thread.
+pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let row = row.max(1);
+    let rows = out.len() / row;
+    let pieces = (out.len() / min_elems.max(1)).clamp(1, 4 * Pool::global().threads()).min(rows.max(1));
+    let per = rows.div_ceil(pieces).max(1);
+    if rows <= per {
+        return f(0, out);
+    }
+    let ranges: Vec<std::ops::Range<usize>> = (0..rows).step_by(per).map(|r| r * row..(r + per).min(rows) * row).collect();
+    for_each_slice(out, &ranges, |i, piece| f(i * per, piece));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +374,20 @@ mod tests {
         for bad in [vec![0..4, 3..5], vec![8..11, 0..0]] {
             let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| for_each_slice(&mut y, &bad, |_, s| s.fill(9.0))));
             assert!(got.is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn row_pieces_cover_every_row_once() {
+        for (rows, row, min) in [(1, 2048, 4096), (32, 2048, 4096), (7, 3, 1), (0, 5, 1)] {
+            let mut y = vec![0f32; rows * row];
+            for_each_rows(&mut y, row, min, |first, piece| {
+                assert_eq!(piece.len() % row, 0);
+                for (i, v) in piece.iter_mut().enumerate() {
+                    *v += (first * row + i) as f32;
+                }
+            });
+            assert!(y.iter().enumerate().all(|(i, v)| *v == i as f32), "{rows} rows of {row}");
         }
     }
 

@@ -260,6 +260,18 @@ fn blocks(q: &QTensor, format: QFormat, rows: usize, cols: usize, integer: bool)
     QMatrix::new(format, &q.data().ok()?, rows, cols, integer)
 }
 
+/// `f` over a tensor's elements, row-major: borrowed in place when the tensor is contiguous
+/// f32 on the CPU (the forward pass's activations always are), else copied.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&to_vec(t)?))
+}
+
 /// A tensor's elements, row-major.
 pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
@@ -447,12 +459,12 @@ impl Linear {
             LinearWeight::Dense(w) => {
                 let (m, k) = x.dims2()?;
                 let n = w.len() / k;
-                let out = crate::kernels::matmul_bt(&to_vec(x)?, w, m, k, n);
+                let out = with_f32(x, |x| crate::kernels::matmul_bt(x, w, m, k, n))?;
                 Tensor::from_vec(out, (m, n), &Device::Cpu)?
             }
             LinearWeight::Blocks(w) => {
                 let m = x.dim(0)?;
-                Tensor::from_vec(w.matmul_bt(&to_vec(x)?, m), (m, w.out_features()), &Device::Cpu)?
+                Tensor::from_vec(with_f32(x, |x| w.matmul_bt(x, m))?, (m, w.out_features()), &Device::Cpu)?
             }
             LinearWeight::Quant { q, rowwise: false, .. } => q.forward(x)?,
             LinearWeight::Quant { q, rowwise: true, out } => {
