@@ -27,9 +27,12 @@ const QK: usize = 32;
 /// leaves rows 0-3 and 4-7 in). It is its own inverse.
 pub(crate) const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 /// Input rows computed together against one tile (each row's arithmetic is the same as
-/// alone; grouping only saves unpacking the weights). 8 measured slower here (registers
-/// spill), faster for the K-quants (`ktiles::GROUP`).
-const GROUP: usize = 4;
+/// alone; grouping only saves unpacking the weights): 8 with AVX-512 VNNI (32 registers;
+/// `glassbox bench kernels` at 5632 x 2048, 32 rows, medians of 6 alternated runs: Q4_0
+/// 1.70 -> 1.60 ms, Q4_1 1.58 -> 1.45, Q5_0 2.38 -> 1.98, Q8_0 1.81 -> 1.62), 4 with AVX2 (16
+/// registers: 8 spill).
+const GROUP: usize = 8;
+const GROUP_AVX2: usize = 4;
 
 /// A `[n, k]` weight matrix in tiles of 8 rows. Per tile and block: 8 f16 scales (and Q4_1/Q5_1
 /// mins) in lane order; Q5_x's fifth bits as 8 words; the value bytes as 32-byte registers,
@@ -202,21 +205,27 @@ impl Tiles {
         assert_eq!(x.len(), m * self.k);
         let xq = QRows::quantize(x, self.k);
         let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
-        tiled_matmul(m, self.n, |tile, r| self.tile_group(tile, &rows[r]))
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::kernels::has_vnni() {
+                return tiled_matmul(m, self.n, |tile, r| self.tile_group::<GROUP>(tile, &rows[r]));
+            }
+        }
+        tiled_matmul(m, self.n, |tile, r| self.tile_group::<GROUP_AVX2>(tile, &rows[r]))
     }
 
-    /// Rows `rows` of `x` (at most `GROUP`) against one tile: per row, the tile's 8 outputs.
-    fn tile_group(&self, tile: usize, rows: &[XRow]) -> [[f32; TILE]; GROUP] {
-        debug_assert!(rows.len() <= GROUP);
+    /// Rows `rows` of `x` (at most `G`) against one tile: per row, the tile's 8 outputs.
+    fn tile_group<const G: usize>(&self, tile: usize, rows: &[XRow]) -> [[f32; TILE]; G] {
+        debug_assert!(rows.len() <= G);
         #[cfg(target_arch = "x86_64")]
         {
             if simd() {
                 // SAFETY: AVX2, FMA and F16C are present (checked); the rows are k long and the
                 // tile holds k / 32 blocks.
-                return unsafe { avx2::group(self, tile, rows) };
+                return unsafe { avx2::group::<G>(self, tile, rows) };
             }
         }
-        let mut out = [[0f32; TILE]; GROUP];
+        let mut out = [[0f32; TILE]; G];
         for (o, i) in out.iter_mut().zip(rows) {
             *o = self.tile_portable(tile, *i);
         }
@@ -322,25 +331,29 @@ pub(crate) fn simd() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{Tiles, GROUP, LANE_ROW, QK, TILE};
+    use super::{Tiles, LANE_ROW, QK, TILE};
     use crate::qkernels::QFormat;
     use std::arch::x86_64::*;
 
     /// Monomorphized per format and group size; AVX-512 VNNI's `vpdpbusd` where the CPU
     /// has it (the same exact integer sums, so the same results bitwise).
-    pub(super) unsafe fn group(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; GROUP] {
-        group_with(t, tile, rows, crate::kernels::has_vnni())
+    pub(super) unsafe fn group<const G: usize>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
+        group_with::<G>(t, tile, rows, crate::kernels::has_vnni())
     }
 
     /// `group` on the given instruction set (`vnni` only where the CPU has it).
-    pub(super) unsafe fn group_with(t: &Tiles, tile: usize, rows: &[super::XRow], vnni: bool) -> [[f32; TILE]; GROUP] {
+    pub(super) unsafe fn group_with<const G: usize>(t: &Tiles, tile: usize, rows: &[super::XRow], vnni: bool) -> [[f32; TILE]; G] {
         macro_rules! by_rows {
             ($kernel:ident, $nib:expr, $high:expr, $mins:expr) => {
-                match rows.len() {
-                    4 => $kernel::<4, $nib, $high, $mins>(t, tile, rows),
-                    3 => $kernel::<3, $nib, $high, $mins>(t, tile, rows),
-                    2 => $kernel::<2, $nib, $high, $mins>(t, tile, rows),
-                    _ => $kernel::<1, $nib, $high, $mins>(t, tile, rows),
+                match rows.len().min(G) {
+                    8 => $kernel::<8, G, $nib, $high, $mins>(t, tile, rows),
+                    7 => $kernel::<7, G, $nib, $high, $mins>(t, tile, rows),
+                    6 => $kernel::<6, G, $nib, $high, $mins>(t, tile, rows),
+                    5 => $kernel::<5, G, $nib, $high, $mins>(t, tile, rows),
+                    4 => $kernel::<4, G, $nib, $high, $mins>(t, tile, rows),
+                    3 => $kernel::<3, G, $nib, $high, $mins>(t, tile, rows),
+                    2 => $kernel::<2, G, $nib, $high, $mins>(t, tile, rows),
+                    _ => $kernel::<1, G, $nib, $high, $mins>(t, tile, rows),
                 }
             };
         }
@@ -450,7 +463,7 @@ pub(crate) mod avx2 {
     macro_rules! tile_kernel {
         ($name:ident, $features:literal, $quad:ident, $signed:ident) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; GROUP] {
+            unsafe fn $name<const R: usize, const G: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
                 let nb = t.k / QK;
                 let vb = if NIB { QK / 2 } else { QK };
                 let offset = t.offset();
@@ -619,7 +632,7 @@ pub(crate) mod tests {
             let xq = QRows::quantize(&x, k);
             let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
             #[cfg(target_arch = "x86_64")]
-            let simd = |tile: usize, rows: &[XRow], vnni: bool| unsafe { avx2::group_with(&t, tile, rows, vnni) }.to_vec();
+            let simd = |tile: usize, rows: &[XRow], vnni: bool| unsafe { avx2::group_with::<GROUP>(&t, tile, rows, vnni) }.to_vec();
             #[cfg(not(target_arch = "x86_64"))]
             let simd = |_: usize, _: &[XRow], _: bool| vec![];
             check_tiled(&format!("{format:?}"), (n, k, GROUP), (&x, &dense), &rows, simd, |tile, row| t.tile_portable(tile, row), |x, m| t.matmul_bt(x, m));
@@ -671,7 +684,7 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let xq = QRows::quantize(&x, k);
         #[cfg(target_arch = "x86_64")]
-        for got in simd_paths(|vnni| unsafe { avx2::group_with(&t, 0, &[xq.row(0)], vnni) }) {
+        for got in simd_paths(|vnni| unsafe { avx2::group_with::<GROUP>(&t, 0, &[xq.row(0)], vnni) }) {
             assert_eq!(got[0], t.tile_portable(0, xq.row(0)));
         }
     }
