@@ -1006,17 +1006,22 @@ impl EngineCore {
             if let Some(ops) = ops.as_mut() {
                 ctx = ctx.with_ops(ops);
             }
-            let logits = model.model.forward(&tokens, &mut ctx);
-            let logits = logits.and_then(|l| Ok(l.to_vec2::<f32>()?)).map_err(|e| e.to_string())?;
-            // The last logits row of each sequence that completes, in plan order.
-            Ok(completes
-                .iter()
-                .enumerate()
-                .map(|(i, &done)| {
-                    let (first, range) = layout.logit_range(i);
-                    (done && !range.is_empty()).then(|| logits[first + range.len() - 1].clone())
-                })
-                .collect())
+            let logits = model.model.forward(&tokens, &mut ctx).map_err(|e| e.to_string())?;
+            let vocab = logits.dims2().map_err(|e| e.to_string())?.1;
+            // The last logits row of each sequence that completes, in plan order: only those
+            // rows are copied out of the step's logits.
+            glassbox_model::weights::with_f32(&logits, |flat| {
+                completes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &done)| {
+                        let (first, range) = layout.logit_range(i);
+                        let row = first + range.len();
+                        (done && !range.is_empty()).then(|| flat[(row - 1) * vocab..row * vocab].to_vec())
+                    })
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
         });
         if let (Some(p), Some(ops)) = (self.profiler.as_mut(), ops) {
             p.ops(&ops);
