@@ -12,7 +12,7 @@ use crate::block::BlockPool;
 use crate::crash::{self, CrashDump, DumpedRequest, DumpedSequence, FailedRequest, StepRecord, StepRows};
 use crate::detok::{Detokenizer, StopMatch};
 use crate::fault::{FaultPlan, Phase};
-use crate::kv_store::KvStore;
+use crate::kv_store::{KvDtype, KvStore};
 use crate::sampler::Sampler;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, SeqId, SeqState, SeqStatus};
 use crate::dump::{DumpConfig, Dumper, StepDump};
@@ -72,6 +72,9 @@ pub struct EngineConfig {
     /// Longest sequence (prompt + output); defaults to the model's context length.
     pub max_model_len: Option<usize>,
     pub kv_cache_memory: KvMemory,
+    /// The KV cache's element type (f32 exact; f16 half the memory and reads).
+    #[serde(default)]
+    pub kv_cache_dtype: KvDtype,
     pub block_size: usize,
     /// Seeds the per-request generators of requests without a seed.
     pub seed: u64,
@@ -119,6 +122,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             max_model_len: None,
             kv_cache_memory: KvMemory::Fraction(0.25),
+            kv_cache_dtype: KvDtype::F32,
             block_size: 16,
             seed: 0,
             crash_dump_dir: None,
@@ -406,7 +410,7 @@ impl EngineCore {
             return Err(EngineError::Config("block size, max_num_seqs and max_num_batched_tokens must be positive".into()));
         }
         let row = mc.num_kv_heads * mc.head_dim;
-        let per_block = KvStore::bytes_per_block(mc.num_layers, cfg.block_size, row) as u64;
+        let per_block = KvStore::bytes_per_block(mc.num_layers, cfg.block_size, row, cfg.kv_cache_dtype) as u64;
         let bytes = match cfg.kv_cache_memory {
             KvMemory::Bytes(b) => b,
             KvMemory::Fraction(f) => (available_memory() as f64 * f) as u64,
@@ -457,7 +461,7 @@ impl EngineCore {
         let sched_cfg = SchedulerConfig { max_num_batched_tokens: cfg.max_num_batched_tokens, max_num_seqs: cfg.max_num_seqs };
         let mut core = EngineCore {
             sched: Scheduler::new(sched_cfg, BlockPool::new(num_blocks, cfg.block_size)),
-            kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row),
+            kv: KvStore::new(mc.num_layers, num_blocks, cfg.block_size, row, cfg.kv_cache_dtype),
             seed_rng: cfg.seed,
             cfg,
             model,

@@ -19,6 +19,7 @@ pub mod steer;
 
 pub use crate::core::{EngineConfig, EngineCore, EngineError, KvMemory, Inspect, Limits, ProfileError};
 pub use crash::CrashDump;
+pub use kv_store::KvDtype;
 pub use stats::{EngineStats, Histogram};
 pub use handle::{EngineCommand, EngineHandle, SubmitError};
 pub use llm::{CompletionOutput, RequestOutput, LLM};

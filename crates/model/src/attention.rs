@@ -8,40 +8,47 @@
 //! is bound by reading the cache.
 
 use crate::kernels::dot_group;
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::has_avx2;
-
 /// `z_h = Σ_i p[i][h] · v_i` over the keys at `offsets` in `v`, for each head `h` of `z`
 /// (`[heads, dh]`; `p` key-major: key `i`'s heads at `p[i * stride + first ..]`): per element
 /// a multiply then an add (no FMA), in key order from zero, so every path gives the scalar
 /// loop's numbers.
-fn weighted_values(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: &[f32], offsets: &[usize]) {
+fn weighted_values(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: KvRows, offsets: &[usize]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() && dh > 0 {
-            // SAFETY: AVX is present (checked); each `values_avx` call checks its shapes.
-            let done = unsafe {
-                match z.len() / dh {
-                    1 => values_avx::<1, 8>(z, dh, p, stride, first, v, offsets),
-                    2 => values_avx::<2, 4>(z, dh, p, stride, first, v, offsets),
-                    3 => values_avx::<3, 2>(z, dh, p, stride, first, v, offsets),
-                    4 => values_avx::<4, 2>(z, dh, p, stride, first, v, offsets),
-                    _ => false,
-                }
+        if crate::tiles::simd() && dh > 0 {
+            let (ptr, len, f16) = match v {
+                KvRows::F32(v) => (v.as_ptr() as *const u8, v.len(), false),
+                KvRows::F16(v) => (v.as_ptr() as *const u8, v.len(), true),
             };
+            macro_rules! by_heads {
+                ($f16:literal) => {
+                    match z.len() / dh {
+                        1 => values_avx::<1, 8, $f16>(z, dh, p, stride, first, (ptr, len), offsets),
+                        2 => values_avx::<2, 4, $f16>(z, dh, p, stride, first, (ptr, len), offsets),
+                        3 => values_avx::<3, 2, $f16>(z, dh, p, stride, first, (ptr, len), offsets),
+                        4 => values_avx::<4, 2, $f16>(z, dh, p, stride, first, (ptr, len), offsets),
+                        _ => false,
+                    }
+                };
+            }
+            // SAFETY: AVX and F16C are present (checked); `ptr` holds `len` elements of the
+            // type `f16` says; each `values_avx` call checks its shapes against them.
+            let done = unsafe { if f16 { by_heads!(true) } else { by_heads!(false) } };
             if done {
                 return;
             }
         }
     }
     z.fill(0.0);
+    let mut buf = vec![0f32; dh];
     for (i, &o) in offsets.iter().enumerate() {
         if let Some(&ahead) = offsets.get(i + PREFETCH) {
-            prefetch(&v[ahead..ahead + dh]);
+            v.prefetch(ahead, dh);
         }
+        let row = v.read(o, &mut buf);
         for (h, zh) in z.chunks_exact_mut(dh.max(1)).enumerate() {
             let a = p[i * stride + first + h];
-            for (zi, vi) in zh.iter_mut().zip(&v[o..o + dh]) {
+            for (zi, vi) in zh.iter_mut().zip(row) {
                 *zi += a * vi;
             }
         }
@@ -54,26 +61,46 @@ const KEY_BLOCK: usize = 32;
 
 /// [`weighted_values`] for `H` heads with their sums in registers: `C` 8-float registers per
 /// head, a slice of `8C` dimensions at a time over a block of keys (the accumulators stay in
-/// registers across the block instead of a load and a store per key). Returns false (nothing
-/// done) when the shapes do not fit.
+/// registers across the block instead of a load and a store per key). `v`: the value rows'
+/// address and element count, f16 elements when `F16` (converted exactly on load), else f32.
+/// Returns false (nothing done) when the shapes do not fit.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn values_avx<const H: usize, const C: usize>(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: &[f32], offsets: &[usize]) -> bool {
+#[target_feature(enable = "avx,f16c")]
+unsafe fn values_avx<const H: usize, const C: usize, const F16: bool>(
+    z: &mut [f32],
+    dh: usize,
+    p: &[f32],
+    stride: usize,
+    first: usize,
+    (v, len): (*const u8, usize),
+    offsets: &[usize],
+) -> bool {
     use std::arch::x86_64::*;
     let fits = z.len() == H * dh
         && dh.is_multiple_of(8 * C)
         && first + H <= stride
         && p.len() >= offsets.len() * stride
-        && offsets.iter().all(|&o| o + dh <= v.len());
+        && offsets.iter().all(|&o| o + dh <= len);
     if !fits {
         return false;
+    }
+    let size = if F16 { 2 } else { 4 };
+    // Eight values from element `at`, as f32.
+    macro_rules! load {
+        ($at:expr) => {
+            if F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(v.add(2 * $at) as *const __m128i))
+            } else {
+                _mm256_loadu_ps(v.add(4 * $at) as *const f32)
+            }
+        };
     }
     z.fill(0.0);
     for (b, block) in offsets.chunks(KEY_BLOCK).enumerate() {
         let key0 = b * KEY_BLOCK;
         // The next block's value rows, while this one is summed.
         for &ahead in offsets.iter().skip(key0 + KEY_BLOCK).take(KEY_BLOCK) {
-            prefetch(&v[ahead..ahead + dh]);
+            crate::kernels::prefetch(v.add(size * ahead), size * dh);
         }
         for c0 in (0..dh).step_by(8 * C) {
             let mut acc = [[_mm256_setzero_ps(); C]; H];
@@ -83,11 +110,10 @@ unsafe fn values_avx<const H: usize, const C: usize>(z: &mut [f32], dh: usize, p
                 }
             }
             for (i, &o) in block.iter().enumerate() {
-                let row = v.as_ptr().add(o + c0);
                 let pk = p.as_ptr().add((key0 + i) * stride + first);
                 let mut vv = [_mm256_setzero_ps(); C];
                 for (c, x) in vv.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(row.add(8 * c));
+                    *x = load!(o + c0 + 8 * c);
                 }
                 for (h, a) in acc.iter_mut().enumerate() {
                     let w = _mm256_set1_ps(*pk.add(h));
@@ -122,14 +148,15 @@ fn prefetch(row: &[f32]) {
 /// long as a query), up to 4 heads per key through `dot_group`; K rows prefetched ahead. (A
 /// kernel that reduced eight keys' sums through one transpose measured no faster: attention
 /// at long contexts is bound by reading the cache.)
-fn scores(qs: &[&[f32]], k: &[f32], offsets: &[usize], scale: f32, out: &mut [f32]) {
+fn scores(qs: &[&[f32]], k: KvRows, offsets: &[usize], scale: f32, out: &mut [f32]) {
     let heads = qs.len();
     let dh = qs.first().map_or(0, |q| q.len());
+    let mut buf = vec![0f32; dh];
     for (i, &o) in offsets.iter().enumerate() {
         if let Some(&ahead) = offsets.get(i + PREFETCH) {
-            prefetch(&k[ahead..ahead + dh]);
+            k.prefetch(ahead, dh);
         }
-        let key = &k[o..o + dh];
+        let key = k.read(o, &mut buf);
         for (c, qc) in qs.chunks(4).enumerate() {
             let at = i * heads + 4 * c;
             for (p, v) in out[at..at + qc.len()].iter_mut().zip(dot_group(qc, key)) {
@@ -171,11 +198,45 @@ fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>) {
     }
 }
 
+/// A KV cache's keys or values for one layer, in the cache's element type. Attention reads
+/// f16 rows converted exactly to f32, so its arithmetic is the same as over f32 rows holding
+/// the f16-rounded values.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl KvRows<'_> {
+    /// `out` = the `out.len()` elements from `at`, as f32 (a copy only for f16).
+    #[inline]
+    fn read<'b>(&'b self, at: usize, out: &'b mut [f32]) -> &'b [f32] {
+        match self {
+            KvRows::F32(v) => &v[at..at + out.len()],
+            KvRows::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                let n = out.len();
+                v[at..at + n].convert_to_f32_slice(out);
+                out
+            }
+        }
+    }
+
+    /// Ask for the `n` elements from `at` ahead of use (a hint).
+    #[inline]
+    fn prefetch(&self, at: usize, n: usize) {
+        match self {
+            KvRows::F32(v) => prefetch(&v[at..at + n]),
+            KvRows::F16(v) => crate::kernels::prefetch(v[at..at + n].as_ptr() as *const u8, 2 * n),
+        }
+    }
+}
+
 /// Keys and values of one sequence for one layer, as stored by a KV cache: rows of
-/// `kv_heads * head_dim` floats, position `p` in block `block_table[p / block_size]`.
+/// `kv_heads * head_dim` elements, position `p` in block `block_table[p / block_size]`.
 pub struct KvView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
     pub block_table: &'a [u32],
     pub block_size: usize,
     pub row: usize,
@@ -305,7 +366,7 @@ mod tests {
             // Rows out of order, as a paged cache stores them.
             let offsets: Vec<usize> = (0..keys).map(|i| ((i * 7) % keys) * 2 * dh).collect();
             let mut zs = vec![f32::NAN; heads * dh];
-            weighted_values(&mut zs, dh, &p, stride, first, &v, &offsets);
+            weighted_values(&mut zs, dh, &p, stride, first, KvRows::F32(&v), &offsets);
             for (h, z) in zs.chunks_exact(dh).enumerate() {
                 let mut want = vec![0f32; dh];
                 for (i, &o) in offsets.iter().enumerate() {
@@ -317,6 +378,32 @@ mod tests {
                 assert!(z.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "heads {heads}, dh {dh}");
             }
         }
+    }
+
+    /// An f16 cache gives the numbers of an f32 cache holding the same (rounded) values,
+    /// bitwise: the rows are converted exactly and the arithmetic is the same.
+    #[test]
+    fn f16_rows_are_their_f32_values() {
+        use half::f16;
+        let (h, kvh, dh, t) = (8, 2, 64, 45);
+        let row = kvh * dh;
+        let half: Vec<f16> = data(t * row * 2, 3).iter().map(|&x| f16::from_f32(x)).collect();
+        let wide: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
+        let (k16, v16) = half.split_at(t * row);
+        let (k32, v32) = wide.split_at(t * row);
+        let q = data(t * h * dh, 5);
+        let table = [0u32];
+        let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.125, window: None, softcap: None };
+        let run = |k: KvRows, v: KvRows| {
+            // A prompt chunk and then one decoded row, as two sequences of a step.
+            let seqs = [
+                SeqQueries { q: &q[..(t - 1) * h * dh], pos: 0, t: t - 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
+                SeqQueries { q: &q[(t - 1) * h * dh..], pos: t - 1, t: 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
+            ];
+            attention(&seqs, &shape, false).z
+        };
+        let (a, b) = (run(KvRows::F16(k16), KvRows::F16(v16)), run(KvRows::F32(k32), KvRows::F32(v32)));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]
@@ -334,7 +421,7 @@ mod tests {
             ks[o..o + row].copy_from_slice(&k[p * row..(p + 1) * row]);
             vs[o..o + row].copy_from_slice(&v[p * row..(p + 1) * row]);
         }
-        let view = || KvView { k: &ks, v: &vs, block_table: &table, block_size: 4, row };
+        let view = || KvView { k: KvRows::F32(&ks), v: KvRows::F32(&vs), block_table: &table, block_size: 4, row };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None, softcap: None };
         let one = |q: &[f32], pos: usize, t: usize, shape: &AttnShape| {
             let out = attention(&[SeqQueries { q, pos, t, kv: view() }], shape, true);

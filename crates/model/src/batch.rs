@@ -1,7 +1,7 @@
 //! The flat, ragged batch of one forward pass, and the KV cache interface attention reads through.
 
 use crate::error::{ModelError, Result};
-pub use crate::attention::KvView;
+pub use crate::attention::{KvRows, KvView};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -120,6 +120,6 @@ impl KvCache for ContiguousKvCache {
             .get(&(seq.key, layer))
             .ok_or_else(|| ModelError::BadConfig(format!("kv cache has no sequence {}", seq.key)))?;
         let row = k.len() / seq.ctx_len().max(1);
-        Ok(KvView { k, v, block_table: &WHOLE, block_size: usize::MAX, row })
+        Ok(KvView { k: KvRows::F32(k), v: KvRows::F32(v), block_table: &WHOLE, block_size: usize::MAX, row })
     }
 }

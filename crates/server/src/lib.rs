@@ -22,7 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use clap::Args;
-use glassbox_engine::{EngineConfig, EngineCore, EngineHandle, EngineStats, KvMemory, Limits};
+use glassbox_engine::{EngineConfig, EngineCore, EngineHandle, EngineStats, KvDtype, KvMemory, Limits};
 use glassbox_model::{ChatTemplate, LoadOptions, LoadedModel};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// KV cache size: a fraction of free memory (0.25) or a size (512MiB, 2GB).
     #[arg(long, default_value = "0.25")]
     pub kv_cache_memory: KvMemory,
+    /// KV cache element type: f32 (exact) or f16 (half the memory and the bytes attention
+    /// reads; keys and values rounded to f16, as llama.cpp's default cache).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: KvDtype,
     /// Requests allowed to wait beyond the running ones before answering 503.
     #[arg(long, default_value_t = 256)]
     pub max_waiting_requests: usize,
@@ -215,6 +219,7 @@ async fn serve_async(args: ServeArgs, otlp: Option<Arc<otlp::Otlp>>) -> anyhow::
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len: args.max_model_len,
         kv_cache_memory: args.kv_cache_memory,
+        kv_cache_dtype: args.kv_cache_dtype,
         crash_dump_dir: Some(args.crash_dump_dir.clone().unwrap_or_else(|| glassbox_model::fetch::cache_dir().join("crash-dumps"))),
         max_capture_bytes: size_flag("max-capture-bytes", args.max_capture_bytes)?,
         dump,

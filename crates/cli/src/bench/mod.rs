@@ -12,7 +12,7 @@ mod serve;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use glassbox_engine::{EngineConfig, KvMemory, LLM};
+use glassbox_engine::{EngineConfig, KvDtype, KvMemory, LLM};
 use glassbox_protocol::{EngineRequest, SamplingParams};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -80,6 +80,10 @@ pub struct ThroughputArgs {
     pub max_num_batched_tokens: usize,
     #[arg(long, default_value = "0.25")]
     pub kv_cache_memory: KvMemory,
+    /// KV cache element type: f32 (exact) or f16 (half the memory and the bytes attention
+    /// reads; keys and values rounded to f16, as llama.cpp's default cache).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: KvDtype,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
@@ -164,6 +168,7 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         max_num_seqs: a.max_num_seqs,
         max_num_batched_tokens: a.max_num_batched_tokens,
         kv_cache_memory: a.kv_cache_memory,
+        kv_cache_dtype: a.kv_cache_dtype,
         seed: a.seed,
         ..Default::default()
     };

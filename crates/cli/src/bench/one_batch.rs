@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use glassbox_engine::{EngineConfig, EngineCore, KvMemory};
+use glassbox_engine::{EngineConfig, EngineCore, KvDtype, KvMemory};
 use glassbox_protocol::{EngineRequest, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -26,6 +26,10 @@ pub struct OneBatchArgs {
     pub output_len: usize,
     #[arg(long, default_value = "0.25")]
     pub kv_cache_memory: KvMemory,
+    /// KV cache element type: f32 (exact) or f16 (half the memory and the bytes attention
+    /// reads; keys and values rounded to f16, as llama.cpp's default cache).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: KvDtype,
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -66,6 +70,7 @@ pub fn run(a: OneBatchArgs) -> Result<()> {
                 max_num_seqs: batch,
                 max_num_batched_tokens: (batch * input_len).max(batch),
                 kv_cache_memory: a.kv_cache_memory,
+                kv_cache_dtype: a.kv_cache_dtype,
                 ..Default::default()
             };
             let mut core = EngineCore::new(model.clone(), cfg)?;
