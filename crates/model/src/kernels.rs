@@ -118,10 +118,15 @@ pub(crate) unsafe fn fma_chunk16<const R: usize>(
 #[inline]
 pub(crate) unsafe fn reduce_lanes(acc: [std::arch::x86_64::__m256; 2], tail: f32) -> f32 {
     use std::arch::x86_64::*;
+    // `(((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))) + tail` over the lanes `l` of the
+    // two accumulators' sum, in registers: the halves' sum pairs lane i with i + 4, the high
+    // pair of that is added to the low pair, then the two lanes left (each add the same
+    // operands as the scalar tree's, so the same bits; a test checks).
     let s = _mm256_add_ps(acc[0], acc[1]);
-    let mut l = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), s);
-    (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail
+    let quad = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    let one = _mm_add_ss(pair, _mm_shuffle_ps::<0b01>(pair, pair));
+    _mm_cvtss_f32(one) + tail
 }
 
 /// `reduce_lanes` for every row of kernels whose weights cover whole 16-chunks (no tail): the
@@ -224,6 +229,35 @@ pub(crate) mod tests {
     /// Deterministic test values in [-0.5, 0.5).
     pub(crate) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32) - 0.5).collect()
+    }
+
+    /// The in-register reduction is the scalar tree, bitwise (signed zeros, infinities and
+    /// NaNs included).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lane_reduction_is_the_scalar_tree() {
+        if !has_avx2() {
+            return;
+        }
+        let special = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e38, -1e38, f32::MIN_POSITIVE];
+        for seed in 0..400u32 {
+            let mut v = data(17, seed);
+            for (i, x) in v.iter_mut().enumerate() {
+                *x *= 10f32.powi((seed % 7) as i32 * 3 - 9);
+                if (seed as usize + i) % 11 == 0 {
+                    *x = special[(seed as usize + i) % special.len()];
+                }
+            }
+            let (a, b, tail) = (&v[..8], &v[8..16], v[16]);
+            // SAFETY: AVX2 and FMA are present (checked).
+            let got = unsafe {
+                use std::arch::x86_64::*;
+                reduce_lanes([_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr())], tail)
+            };
+            let l: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
+            let want = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + tail;
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "seed {seed}: {got} vs {want}");
+        }
     }
 
     #[test]
