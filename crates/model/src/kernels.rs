@@ -244,7 +244,7 @@ pub(crate) mod tests {
             let mut v = data(17, seed);
             for (i, x) in v.iter_mut().enumerate() {
                 *x *= 10f32.powi((seed % 7) as i32 * 3 - 9);
-                if (seed as usize + i) % 11 == 0 {
+                if (seed as usize + i).is_multiple_of(11) {
                     *x = special[(seed as usize + i) % special.len()];
                 }
             }
