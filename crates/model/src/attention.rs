@@ -5,9 +5,11 @@
 //!
 //! Scores are `kernels::dot(q, k) * scale`; values are added as `z += p * v` per element, a
 //! multiply then an add. Key and value rows are prefetched ahead: at long contexts attention
-//! is bound by reading the cache.
+//! is bound by reading the cache. The cache holds f32 or f16 rows (`KvRows`); f16 is
+//! converted exactly on read, so the arithmetic is the same.
 
 use crate::kernels::dot_group;
+
 /// `z_h = Σ_i p[i][h] · v_i` over the keys at `offsets` in `v`, for each head `h` of `z`
 /// (`[heads, dh]`; `p` key-major: key `i`'s heads at `p[i * stride + first ..]`): per element
 /// a multiply then an add (no FMA), in key order from zero, so every path gives the scalar

@@ -259,8 +259,8 @@ impl KTiles {
     /// `y[m, n] = x[m, k] · wᵀ`, tiles split across threads.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        let xq = KRows::quantize(x, self.k);
-        let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
+        let pieces = crate::pool::map_rows(x, self.k, crate::tiles::QUANTIZE_PIECE, |x| KRows::quantize(x, self.k));
+        let rows: Vec<KRow> = pieces.iter().flat_map(|p| (0..p.q.len() / self.k).map(|i| p.row(i))).collect();
         crate::tiles::tiled_matmul(m, self.n, |tile, r| self.tile_group(tile, &rows[r]))
     }
 

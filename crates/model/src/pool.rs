@@ -297,6 +297,28 @@ pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(u
     for_each_slice(out, &ranges, |i, piece| f(i * per, piece));
 }
 
+/// `f` over `x` cut into pieces of whole rows (`row` elements each, at least `min_elems` a
+/// piece, as `for_each_rows`), across the pool; the results in row order.
+pub fn map_rows<T: Send>(x: &[f32], row: usize, min_elems: usize, f: impl Fn(&[f32]) -> T + Sync) -> Vec<T> {
+    let row = row.max(1);
+    let rows = x.len() / row;
+    let pieces = (x.len() / min_elems.max(1)).clamp(1, 4 * Pool::global().threads()).min(rows.max(1));
+    let per = rows.div_ceil(pieces).max(1);
+    if rows <= per {
+        return vec![f(x)];
+    }
+    let slots: Vec<Mutex<Option<T>>> = (0..rows.div_ceil(per)).map(|_| Mutex::new(None)).collect();
+    Pool::global().run(slots.len(), |i| {
+        let piece = &x[i * per * row..((i + 1) * per).min(rows) * row];
+        let out = f(piece);
+        if let Ok(mut slot) = slots[i].lock() {
+            *slot = Some(out);
+        }
+    });
+    // Every task ran (a panic would have been re-raised above), so every slot is filled.
+    slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +411,15 @@ mod tests {
             });
             assert!(y.iter().enumerate().all(|(i, v)| *v == i as f32), "{rows} rows of {row}");
         }
+    }
+
+    #[test]
+    fn mapped_pieces_come_back_in_order() {
+        let x: Vec<f32> = (0..70 * 3).map(|v| v as f32).collect();
+        let sums = map_rows(&x, 3, 1, |piece| piece.to_vec());
+        assert!(sums.len() > 1);
+        assert_eq!(sums.concat(), x);
+        assert_eq!(map_rows(&x[..6], 3, 1000, |p| p.len()), vec![6]);
     }
 
     #[test]

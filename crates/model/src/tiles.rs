@@ -32,6 +32,9 @@ pub(crate) const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 /// 1.70 -> 1.60 ms, Q4_1 1.58 -> 1.45, Q5_0 2.38 -> 1.98, Q8_0 1.81 -> 1.62), 4 with AVX2 (16
 /// registers: 8 spill).
 const GROUP: usize = 8;
+/// Activations quantized per piece of at least this many values on the pool (a decode step's
+/// row stays on the caller).
+pub(crate) const QUANTIZE_PIECE: usize = 16 * 1024;
 const GROUP_AVX2: usize = 4;
 
 /// A `[n, k]` weight matrix in tiles of 8 rows. Per tile and block: 8 f16 scales (and Q4_1/Q5_1
@@ -203,8 +206,10 @@ impl Tiles {
     /// `y[m, n] = x[m, k] · wᵀ`, tiles split across threads.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        let xq = QRows::quantize(x, self.k);
-        let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
+        // Quantized in pieces of rows across the pool when there are many (each block alone,
+        // so the same bytes).
+        let pieces = crate::pool::map_rows(x, self.k, QUANTIZE_PIECE, |x| QRows::quantize(x, self.k));
+        let rows: Vec<XRow> = pieces.iter().flat_map(|p| (0..p.q.len() / self.k).map(|i| p.row(i))).collect();
         #[cfg(target_arch = "x86_64")]
         {
             if crate::kernels::has_vnni() {
@@ -618,6 +623,28 @@ pub(crate) mod tests {
     /// Per format (n not a multiple of the tile): rows read back as candle dequantizes them;
     /// every SIMD group size bitwise the scalar reference; a batch bitwise its rows alone; and
     /// the product within 1% of the f32 one over the dequantized weights.
+    /// Activations quantized in pieces of rows on the pool are the whole matrix's bytes, and
+    /// a large batch's products are its rows' alone, bitwise.
+    #[test]
+    fn quantized_in_pieces_is_quantized_whole() {
+        let (m, k, n) = (300, 256, 16);
+        let x = random_x(m, k, 9);
+        let whole = QRows::quantize(&x, k);
+        let pieces = crate::pool::map_rows(&x, k, QUANTIZE_PIECE, |x| QRows::quantize(x, k));
+        assert!(pieces.len() > 1);
+        let cat = |f: &dyn Fn(&QRows) -> Vec<u32>| pieces.iter().flat_map(f).collect::<Vec<_>>();
+        assert_eq!(cat(&|p| p.q.iter().map(|&v| v as u32).collect()), whole.q.iter().map(|&v| v as u32).collect::<Vec<_>>());
+        assert_eq!(cat(&|p| p.d.iter().map(|v| v.to_bits()).collect()), whole.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(cat(&|p| p.sum.iter().map(|&v| v as u32).collect()), whole.sum.iter().map(|&v| v as u32).collect::<Vec<_>>());
+        assert_eq!(cat(&|p| p.s.iter().map(|v| v.to_bits()).collect()), whole.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let (t, _) = matrix(QFormat::Q4_0, GgmlDType::Q4_0, n, k, 3);
+        let all = t.matmul_bt(&x, m);
+        for i in [0, 150, 299] {
+            let one = t.matmul_bt(&x[i * k..(i + 1) * k], 1);
+            assert!(one.iter().zip(&all[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i}");
+        }
+    }
+
     #[test]
     fn tiles_are_exact_invariant_and_close() {
         // k = 96: an odd number of blocks.
