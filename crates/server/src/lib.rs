@@ -240,7 +240,8 @@ async fn serve_async(args: ServeArgs, otlp: Option<Arc<otlp::Otlp>>) -> anyhow::
         source.path().display()
     );
     eprintln!(
-        "KV cache: {} tokens fit; max model length {}, max {} sequences",
+        "KV cache ({}): {} tokens fit; max model length {}, max {} sequences",
+        args.kv_cache_dtype,
         limits.kv_capacity_tokens,
         limits.max_model_len,
         args.max_num_seqs
