@@ -146,26 +146,42 @@ fn prefetch(row: &[f32]) {
     crate::kernels::prefetch(row.as_ptr() as *const u8, std::mem::size_of_val(row));
 }
 
-/// `out[i * heads + h] = dot(qs[h], k_i) * scale` for the keys at `offsets` in `k` (each as
-/// long as a query), up to 4 heads per key through `dot_group`; K rows prefetched ahead. (A
-/// kernel that reduced eight keys' sums through one transpose measured no faster: attention
-/// at long contexts is bound by reading the cache.)
-fn scores(qs: &[&[f32]], k: KvRows, offsets: &[usize], scale: f32, out: &mut [f32]) {
-    let heads = qs.len();
-    let dh = qs.first().map_or(0, |q| q.len());
-    let mut buf = vec![0f32; dh];
-    for (i, &o) in offsets.iter().enumerate() {
-        if let Some(&ahead) = offsets.get(i + PREFETCH) {
-            k.prefetch(ahead, dh);
-        }
-        let key = k.read(o, &mut buf);
-        for (c, qc) in qs.chunks(4).enumerate() {
+/// `out[i * heads + h] = dot(q_h, k_i) * scale` for the heads `q` holds (`[heads, dh]`) and
+/// the keys at `offsets` in `k`, 4 heads per key through `dot_group`; K rows prefetched
+/// ahead; `key`: room for one key row (f16 rows are converted into it). (A kernel that reduced
+/// eight keys' sums through one transpose measured no faster: attention at long contexts is
+/// bound by reading the cache.)
+fn scores(q: &[f32], dh: usize, k: KvRows, offsets: &[usize], scale: f32, key: &mut [f32], out: &mut [f32]) {
+    let heads = q.len() / dh.max(1);
+    // Four heads at a time over every key (more than four heads read the keys again, from
+    // cache).
+    for (c, qc) in q.chunks(4 * dh.max(1)).enumerate() {
+        let n = qc.len() / dh;
+        let qs: [&[f32]; 4] = std::array::from_fn(|j| &qc[j.min(n - 1) * dh..(j.min(n - 1) + 1) * dh]);
+        for (i, &o) in offsets.iter().enumerate() {
+            if let Some(&ahead) = offsets.get(i + PREFETCH) {
+                k.prefetch(ahead, dh);
+            }
+            let row = k.read(o, &mut key[..dh]);
             let at = i * heads + 4 * c;
-            for (p, v) in out[at..at + qc.len()].iter_mut().zip(dot_group(qc, key)) {
+            for (p, v) in out[at..at + n].iter_mut().zip(dot_group(&qs[..n], row)) {
                 *p = v * scale;
             }
         }
     }
+}
+
+/// Per-thread room for one attention task (reused: no allocation per (row, head) once the
+/// buffers have grown to the longest context).
+#[derive(Default)]
+struct Scratch {
+    offsets: Vec<usize>,
+    probs: Vec<f32>,
+    key: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Softmax of each column of `p` (`[keys][heads]`, `heads` wide), soft-capped first when
@@ -322,21 +338,28 @@ pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOu
         let lo = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
         let n_heads = heads.len();
         let keys = p + 1 - lo;
-        // Each position's offset once (a division), for its key and its value row.
-        let offsets: Vec<usize> = (lo..=p).map(|j| kv.offset(j) + kvh * dh).collect();
-        let qs: Vec<&[f32]> = heads.clone().map(|head| &q[(r * h + head) * dh..(r * h + head + 1) * dh]).collect();
-        // Scores key-major (`[key][head]`): each key's heads side by side for the value loop.
-        let mut probs = vec![0f32; keys * n_heads];
-        scores(&qs, kv.k, &offsets, s.scale, &mut probs);
-        softmax_columns(&mut probs, n_heads, s.softcap);
-        for (c, chunk) in out.chunks_mut(4 * dh).enumerate() {
-            weighted_values(chunk, dh, &probs, n_heads, 4 * c, kv.v, &offsets);
-        }
-        for (g, head) in heads.enumerate().filter(|_| want_probs) {
-            if let Ok(mut slot) = pattern[row * h + head].lock() {
-                *slot = probs.iter().skip(g).step_by(n_heads).copied().collect();
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let Scratch { offsets, probs, key } = &mut *scratch;
+            // Each position's offset once (a division), for its key and its value row.
+            offsets.clear();
+            offsets.extend((lo..=p).map(|j| kv.offset(j) + kvh * dh));
+            // Scores key-major (`[key][head]`): each key's heads side by side for the value loop.
+            probs.clear();
+            probs.resize(keys * n_heads, 0.0);
+            key.resize(dh, 0.0);
+            let qr = &q[(r * h + heads.start) * dh..(r * h + heads.end) * dh];
+            scores(qr, dh, kv.k, offsets, s.scale, key, probs);
+            softmax_columns(probs, n_heads, s.softcap);
+            for (c, chunk) in out.chunks_mut(4 * dh).enumerate() {
+                weighted_values(chunk, dh, probs, n_heads, 4 * c, kv.v, offsets);
             }
-        }
+            for (g, head) in heads.clone().enumerate().filter(|_| want_probs) {
+                if let Ok(mut slot) = pattern[row * h + head].lock() {
+                    *slot = probs.iter().skip(g).step_by(n_heads).copied().collect();
+                }
+            }
+        });
     });
     let mut probs: Vec<Option<Vec<f32>>> = seqs.iter().map(|sq| want_probs.then(|| vec![0f32; h * sq.t * (sq.pos + sq.t)])).collect();
     for (rh, slot) in pattern.into_iter().enumerate() {
