@@ -11,17 +11,15 @@
 use crate::kernels::dot_group;
 
 /// `z_h = Σ_i p[i][h] · v_i` over the keys at `offsets` in `v`, for each head `h` of `z`
-/// (`[heads, dh]`; `p` key-major: key `i`'s heads at `p[i * stride + first ..]`): per element
+/// (`[heads, dh]`; `(p, stride, first)`: key `i`'s heads at `p[i * stride + first ..]`): per element
 /// a multiply then an add (no FMA), in key order from zero, so every path gives the scalar
 /// loop's numbers.
-fn weighted_values(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: usize, v: KvRows, offsets: &[usize]) {
+/// `row`: room for one value row (the portable loop converts f16 rows into it).
+fn weighted_values(z: &mut [f32], dh: usize, (p, stride, first): (&[f32], usize, usize), v: KvRows, offsets: &[usize], row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::tiles::simd() && dh > 0 {
-            let (ptr, len, f16) = match v {
-                KvRows::F32(v) => (v.as_ptr() as *const u8, v.len(), false),
-                KvRows::F16(v) => (v.as_ptr() as *const u8, v.len(), true),
-            };
+            let (ptr, len, f16) = v.raw();
             macro_rules! by_heads {
                 ($f16:literal) => {
                     match z.len() / dh {
@@ -42,12 +40,11 @@ fn weighted_values(z: &mut [f32], dh: usize, p: &[f32], stride: usize, first: us
         }
     }
     z.fill(0.0);
-    let mut buf = vec![0f32; dh];
     for (i, &o) in offsets.iter().enumerate() {
         if let Some(&ahead) = offsets.get(i + PREFETCH) {
             v.prefetch(ahead, dh);
         }
-        let row = v.read(o, &mut buf);
+        let row = v.read(o, &mut row[..dh]);
         for (h, zh) in z.chunks_exact_mut(dh.max(1)).enumerate() {
             let a = p[i * stride + first + h];
             for (zi, vi) in zh.iter_mut().zip(row) {
@@ -140,12 +137,6 @@ unsafe fn values_avx<const H: usize, const C: usize, const F16: bool>(
 /// `perf` samples on one load; attention took a third of a decode step at 512 tokens).
 const PREFETCH: usize = 8;
 
-/// Ask the CPU to bring `row` into cache (a hint; no effect on results).
-#[inline]
-fn prefetch(row: &[f32]) {
-    crate::kernels::prefetch(row.as_ptr() as *const u8, std::mem::size_of_val(row));
-}
-
 /// `out[i * heads + h] = dot(q_h, k_i) * scale` for the heads `q` holds (`[heads, dh]`) and
 /// the keys at `offsets` in `k`, 4 heads per key through `dot_group`; K rows prefetched
 /// ahead; `key`: room for one key row (f16 rows are converted into it). (A kernel that reduced
@@ -177,7 +168,10 @@ fn scores(q: &[f32], dh: usize, k: KvRows, offsets: &[usize], scale: f32, key: &
 struct Scratch {
     offsets: Vec<usize>,
     probs: Vec<f32>,
-    key: Vec<f32>,
+    /// One key or value row (f16 rows are converted into it).
+    row: Vec<f32>,
+    /// The softmax's per-head maxima and sums.
+    stats: Vec<f32>,
 }
 
 thread_local! {
@@ -187,30 +181,33 @@ thread_local! {
 /// Softmax of each column of `p` (`[keys][heads]`, `heads` wide), soft-capped first when
 /// asked: per head, max, then `exp(x - max)` and their sum, then `· 1/sum`, each in key
 /// order. The heads advance together, row by row; each head's numbers are those of a loop
-/// over its column alone.
-fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>) {
+/// over its column alone. `stats`: room for the per-head maxima and sums.
+fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>, stats: &mut Vec<f32>) {
     if heads == 0 {
         return;
     }
     if let Some(cap) = softcap {
         p.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
     }
-    let mut max = vec![f32::NEG_INFINITY; heads];
+    stats.clear();
+    stats.resize(heads, f32::NEG_INFINITY);
+    stats.resize(2 * heads, 0.0);
+    let (max, sum) = stats.split_at_mut(heads);
     for row in p.chunks_exact(heads) {
         for (m, &x) in max.iter_mut().zip(row) {
             *m = m.max(x);
         }
     }
-    let mut sum = vec![0f32; heads];
     for row in p.chunks_exact_mut(heads) {
-        for ((e, m), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+        for ((e, m), s) in row.iter_mut().zip(&*max).zip(sum.iter_mut()) {
             *e = (*e - m).exp();
             *s += *e;
         }
     }
-    let inv: Vec<f32> = sum.iter().map(|s| 1.0 / s).collect();
+    // The sums become their inverses.
+    sum.iter_mut().for_each(|s| *s = 1.0 / *s);
     for row in p.chunks_exact_mut(heads) {
-        for (e, i) in row.iter_mut().zip(&inv) {
+        for (e, i) in row.iter_mut().zip(&*sum) {
             *e *= i;
         }
     }
@@ -240,12 +237,22 @@ impl KvRows<'_> {
         }
     }
 
-    /// Ask for the `n` elements from `at` ahead of use (a hint).
+    /// The elements' address, their count, and whether they are f16 (else f32).
+    #[inline]
+    fn raw(&self) -> (*const u8, usize, bool) {
+        match self {
+            KvRows::F32(v) => (v.as_ptr() as *const u8, v.len(), false),
+            KvRows::F16(v) => (v.as_ptr() as *const u8, v.len(), true),
+        }
+    }
+
+    /// Ask the CPU for the `n` elements from `at` ahead of use (a hint; no effect on results).
     #[inline]
     fn prefetch(&self, at: usize, n: usize) {
-        match self {
-            KvRows::F32(v) => prefetch(&v[at..at + n]),
-            KvRows::F16(v) => crate::kernels::prefetch(v[at..at + n].as_ptr() as *const u8, 2 * n),
+        let (p, len, f16) = self.raw();
+        let size = if f16 { 2 } else { 4 };
+        if at + n <= len {
+            crate::kernels::prefetch(p.wrapping_add(size * at), size * n);
         }
     }
 }
@@ -340,19 +347,19 @@ pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOu
         let keys = p + 1 - lo;
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let Scratch { offsets, probs, key } = &mut *scratch;
+            let Scratch { offsets, probs, row: kv_row, stats } = &mut *scratch;
             // Each position's offset once (a division), for its key and its value row.
             offsets.clear();
             offsets.extend((lo..=p).map(|j| kv.offset(j) + kvh * dh));
             // Scores key-major (`[key][head]`): each key's heads side by side for the value loop.
             probs.clear();
             probs.resize(keys * n_heads, 0.0);
-            key.resize(dh, 0.0);
+            kv_row.resize(dh, 0.0);
             let qr = &q[(r * h + heads.start) * dh..(r * h + heads.end) * dh];
-            scores(qr, dh, kv.k, offsets, s.scale, key, probs);
-            softmax_columns(probs, n_heads, s.softcap);
+            scores(qr, dh, kv.k, offsets, s.scale, kv_row, probs);
+            softmax_columns(probs, n_heads, s.softcap, stats);
             for (c, chunk) in out.chunks_mut(4 * dh).enumerate() {
-                weighted_values(chunk, dh, probs, n_heads, 4 * c, kv.v, offsets);
+                weighted_values(chunk, dh, (probs, n_heads, 4 * c), kv.v, offsets, kv_row);
             }
             for (g, head) in heads.clone().enumerate().filter(|_| want_probs) {
                 if let Ok(mut slot) = pattern[row * h + head].lock() {
@@ -391,7 +398,7 @@ mod tests {
             // Rows out of order, as a paged cache stores them.
             let offsets: Vec<usize> = (0..keys).map(|i| ((i * 7) % keys) * 2 * dh).collect();
             let mut zs = vec![f32::NAN; heads * dh];
-            weighted_values(&mut zs, dh, &p, stride, first, KvRows::F32(&v), &offsets);
+            weighted_values(&mut zs, dh, (&p, stride, first), KvRows::F32(&v), &offsets, &mut vec![0f32; dh]);
             for (h, z) in zs.chunks_exact(dh).enumerate() {
                 let mut want = vec![0f32; dh];
                 for (i, &o) in offsets.iter().enumerate() {

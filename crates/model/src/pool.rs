@@ -282,14 +282,20 @@ pub fn for_each_slice(out: &mut [f32], ranges: &[std::ops::Range<usize>], f: imp
     });
 }
 
+/// How `len` elements of `row`-element rows are cut for the pool: (rows, rows per piece),
+/// at least `min_elems` elements a piece and at most 4 pieces per thread.
+fn row_pieces(len: usize, row: usize, min_elems: usize) -> (usize, usize) {
+    let rows = len / row;
+    let pieces = (len / min_elems.max(1)).clamp(1, 4 * Pool::global().threads()).min(rows.max(1));
+    (rows, rows.div_ceil(pieces).max(1))
+}
+
 /// `f(first_row, piece)` over `out` cut into pieces of whole rows (`row` elements each), at
 /// least `min_elems` elements a piece: small outputs (a decode step's one row) stay on the
 /// caller, large ones spread over the pool, a few pieces per thread.
 pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let row = row.max(1);
-    let rows = out.len() / row;
-    let pieces = (out.len() / min_elems.max(1)).clamp(1, 4 * Pool::global().threads()).min(rows.max(1));
-    let per = rows.div_ceil(pieces).max(1);
+    let (rows, per) = row_pieces(out.len(), row, min_elems);
     if rows <= per {
         return f(0, out);
     }
@@ -301,9 +307,7 @@ pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(u
 /// piece, as `for_each_rows`), across the pool; the results in row order.
 pub fn map_rows<T: Send>(x: &[f32], row: usize, min_elems: usize, f: impl Fn(&[f32]) -> T + Sync) -> Vec<T> {
     let row = row.max(1);
-    let rows = x.len() / row;
-    let pieces = (x.len() / min_elems.max(1)).clamp(1, 4 * Pool::global().threads()).min(rows.max(1));
-    let per = rows.div_ceil(pieces).max(1);
+    let (rows, per) = row_pieces(x.len(), row, min_elems);
     if rows <= per {
         return vec![f(x)];
     }
