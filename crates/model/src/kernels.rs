@@ -31,14 +31,19 @@ pub fn has_avx2() -> bool {
     has_avx2_fma()
 }
 
-/// AVX-512 VNNI with 256-bit forms (`vpdpbusd` on ymm registers), checked once.
+/// AVX-512 (F, BW, VL) with VNNI (`vpdpbusd`), checked once.
 /// `GLASSBOX_NO_VNNI=1` keeps the AVX2 path (to compare them; the results are the same).
 #[cfg(target_arch = "x86_64")]
 pub fn has_vnni() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
-        has_avx2_fma() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && std::env::var_os("GLASSBOX_NO_VNNI").is_none()
+        has_avx2_fma()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && std::env::var_os("GLASSBOX_NO_VNNI").is_none()
     })
 }
 

@@ -19,8 +19,13 @@
 //! the 2-bit tops of four value registers (register `4K + j` at bits `2j`).
 
 use crate::kquants::{scale_min_k4, KFormat, QK_K};
-use crate::tiles::{high_word, register_byte, LANE_ROW, TILE};
 use half::f16;
+
+/// Weight rows per tile.
+pub const TILE: usize = 8;
+/// Lane `l` of a tile's accumulator holds row `LANE_ROW[l]` (the order `_mm256_hadd_epi32`
+/// leaves rows 0-3 and 4-7 in). It is its own inverse.
+const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 
 /// Input rows computed together against one tile: 8 here (4 for the 32-weight formats), as
 /// measured with `glassbox bench kernels` (Q4_K, 32 rows: 1.74 -> 1.37 ms with VNNI).
@@ -104,6 +109,18 @@ fn high_bytes(f: KFormat) -> usize {
 }
 
 const VALUE_BYTES: usize = BLOCKS * TILE * 16;
+
+/// Where byte `i` of chunk `c` (bytes `8c..8c+8` of a row's 32-value block) of tile row `r`
+/// lies in the block's value registers: register `2c + r / 4`, row slot `r % 4`.
+fn register_byte(c: usize, r: usize, i: usize) -> usize {
+    (2 * c + r / 4) * 32 + (r % 4) * 8 + i
+}
+
+/// The fifth-bit word that holds byte `c` (values `8c..8c+8`) of tile row `r`'s fifth bits of
+/// a 32-value block, at byte `r % 4` of it (the register `2c + r / 4` those values sit in).
+fn high_word(c: usize, r: usize) -> usize {
+    2 * c + r / 4
+}
 
 /// Where slot `s`'s scale (or min) of accumulator lane `lane` lies among a super-block's:
 /// slots in pairs, `[pair][lane][2]`, so one 16-byte load holds two slots for all 8 lanes.
@@ -192,7 +209,7 @@ impl KTiles {
     /// The matrices' rows one after another, when each but the last fills its tiles.
     pub fn concat(parts: &[&KTiles]) -> Option<KTiles> {
         let first = parts.first()?;
-        if !crate::tiles::concatenable(parts.iter().map(|p| (p.format, p.k, p.n))) {
+        if !crate::tiles::concatenable(TILE, parts.iter().map(|p| (p.format, p.k, p.n))) {
             return None;
         }
         let cat = |f: fn(&KTiles) -> &Vec<u16>| parts.iter().flat_map(|p| f(p).iter().copied()).collect::<Vec<u16>>();
@@ -308,8 +325,64 @@ impl KTiles {
 mod avx2 {
     use super::{high_bytes, slots, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
     use crate::kquants::{KFormat, QK_K};
-    use crate::tiles::avx2::{add_highs, nibbles, prefetch_ahead};
+    use crate::tiles::x86::prefetch_ahead;
     use std::arch::x86_64::*;
+
+    /// Fifth bits for register `2C + h`: byte `8r + i` is 0x10 when bit `i` of byte `r` of the
+    /// word is set (spread the word's bytes, OR with every bit but bit `i`, compare).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn highs(word: u32) -> __m256i {
+        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+        let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, others), _mm256_set1_epi8(-1));
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// A 32-value block's fifth bits (8 words at `words`, `super::high_word`'s layout) set as
+    /// 0x10 into its value registers.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_highs(w: &mut [[__m256i; 2]; 4], words: *const u32) {
+        for (c, wc) in w.iter_mut().enumerate() {
+            for (h, wh) in wc.iter_mut().enumerate() {
+                *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(words.add(super::high_word(c, 4 * h)))));
+            }
+        }
+    }
+
+    /// A 4-bit block's 128 bytes as `[C][h]` registers of byte values (`C`: values
+    /// `8C..8C+8`, `h`: rows `4h..4h+4`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(qp: *const u8) -> [[__m256i; 2]; 4] {
+        let low = _mm256_set1_epi8(0x0F);
+        let mut w = [[_mm256_setzero_si256(); 2]; 4];
+        for reg in 0..4 {
+            // Register `2c + h` holds values `8c..` (low nibbles) and `8c + 16..` (high).
+            let (c, h) = (reg / 2, reg % 2);
+            let p = _mm256_loadu_si256(qp.add(reg * 32) as *const __m256i);
+            w[c][h] = _mm256_and_si256(p, low);
+            w[c + 2][h] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+        }
+        w
+    }
+
+    /// Per input row, the 8 lanes of its accumulator back in row order.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn lanes_to_rows<const R: usize, const G: usize>(acc: [__m256; R]) -> [[f32; TILE]; G] {
+        let mut out = [[0f32; TILE]; G];
+        for r in 0..R {
+            let mut lanes = [0f32; TILE];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+            for (l, v) in lanes.iter().enumerate() {
+                out[r][LANE_ROW[l]] = *v;
+            }
+        }
+        out
+    }
 
     pub(super) unsafe fn group(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
         group_with(t, tile, rows, crate::kernels::has_vnni())
@@ -490,7 +563,7 @@ mod avx2 {
                         }
                     }
                 }
-                crate::tiles::avx2::lanes_to_rows(acc)
+                lanes_to_rows(acc)
             }
         };
     }

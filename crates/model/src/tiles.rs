@@ -1,15 +1,18 @@
 //! Integer matmul over the 32-weight GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), with
-//! the weights repacked at load into tiles of 8 interleaved rows (llama.cpp's "repack" idea).
+//! the weights repacked at load into tiles of 16 interleaved rows (llama.cpp's "repack" idea).
 //!
 //! Why tiles: one output per row and block means one FMA per block into one accumulator, and
-//! with a row at a time that FMA chain (4 cycles a link) was the bound: `glassbox bench
-//! kernels` showed our row-at-a-time Q8_0 at 0.3-0.6 ms for a 5632x2048 matrix against 0.1 ms
-//! for candle's. With 8 rows interleaved, the 8 rows' integer sums of a block land in the 8
-//! lanes of one register (a `hadd`), so one multiply and one FMA serve 8 rows, the scales of
-//! 8 rows are one 16-byte load (`vcvtph2ps`), and each activation chunk is loaded once for 8
-//! weight rows.
+//! with a row at a time that FMA chain was the bound. In a tile, lane `r` of a value register
+//! holds four consecutive values of row `r`, so one `vpdpbusd` (AVX-512 VNNI) adds four
+//! products into each of 16 rows' integer sums, with the activations' four bytes broadcast
+//! from memory: a block is 8 of them per input row, then one convert, multiply and FMA for 16
+//! outputs; the scales of 16 rows are one 32-byte load (`vcvtph2ps`), and the weights are
+//! unpacked once for a group of input rows. (The earlier 8-row tiles, two rows' partial sums
+//! per register and a `hadd` per row and block, ran 1.5x slower at 32 rows: `glassbox bench
+//! kernels`, PERFORMANCE.md.) AVX2 runs the same layout as two 8-row halves (`maddubs`,
+//! `madd`).
 //!
-//! The arithmetic, identical on every path (a test checks the AVX2 path bitwise against the
+//! The arithmetic, identical on every path (a test checks each SIMD path bitwise against the
 //! scalar one), batch invariant by construction: activations are quantized per block of 32
 //! (`d = max|x| / 127` rounded to f16, `q = round(x / d)` to nearest even, `s = d * Σq`); for
 //! output `j` of input row `x` the accumulator starts at 0 and, block by block,
@@ -21,26 +24,22 @@ use crate::qkernels::QFormat;
 use half::f16;
 
 /// Weight rows per tile.
-pub const TILE: usize = 8;
+pub const TILE: usize = 16;
 const QK: usize = 32;
-/// Lane `l` of a tile's accumulator holds row `LANE_ROW[l]` (the order `_mm256_hadd_epi32`
-/// leaves rows 0-3 and 4-7 in). It is its own inverse.
-pub(crate) const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
 /// Input rows computed together against one tile (each row's arithmetic is the same as
-/// alone; grouping only saves unpacking the weights): 8 with AVX-512 VNNI (32 registers;
-/// `glassbox bench kernels` at 5632 x 2048, 32 rows, medians of 6 alternated runs: Q4_0
-/// 1.70 -> 1.60 ms, Q4_1 1.58 -> 1.45, Q5_0 2.38 -> 1.98, Q8_0 1.81 -> 1.62), 4 with AVX2 (16
-/// registers: 8 spill).
+/// alone; grouping only saves unpacking the weights): 8 with AVX-512 (32 registers; 16 rows
+/// measured no faster), 4 with AVX2 (16 registers).
 const GROUP: usize = 8;
+const GROUP_AVX2: usize = 4;
 /// Activations quantized per piece of at least this many values on the pool (a decode step's
 /// row stays on the caller).
 pub(crate) const QUANTIZE_PIECE: usize = 16 * 1024;
-const GROUP_AVX2: usize = 4;
 
-/// A `[n, k]` weight matrix in tiles of 8 rows. Per tile and block: 8 f16 scales (and Q4_1/Q5_1
-/// mins) in lane order; Q5_x's fifth bits as 8 words; the value bytes as 32-byte registers,
-/// register `2c + h` holding bytes `8c..8c+8` of rows `4h..4h+4` (Q8_0: the values; 4/5-bit:
-/// the nibble pairs, value `8c + i` low and `8c + 16 + i` high). Rows past `n` are zero.
+/// A `[n, k]` weight matrix in tiles of 16 rows. Per tile and block: 16 f16 scales (and
+/// Q4_1/Q5_1 mins), row `r` at `r`; Q5_x's fifth bits as 16 words (row `r`'s bit `v`: value
+/// `v`); the value bytes in 64-byte registers, bytes `4c..4c+4` of row `r`'s block at
+/// `64c + 4r` (`value_byte`; Q8_0: the values; 4/5-bit: the nibble pairs, value `i` low and
+/// `16 + i` high). Rows past `n` are zero.
 #[derive(Debug)]
 pub struct Tiles {
     format: QFormat,
@@ -48,7 +47,6 @@ pub struct Tiles {
     k: usize,
     d: Vec<u16>,
     m: Vec<u16>,
-    /// Word `2C + h` of a tile block: byte `r` is bits `8C..8C+8` of row `4h + r`'s fifth bits.
     h: Vec<u32>,
     q: Vec<u8>,
 }
@@ -123,23 +121,17 @@ impl Tiles {
         let half = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
         for (j, row) in data.chunks_exact(nb * bb).enumerate() {
             let (tile, r) = (j / TILE, j % TILE);
-            let lane = LANE_ROW[r];
             for (b, blk) in row.chunks_exact(bb).enumerate() {
                 let tb = tile * nb + b;
-                t.d[tb * TILE + lane] = half(blk, 0);
+                t.d[tb * TILE + r] = half(blk, 0);
                 if mins {
-                    t.m[tb * TILE + lane] = half(blk, 2);
+                    t.m[tb * TILE + r] = half(blk, 2);
                 }
                 if highs {
-                    let word = u32::from_le_bytes([blk[val_at - 4], blk[val_at - 3], blk[val_at - 2], blk[val_at - 1]]);
-                    for c in 0..4 {
-                        t.h[tb * TILE + high_word(c, r)] |= ((word >> (8 * c)) & 0xFF) << (8 * (r % 4));
-                    }
+                    t.h[tb * TILE + r] = u32::from_le_bytes([blk[val_at - 4], blk[val_at - 3], blk[val_at - 2], blk[val_at - 1]]);
                 }
-                let vals = &blk[val_at..];
-                for c in 0..vb / 8 {
-                    let at = tb * TILE * vb + register_byte(c, r, 0);
-                    t.q[at..at + 8].copy_from_slice(&vals[8 * c..8 * c + 8]);
+                for (p, v) in blk[val_at..].iter().enumerate() {
+                    t.q[tb * TILE * vb + value_byte(r, p)] = *v;
                 }
             }
         }
@@ -153,7 +145,7 @@ impl Tiles {
     /// The matrices' rows one after another, when each but the last fills its tiles.
     pub fn concat(parts: &[&Tiles]) -> Option<Tiles> {
         let first = parts.first()?;
-        if !concatenable(parts.iter().map(|p| (p.format, p.k, p.n))) {
+        if !concatenable(TILE, parts.iter().map(|p| (p.format, p.k, p.n))) {
             return None;
         }
         Some(Tiles {
@@ -169,16 +161,15 @@ impl Tiles {
 
     /// Value `v` (0..32) of row `r` of `tile`, block `b`, as stored (before any offset).
     fn raw(&self, tile: usize, r: usize, b: usize, v: usize) -> i32 {
-        let nb = self.k / QK;
-        let tb = tile * nb + b;
+        let tb = tile * (self.k / QK) + b;
         let vb = self.format.packed();
-        let byte = |c: usize, i: usize| self.q[tb * TILE * vb + register_byte(c, r, i)];
+        let byte = |p: usize| self.q[tb * TILE * vb + value_byte(r, p)];
         if self.format == QFormat::Q8_0 {
-            return byte(v / 8, v % 8) as i8 as i32;
+            return byte(v) as i8 as i32;
         }
-        let pair = byte((v % 16) / 8, v % 8);
+        let pair = byte(v % 16);
         let nib = if v < 16 { pair & 0x0F } else { pair >> 4 } as i32;
-        let high = if self.h.is_empty() { 0 } else { ((self.h[tb * TILE + high_word(v / 8, r)] >> (8 * (r % 4) + v % 8)) & 1) as i32 };
+        let high = if self.h.is_empty() { 0 } else { ((self.h[tb * TILE + r] >> v) & 1) as i32 };
         nib | (high << 4)
     }
 
@@ -187,7 +178,7 @@ impl Tiles {
     }
 
     fn scale(v: &[u16], tile: usize, nb: usize, b: usize, r: usize) -> f32 {
-        f16::from_bits(v[(tile * nb + b) * TILE + LANE_ROW[r]]).to_f32()
+        f16::from_bits(v[(tile * nb + b) * TILE + r]).to_f32()
     }
 
     /// Row `j` in f32, exactly as candle's dequantization computes it (`(q - 8) * d`,
@@ -219,15 +210,15 @@ impl Tiles {
         tiled_matmul(m, self.n, |tile, r| self.tile_group::<GROUP_AVX2>(tile, &rows[r]))
     }
 
-    /// Rows `rows` of `x` (at most `G`) against one tile: per row, the tile's 8 outputs.
+    /// Rows `rows` of `x` (at most `G`) against one tile: per row, the tile's 16 outputs.
     fn tile_group<const G: usize>(&self, tile: usize, rows: &[XRow]) -> [[f32; TILE]; G] {
         debug_assert!(rows.len() <= G);
         #[cfg(target_arch = "x86_64")]
         {
             if simd() {
-                // SAFETY: AVX2, FMA and F16C are present (checked); the rows are k long and the
-                // tile holds k / 32 blocks.
-                return unsafe { avx2::group::<G>(self, tile, rows) };
+                // SAFETY: AVX2, FMA and F16C (and AVX-512 for `vnni`) are present (checked);
+                // the rows are k long and the tile holds k / 32 blocks.
+                return unsafe { x86::group_with::<G>(self, tile, rows, crate::kernels::has_vnni()) };
             }
         }
         let mut out = [[0f32; TILE]; G];
@@ -256,24 +247,31 @@ impl Tiles {
     }
 }
 
-/// Whether matrices (format, `k`, `n` each) can be stacked row-wise as tiles: one format and
-/// width, and every part but the last filling its tiles.
-pub(crate) fn concatenable<F: PartialEq>(parts: impl Iterator<Item = (F, usize, usize)>) -> bool {
+/// Where byte `p` of tile row `r`'s block values lies among the tile block's value bytes: in
+/// 64-byte register `p / 4`, at row slot `r` (four bytes a row).
+fn value_byte(r: usize, p: usize) -> usize {
+    (p / 4) * 4 * TILE + 4 * r + p % 4
+}
+
+/// Whether matrices (format, `k`, `n` each) can be stacked row-wise as tiles of `tile` rows:
+/// one format and width, and every part but the last filling its tiles.
+pub(crate) fn concatenable<F: PartialEq>(tile: usize, parts: impl Iterator<Item = (F, usize, usize)>) -> bool {
     let parts: Vec<_> = parts.collect();
     let Some((f0, k0, _)) = parts.first() else { return false };
-    parts.iter().all(|(f, k, _)| f == f0 && k == k0) && parts.iter().rev().skip(1).all(|(_, _, n)| n.is_multiple_of(TILE))
+    parts.iter().all(|(f, k, _)| f == f0 && k == k0) && parts.iter().rev().skip(1).all(|(_, _, n)| n.is_multiple_of(tile))
 }
 
 /// `y[m, n]` from `group(tile, rows)`, which gives up to `G` input rows' outputs against one
-/// tile: tiles in blocks of 8 (64 columns) across the compute pool.
-pub(crate) fn tiled_matmul<const G: usize>(m: usize, n: usize, group: impl Fn(usize, std::ops::Range<usize>) -> [[f32; TILE]; G] + Sync) -> Vec<f32> {
-    crate::pool::by_column_blocks(m, n, 8 * TILE, |c0, c1, out| {
-        for tile in c0 / TILE..c1.div_ceil(TILE) {
+/// tile of `W` rows: tiles in blocks of 64 columns across the compute pool.
+pub(crate) fn tiled_matmul<const W: usize, const G: usize>(m: usize, n: usize, group: impl Fn(usize, std::ops::Range<usize>) -> [[f32; W]; G] + Sync) -> Vec<f32> {
+    const { assert!(64 % W == 0) };
+    crate::pool::by_column_blocks(m, n, 64, |c0, c1, out| {
+        for tile in c0 / W..c1.div_ceil(W) {
             for g in (0..m).step_by(G) {
                 let vals = group(tile, g..(g + G).min(m));
                 for (i, row) in vals.iter().enumerate().take((m - g).min(G)) {
                     for (r, v) in row.iter().enumerate() {
-                        let j = tile * TILE + r;
+                        let j = tile * W + r;
                         if j < c1 {
                             out.set(g + i, j, *v);
                         }
@@ -290,7 +288,7 @@ pub(crate) fn max_abs(x: &[f32]) -> f32 {
     {
         if simd() {
             // SAFETY: AVX is present (checked).
-            return unsafe { avx2::max_abs(x) };
+            return unsafe { x86::max_abs(x) };
         }
     }
     x.iter().fold(0f32, |m, v| m.max(v.abs()))
@@ -303,7 +301,7 @@ pub(crate) fn quantize_values(x: &[f32], inv: f32, out: &mut [i8]) -> i32 {
     {
         if simd() && x.len().is_multiple_of(8) {
             // SAFETY: AVX2 is present (checked); `out` is as long as `x`.
-            return unsafe { avx2::quantize_values(x, inv, out) };
+            return unsafe { x86::quantize_values(x, inv, out) };
         }
     }
     let mut sum = 0;
@@ -314,19 +312,6 @@ pub(crate) fn quantize_values(x: &[f32], inv: f32, out: &mut [i8]) -> i32 {
     sum
 }
 
-/// Where byte `i` of chunk `c` (bytes `8c..8c+8` of a row's block) of tile row `r` lies in a
-/// tile block's value registers: register `2c + r / 4`, row slot `r % 4`. The one layout of
-/// `Tiles` and `KTiles` (whose 4-bit blocks are these blocks).
-pub(crate) fn register_byte(c: usize, r: usize, i: usize) -> usize {
-    (2 * c + r / 4) * 32 + (r % 4) * 8 + i
-}
-
-/// The fifth-bit word that holds byte `c` (values `8c..8c+8`) of tile row `r`'s fifth bits, at
-/// byte `r % 4` of it (the register `2c + r / 4` those values sit in).
-pub(crate) fn high_word(c: usize, r: usize) -> usize {
-    2 * c + r / 4
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn simd() -> bool {
     use std::sync::OnceLock;
@@ -335,18 +320,14 @@ pub(crate) fn simd() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    use super::{Tiles, LANE_ROW, QK, TILE};
+pub(crate) mod x86 {
+    use super::{Tiles, QK, TILE};
     use crate::qkernels::QFormat;
     use std::arch::x86_64::*;
 
-    /// Monomorphized per format and group size; AVX-512 VNNI's `vpdpbusd` where the CPU
-    /// has it (the same exact integer sums, so the same results bitwise).
-    pub(super) unsafe fn group<const G: usize>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
-        group_with::<G>(t, tile, rows, crate::kernels::has_vnni())
-    }
-
-    /// `group` on the given instruction set (`vnni` only where the CPU has it).
+    /// Rows against one tile on the given instruction set (`vnni`: AVX-512 with VNNI, only
+    /// where the CPU has it; else AVX2), monomorphized per format and row count. The same
+    /// exact integer sums either way, so the same results bitwise.
     pub(super) unsafe fn group_with<const G: usize>(t: &Tiles, tile: usize, rows: &[super::XRow], vnni: bool) -> [[f32; TILE]; G] {
         macro_rules! by_rows {
             ($kernel:ident, $nib:expr, $high:expr, $mins:expr) => {
@@ -374,161 +355,196 @@ pub(crate) mod avx2 {
             };
         }
         if vnni {
-            by_format!(tile_rows_vnni)
+            by_format!(tile_vnni)
         } else {
-            by_format!(tile_rows_avx2)
+            by_format!(tile_avx2)
         }
     }
 
-    /// Σ over the four chunks of unsigned weight bytes times signed activation bytes, as two
-    /// exact i32 lanes per row: AVX2's pair sums in i16 (4 · 2 · 31 · 127 < 2^15), widened once.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn quad_avx2(w: [__m256i; 4], x: [__m256i; 4]) -> __m256i {
-        let p = |c: usize| _mm256_maddubs_epi16(w[c], x[c]);
-        _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3))), _mm256_set1_epi16(1))
-    }
-
-    /// The same sums with AVX-512 VNNI (`vpdpbusd`: four byte products into each i32).
-    #[inline]
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    pub(crate) unsafe fn quad_vnni(w: [__m256i; 4], x: [__m256i; 4]) -> __m256i {
-        let mut s = _mm256_setzero_si256();
-        for c in 0..4 {
-            s = _mm256_dpbusd_epi32(s, w[c], x[c]);
-        }
-        s
-    }
-
-    /// Q8_0's signed weights on AVX2: |w| times x with w's sign, widened per chunk (a pair sum
-    /// can reach 2 · 128 · 127, too much to add four in i16).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn signed_quad_avx2(w: [__m256i; 4], x: [__m256i; 4]) -> (__m256i, i32) {
-        let mut s = _mm256_setzero_si256();
-        for c in 0..4 {
-            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(x[c], w[c]));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-        }
-        (s, 0)
-    }
-
-    /// Q8_0's signed weights on VNNI: `w + 128` is unsigned (an XOR), and `Σ (w + 128) x`
-    /// exceeds the wanted sum by `128 Σx` (returned as the offset to subtract).
-    #[inline]
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    unsafe fn signed_quad_vnni(w: [__m256i; 4], x: [__m256i; 4]) -> (__m256i, i32) {
-        let flip = _mm256_set1_epi8(-128);
-        (quad_vnni(std::array::from_fn(|c| _mm256_xor_si256(w[c], flip)), x), 128)
-    }
-
-    /// Fifth bits for register `2C + h`: byte `8r + i` is 0x10 when bit `i` of byte `r` of the
-    /// word is set (spread the word's bytes, OR with every bit but bit `i`, compare).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn highs(word: u32) -> __m256i {
-        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-        let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, others), _mm256_set1_epi8(-1));
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-
-    /// A tile block's fifth bits (8 words at `words`, `super::high_word`'s layout) set as
-    /// 0x10 into its value registers.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn add_highs(w: &mut [[__m256i; 2]; 4], words: *const u32) {
-        for (c, wc) in w.iter_mut().enumerate() {
-            for (h, wh) in wc.iter_mut().enumerate() {
-                *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(words.add(super::high_word(c, 4 * h)))));
+    /// Per value `n` of four fifth bits, the four bytes they set: byte `i` 0x10 when bit `i`.
+    const SPREAD: [i32; 16] = {
+        let mut t = [0i32; 16];
+        let mut n = 0;
+        while n < 16 {
+            let mut i = 0;
+            while i < 4 {
+                if n >> i & 1 == 1 {
+                    t[n] |= 0x10 << (8 * i);
+                }
+                i += 1;
             }
+            n += 1;
         }
-    }
+        t
+    };
 
-    /// A 4-bit tile block's 128 bytes as `[C][h]` registers of byte values (`C`: values
-    /// `8C..8C+8`, `h`: rows `4h..4h+4`).
+    /// A tile block's value registers with AVX-512: `w[g]`'s lane `r` holds values
+    /// `4g..4g+4` of row `r` as unsigned bytes (Q8_0's signed values plus 128, an XOR).
     #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn nibbles(qp: *const u8) -> [[__m256i; 2]; 4] {
-        let low = _mm256_set1_epi8(0x0F);
-        let mut w = [[_mm256_setzero_si256(); 2]; 4];
-        for reg in 0..4 {
-            // Register `2c + h` holds values `8c..` (low nibbles) and `8c + 16..` (high).
-            let (c, h) = (reg / 2, reg % 2);
-            let p = _mm256_loadu_si256(qp.add(reg * 32) as *const __m256i);
-            w[c][h] = _mm256_and_si256(p, low);
-            w[c + 2][h] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn values_512<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m512i; 8] {
+        let mut w = [_mm512_setzero_si512(); 8];
+        if NIB {
+            let low = _mm512_set1_epi8(0x0F);
+            for c in 0..4 {
+                let p = _mm512_loadu_si512(qp.add(64 * c) as *const _);
+                w[c] = _mm512_and_si512(p, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
+            }
+            if HIGH {
+                // Bits 4g..4g+4 of each row's word, looked up (the low four bits of a lane
+                // index `vpermd`'s 16 entries).
+                let (words, spread) = (_mm512_loadu_si512(hp as *const _), _mm512_loadu_si512(SPREAD.as_ptr() as *const _));
+                w[0] = _mm512_or_si512(w[0], _mm512_permutexvar_epi32(words, spread));
+                for (g, wg) in w.iter_mut().enumerate().skip(1) {
+                    *wg = _mm512_or_si512(*wg, _mm512_permutexvar_epi32(_mm512_srlv_epi32(words, _mm512_set1_epi32(4 * g as i32)), spread));
+                }
+            }
+        } else {
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm512_xor_si512(_mm512_loadu_si512(qp.add(64 * g) as *const _), _mm512_set1_epi8(-128));
+            }
         }
         w
     }
 
-    /// One kernel body, compiled once per instruction set (`$quad`: unsigned weights;
-    /// `$signed`: Q8_0's signed ones, with the offset its sums carry).
-    macro_rules! tile_kernel {
-        ($name:ident, $features:literal, $quad:ident, $signed:ident) => {
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize, const G: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
-                let nb = t.k / QK;
-                let vb = if NIB { QK / 2 } else { QK };
-                let offset = t.offset();
-                let mut acc = [_mm256_setzero_ps(); R];
-                let xs: [super::XRow; R] = std::array::from_fn(|i| rows[i]);
-                for b in 0..nb {
-                    let tb = tile * nb + b;
-                    // The tile's 32 values per row as 8 registers: w[C][h] holds values
-                    // 8C..8C+8 of rows 4h..4h+4.
-                    let qp = t.q.as_ptr().add(tb * TILE * vb);
-                    prefetch_ahead(qp, TILE * vb);
-                    let mut w = [[_mm256_setzero_si256(); 2]; 4];
-                    if NIB {
-                        w = nibbles(qp);
-                        if HIGH {
-                            add_highs(&mut w, t.h.as_ptr().add(tb * TILE));
-                        }
-                    } else {
-                        for (c, wc) in w.iter_mut().enumerate() {
-                            for (h, wh) in wc.iter_mut().enumerate() {
-                                *wh = _mm256_loadu_si256(qp.add((2 * c + h) * 32) as *const __m256i);
-                            }
-                        }
+    /// AVX-512 VNNI: per input row and block, the integer sum starts at `-offset · Σq` (Q8_0's
+    /// XOR adds 128 to every weight) and takes 8 `vpdpbusd` of the activations' four-byte
+    /// groups broadcast; two chains for few rows (the latency of one would be the bound).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    unsafe fn tile_vnni<const R: usize, const G: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
+        let nb = t.k / QK;
+        let vb = if NIB { QK / 2 } else { QK };
+        let offset = if NIB { t.offset() } else { 128 };
+        let mut acc = [_mm512_setzero_ps(); R];
+        let xs: [super::XRow; R] = std::array::from_fn(|i| rows[i]);
+        for b in 0..nb {
+            let tb = tile * nb + b;
+            let qp = t.q.as_ptr().add(tb * TILE * vb);
+            prefetch_ahead(qp, TILE * vb);
+            let w = values_512::<NIB, HIGH>(qp, t.h.as_ptr().wrapping_add(tb * TILE));
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr().add(tb * TILE) as *const __m256i));
+            let mw = if MINS { _mm512_cvtph_ps(_mm256_loadu_si256(t.m.as_ptr().add(tb * TILE) as *const __m256i)) } else { dw };
+            for r in 0..R {
+                let xr = &xs[r];
+                let xp = xr.q.as_ptr().add(b * QK) as *const i32;
+                let x = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(g)));
+                let mut s = _mm512_set1_epi32(-offset * *xr.sum.get_unchecked(b));
+                if R < 4 {
+                    let mut s2 = _mm512_setzero_si512();
+                    for g in 0..4 {
+                        s = _mm512_dpbusd_epi32(s, w[g], x(g));
+                        s2 = _mm512_dpbusd_epi32(s2, w[g + 4], x(g + 4));
                     }
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tb * TILE) as *const __m128i));
-                    let mw = if MINS { _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(tb * TILE) as *const __m128i)) } else { dw };
-                    for r in 0..R {
-                        let xr = &xs[r];
-                        let xp = xr.q.as_ptr().add(b * QK) as *const i64;
-                        let xc: [__m256i; 4] = std::array::from_fn(|c| _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c))));
-                        let mut half = [_mm256_setzero_si256(); 2];
-                        let mut extra = 0;
-                        for (h, s) in half.iter_mut().enumerate() {
-                            let wh = [w[0][h], w[1][h], w[2][h], w[3][h]];
-                            if NIB {
-                                *s = $quad(wh, xc);
-                            } else {
-                                (*s, extra) = $signed(wh, xc);
-                            }
-                        }
-                        // Rows 0-3 hold two partial sums each in `half[0]`, rows 4-7 in
-                        // `half[1]`: one hadd gives each row's total, lanes in `LANE_ROW` order.
-                        let mut sum = _mm256_hadd_epi32(half[0], half[1]);
-                        if offset + extra != 0 {
-                            sum = _mm256_sub_epi32(sum, _mm256_set1_epi32((offset + extra) * *xr.sum.get_unchecked(b)));
-                        }
-                        let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xr.d.get_unchecked(b)));
-                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
-                        if MINS {
-                            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xr.s.get_unchecked(b)), acc[r]);
-                        }
+                    s = _mm512_add_epi32(s, s2);
+                } else {
+                    for (g, wg) in w.iter().enumerate() {
+                        s = _mm512_dpbusd_epi32(s, *wg, x(g));
                     }
                 }
-                lanes_to_rows(acc)
+                let d = _mm512_mul_ps(dw, _mm512_set1_ps(*xr.d.get_unchecked(b)));
+                acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[r]);
+                if MINS {
+                    acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xr.s.get_unchecked(b)), acc[r]);
+                }
             }
-        };
+        }
+        let mut out = [[0f32; TILE]; G];
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+        out
     }
 
-    tile_kernel!(tile_rows_avx2, "avx2,fma,f16c", quad_avx2, signed_quad_avx2);
-    tile_kernel!(tile_rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", quad_vnni, signed_quad_vnni);
+    /// AVX2: the tile as two 8-row halves (a 64-byte register's low and high 32 bytes), one
+    /// after the other (16 registers hold one half's values and four rows' accumulators; the
+    /// second pass finds the tile in cache), with the pair sums of `maddubs` added in i16
+    /// while exact (4-bit: eight groups, at most 8 · 2 · 15 · 127; 5-bit: four) and widened
+    /// by `madd`; Q8_0's signed weights by the sign trick, widened per group.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_avx2<const R: usize, const G: usize, const NIB: bool, const HIGH: bool, const MINS: bool>(t: &Tiles, tile: usize, rows: &[super::XRow]) -> [[f32; TILE]; G] {
+        let nb = t.k / QK;
+        let vb = if NIB { QK / 2 } else { QK };
+        let offset = t.offset();
+        let ones = _mm256_set1_epi16(1);
+        let xs: [super::XRow; R] = std::array::from_fn(|i| rows[i]);
+        let mut out = [[0f32; TILE]; G];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let tb = tile * nb + b;
+                let qp = t.q.as_ptr().add(tb * TILE * vb);
+                if half == 0 {
+                    prefetch_ahead(qp, TILE * vb);
+                }
+                let w = values_256::<NIB, HIGH>(qp.add(32 * half), t.h.as_ptr().wrapping_add(tb * TILE + 8 * half));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tb * TILE + 8 * half) as *const __m128i));
+                for r in 0..R {
+                    let xr = &xs[r];
+                    let xp = xr.q.as_ptr().add(b * QK) as *const i32;
+                    let x = |g: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(g)));
+                    let mut s = _mm256_set1_epi32(-offset * *xr.sum.get_unchecked(b));
+                    if !NIB {
+                        for (g, wg) in w.iter().enumerate() {
+                            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(*wg, *wg), _mm256_sign_epi8(x(g), *wg));
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                        }
+                    } else {
+                        let run = if HIGH { 4 } else { 8 };
+                        for part in (0..8).step_by(run) {
+                            let mut p = _mm256_maddubs_epi16(w[part], x(part));
+                            for g in part + 1..part + run {
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[g], x(g)));
+                            }
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xr.d.get_unchecked(b)));
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
+                    if MINS {
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(tb * TILE + 8 * half) as *const __m128i));
+                        acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xr.s.get_unchecked(b)), acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]);
+            }
+        }
+        out
+    }
+
+    /// One 8-row half's value registers with AVX2 (`qp` at the half's first byte): as
+    /// `values_512`, Q8_0's values signed. The fifth bits of group `g`: each row's byte `g / 2`
+    /// spread over its lane, tested against bits `4(g % 2)..` per byte.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_256<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m256i; 8] {
+        let mut w = [_mm256_setzero_si256(); 8];
+        if NIB {
+            let low = _mm256_set1_epi8(0x0F);
+            for c in 0..4 {
+                let p = _mm256_loadu_si256(qp.add(64 * c) as *const __m256i);
+                w[c] = _mm256_and_si256(p, low);
+                w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+            }
+            if HIGH {
+                let words = _mm256_loadu_si256(hp as *const __m256i);
+                for (g, wg) in w.iter_mut().enumerate() {
+                    let byte = (g / 2) as i8;
+                    let spread = _mm256_shuffle_epi8(words, _mm256_setr_epi8(byte, byte, byte, byte, byte + 4, byte + 4, byte + 4, byte + 4, byte + 8, byte + 8, byte + 8, byte + 8, byte + 12, byte + 12, byte + 12, byte + 12, byte, byte, byte, byte, byte + 4, byte + 4, byte + 4, byte + 4, byte + 8, byte + 8, byte + 8, byte + 8, byte + 12, byte + 12, byte + 12, byte + 12));
+                    let bits = _mm256_set1_epi32(0x0804_0201 << (4 * (g % 2)));
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+                    *wg = _mm256_or_si256(*wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+                }
+            }
+        } else {
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm256_loadu_si256(qp.add(64 * g) as *const __m256i);
+            }
+        }
+        w
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn max_abs(x: &[f32]) -> f32 {
@@ -573,20 +589,6 @@ pub(crate) mod avx2 {
         crate::kernels::prefetch(p.wrapping_add(PREFETCH_BYTES), len);
     }
 
-    /// Per input row, the 8 lanes of its accumulator back in row order.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    pub(crate) unsafe fn lanes_to_rows<const R: usize, const G: usize>(acc: [__m256; R]) -> [[f32; TILE]; G] {
-        let mut out = [[0f32; TILE]; G];
-        for r in 0..R {
-            let mut lanes = [0f32; TILE];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            for (l, v) in lanes.iter().enumerate() {
-                out[r][LANE_ROW[l]] = *v;
-            }
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -659,7 +661,7 @@ pub(crate) mod tests {
             let xq = QRows::quantize(&x, k);
             let rows: Vec<XRow> = (0..m).map(|i| xq.row(i)).collect();
             #[cfg(target_arch = "x86_64")]
-            let simd = |tile: usize, rows: &[XRow], vnni: bool| unsafe { avx2::group_with::<GROUP>(&t, tile, rows, vnni) }.to_vec();
+            let simd = |tile: usize, rows: &[XRow], vnni: bool| unsafe { x86::group_with::<GROUP>(&t, tile, rows, vnni) }.to_vec();
             #[cfg(not(target_arch = "x86_64"))]
             let simd = |_: usize, _: &[XRow], _: bool| vec![];
             check_tiled(&format!("{format:?}"), (n, k, GROUP), (&x, &dense), &rows, simd, |tile, row| t.tile_portable(tile, row), |x, m| t.matmul_bt(x, m));
@@ -670,17 +672,17 @@ pub(crate) mod tests {
     /// `n` weight rows (`dense` their dequantized values): every SIMD path (`simd(tile, rows,
     /// vnni)`) bitwise the scalar reference (`portable(tile, row)`) for every run of up to
     /// `group` rows; a batch bitwise its rows alone; within 1% of the f32 product.
-    pub(crate) fn check_tiled<R: Copy>(
+    pub(crate) fn check_tiled<R: Copy, const W: usize>(
         label: &str,
         (n, k, group): (usize, usize, usize),
         (x, dense): (&[f32], &[f32]),
         rows: &[R],
-        simd: impl Fn(usize, &[R], bool) -> Vec<[f32; TILE]>,
-        portable: impl Fn(usize, R) -> [f32; TILE],
+        simd: impl Fn(usize, &[R], bool) -> Vec<[f32; W]>,
+        portable: impl Fn(usize, R) -> [f32; W],
         matmul: impl Fn(&[f32], usize) -> Vec<f32>,
     ) {
         let m = rows.len();
-        for tile in 0..n.div_ceil(TILE) {
+        for tile in 0..n.div_ceil(W) {
             for start in 0..m {
                 for len in 1..=group.min(m - start) {
                     #[cfg(target_arch = "x86_64")]
@@ -711,7 +713,7 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let xq = QRows::quantize(&x, k);
         #[cfg(target_arch = "x86_64")]
-        for got in simd_paths(|vnni| unsafe { avx2::group_with::<GROUP>(&t, 0, &[xq.row(0)], vnni) }) {
+        for got in simd_paths(|vnni| unsafe { x86::group_with::<GROUP>(&t, 0, &[xq.row(0)], vnni) }) {
             assert_eq!(got[0], t.tile_portable(0, xq.row(0)));
         }
     }
@@ -727,14 +729,14 @@ pub(crate) mod tests {
         x[3] = 2.5 / 127.0 * 2.0; // a tie once scaled
         let inv = 127.0 / x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (mut a, mut b) = (vec![0i8; 256], vec![0i8; 256]);
-        let sum = unsafe { avx2::quantize_values(&x, inv, &mut a) };
+        let sum = unsafe { x86::quantize_values(&x, inv, &mut a) };
         let mut want = 0;
         for (o, v) in b.iter_mut().zip(&x) {
             *o = (v * inv).round_ties_even() as i8;
             want += *o as i32;
         }
         assert_eq!((a, sum), (b, want));
-        assert_eq!(unsafe { avx2::max_abs(&x[..37]) }, x[..37].iter().fold(0f32, |m, v| m.max(v.abs())));
+        assert_eq!(unsafe { x86::max_abs(&x[..37]) }, x[..37].iter().fold(0f32, |m, v| m.max(v.abs())));
     }
 
     #[test]
