@@ -1,35 +1,34 @@
 //! Integer matmul over the K-quants (Q4_K, Q5_K, Q6_K: 256 weights per super-block), weights
-//! repacked at load into tiles of 8 interleaved rows like `tiles.rs` does for the 32-weight
-//! formats. Why ours: candle's K-quant kernel walks one input row at a time (a batch of 32
-//! read every weight 32 times) and runs on its own thread pool, which fought ours for the two
-//! cores (its barrier spin was 5% of a decode step).
+//! repacked at load into `tiles.rs`'s tiles of 16 interleaved rows. Why ours: candle's K-quant
+//! kernel walks one input row at a time (a batch of 32 read every weight 32 times) and runs on
+//! its own thread pool, which fought ours for the two cores (its barrier spin was 5% of a
+//! decode step).
 //!
-//! The arithmetic, identical on every path (a test checks the AVX2 path bitwise against the
+//! The arithmetic, identical on every path (a test checks each SIMD path bitwise against the
 //! scalar one) and batch invariant by construction: activations are quantized per super-block
 //! (`d = max|x| / 127` in f32, `q = round(x / d)` to nearest even, with sums of `q` per 16
 //! and per 32). For output `j` and input row `x`, per super-block: the exact integer
 //! `S = Σ_slots sc · Σ_{t in slot} (w_t - o) q_t` (slots of 32 with 6-bit scales for Q4_K and
 //! Q5_K, of 16 with signed 8-bit scales and `o = 32` for Q6_K), `M = Σ_32 m · Σq` (Q4_K and
 //! Q5_K's mins), then `acc = fma(d_w · d_x, S, acc)` and `acc = fma(dmin_w · d_x, -M, acc)`.
+//! With AVX-512 VNNI a slot's sum is `vpdpbusd`s into 16 rows' lanes (Q6_K's starting at
+//! `-32 Σq`) times the rows' scales (`vpmulld`); AVX2 multiplies by the scales in `madd`.
 //!
-//! Tile layout per super-block (8 rows): f16 `d` and `dmin` in lane order; scales (and mins)
-//! as signed bytes in pairs of slots, `[pair][lane][2]`; the values' low nibbles as eight of
-//! `tiles.rs`'s 32-value blocks (1 KiB); Q5_K's fifth bits as `tiles.rs`'s words per 32-value
-//! block; Q6_K's top two bits as two 32-byte registers per 32-value block, each byte holding
-//! the 2-bit tops of four value registers (register `4K + j` at bits `2j`).
+//! Tile layout per super-block (16 rows): f16 `d` and `dmin`, row `r` at `r`; scales as
+//! signed bytes `[slot][row]`; mins in pairs of slots, `[pair][row][2]`; the values' low
+//! nibbles as eight of `tiles.rs`'s 32-value blocks (2 KiB); Q5_K's fifth bits as 16
+//! words per 32-value block (row `r`'s bit `v`: value `v`); Q6_K's top two bits as two 64-byte
+//! registers per 32-value block, lane `r` byte `i` holding at bits `2j` the tops of value
+//! `4(4K + j) + i` of row `r` (register `K`).
 
 use crate::kquants::{scale_min_k4, KFormat, QK_K};
+use crate::tiles::{value_byte, TILE};
 use half::f16;
 
-/// Weight rows per tile.
-pub const TILE: usize = 8;
-/// Lane `l` of a tile's accumulator holds row `LANE_ROW[l]` (the order `_mm256_hadd_epi32`
-/// leaves rows 0-3 and 4-7 in). It is its own inverse.
-const LANE_ROW: [usize; TILE] = [0, 1, 4, 5, 2, 3, 6, 7];
-
-/// Input rows computed together against one tile: 8 here (4 for the 32-weight formats), as
-/// measured with `glassbox bench kernels` (Q4_K, 32 rows: 1.74 -> 1.37 ms with VNNI).
+/// Input rows computed together against one tile, as in `tiles.rs`: 8 with AVX-512, 4 with
+/// AVX2.
 const GROUP: usize = 8;
+const GROUP_AVX2: usize = 4;
 
 /// 32-value blocks per super-block.
 const BLOCKS: usize = QK_K / 32;
@@ -90,8 +89,7 @@ struct KRow<'a> {
     s32: &'a [i16],
 }
 
-/// Per-format sizes: slots per super-block, and bytes per tile and super-block of scales,
-/// mins and top bits.
+/// Per-format sizes: slots per super-block, and bytes per tile and super-block of top bits.
 fn slots(f: KFormat) -> usize {
     if f == KFormat::Q6K {
         16
@@ -103,29 +101,25 @@ fn slots(f: KFormat) -> usize {
 fn high_bytes(f: KFormat) -> usize {
     match f {
         KFormat::Q4K => 0,
-        KFormat::Q5K => BLOCKS * 8 * 4,
-        KFormat::Q6K => BLOCKS * 64,
+        KFormat::Q5K => BLOCKS * TILE * 4,
+        KFormat::Q6K => BLOCKS * TILE * 8,
     }
 }
 
+/// Value bytes per tile and super-block: 8 blocks of 16 nibble pairs a row.
 const VALUE_BYTES: usize = BLOCKS * TILE * 16;
 
-/// Where byte `i` of chunk `c` (bytes `8c..8c+8` of a row's 32-value block) of tile row `r`
-/// lies in the block's value registers: register `2c + r / 4`, row slot `r % 4`.
-fn register_byte(c: usize, r: usize, i: usize) -> usize {
-    (2 * c + r / 4) * 32 + (r % 4) * 8 + i
+/// Where slot `s`'s min of row `r` lies among a super-block's: slots in pairs,
+/// `[pair][row][2]`, so one `madd` takes two slots for every row.
+fn pair_slot(s: usize, r: usize) -> usize {
+    (s / 2) * 2 * TILE + r * 2 + s % 2
 }
 
-/// The fifth-bit word that holds byte `c` (values `8c..8c+8`) of tile row `r`'s fifth bits of
-/// a 32-value block, at byte `r % 4` of it (the register `2c + r / 4` those values sit in).
-fn high_word(c: usize, r: usize) -> usize {
-    2 * c + r / 4
-}
-
-/// Where slot `s`'s scale (or min) of accumulator lane `lane` lies among a super-block's:
-/// slots in pairs, `[pair][lane][2]`, so one 16-byte load holds two slots for all 8 lanes.
-fn pair_slot(s: usize, lane: usize) -> usize {
-    (s / 2) * 16 + lane * 2 + s % 2
+/// Where the top bits of value `v` (0..32) of row `r` lie in a Q6_K block's two registers,
+/// and at which bit: group `v / 4` is register `group / 4`, bits `2 (group % 4)`.
+fn top_at(r: usize, v: usize) -> (usize, u32) {
+    let group = v / 4;
+    ((group / 4) * 4 * TILE + 4 * r + v % 4, 2 * (group % 4) as u32)
 }
 
 impl KTiles {
@@ -137,22 +131,21 @@ impl KTiles {
         }
         let (nsb, tiles) = (k / QK_K, n.div_ceil(TILE));
         let tsbs = tiles * nsb;
-        let mins = format != KFormat::Q6K;
+        let (mins, ns, hb) = (format != KFormat::Q6K, slots(format), high_bytes(format));
         let mut t = KTiles {
             format,
             n,
             k,
             d: vec![0; tsbs * TILE],
             dmin: if mins { vec![0; tsbs * TILE] } else { vec![] },
-            sc: vec![0; tsbs * TILE * slots(format)],
+            sc: vec![0; tsbs * TILE * ns],
             mn: if mins { vec![0; tsbs * TILE * 8] } else { vec![] },
             q: vec![0; tsbs * VALUE_BYTES],
-            h: vec![0; tsbs * high_bytes(format)],
+            h: vec![0; tsbs * hb],
         };
         let half = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
         for (j, row) in data.chunks_exact(nsb * bb).enumerate() {
             let (tile, r) = (j / TILE, j % TILE);
-            let lane = LANE_ROW[r];
             for (sb, blk) in row.chunks_exact(bb).enumerate() {
                 let tsb = tile * nsb + sb;
                 // Values as unsigned integers (Q6_K: q + 32), 16 at a time.
@@ -163,36 +156,34 @@ impl KTiles {
                         *o = if format == KFormat::Q6K { (x + 32) as u8 } else { x as u8 };
                     }
                 }
-                let ns = slots(format);
                 if mins {
-                    t.d[tsb * TILE + lane] = half(blk, 0);
-                    t.dmin[tsb * TILE + lane] = half(blk, 2);
+                    t.d[tsb * TILE + r] = half(blk, 0);
+                    t.dmin[tsb * TILE + r] = half(blk, 2);
                     for s in 0..8 {
                         let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                        t.sc[tsb * TILE * ns + pair_slot(s, lane)] = sc as i8;
-                        t.mn[tsb * TILE * 8 + pair_slot(s, lane)] = m as i8;
+                        t.sc[(tsb * ns + s) * TILE + r] = sc as i8;
+                        t.mn[tsb * TILE * 8 + pair_slot(s, r)] = m as i8;
                     }
                 } else {
-                    t.d[tsb * TILE + lane] = half(blk, 208);
+                    t.d[tsb * TILE + r] = half(blk, 208);
                     for s in 0..16 {
-                        t.sc[tsb * TILE * ns + pair_slot(s, lane)] = blk[192 + s] as i8;
+                        t.sc[(tsb * ns + s) * TILE + r] = blk[192 + s] as i8;
                     }
                 }
                 for g in 0..BLOCKS {
                     let vals = &v[32 * g..32 * g + 32];
-                    for c in 0..2 {
-                        for i in 0..8 {
-                            t.q[tsb * VALUE_BYTES + g * TILE * 16 + register_byte(c, r, i)] = (vals[8 * c + i] & 0x0F) | ((vals[8 * c + 16 + i] & 0x0F) << 4);
-                        }
+                    for p in 0..16 {
+                        t.q[tsb * VALUE_BYTES + g * TILE * 16 + value_byte(r, p)] = (vals[p] & 0x0F) | ((vals[p + 16] & 0x0F) << 4);
                     }
-                    for cc in 0..4 {
-                        let reg = high_word(cc, r);
-                        for i in 0..8 {
-                            let top = vals[8 * cc + i] >> 4;
-                            match format {
-                                KFormat::Q4K => {}
-                                KFormat::Q5K => t.h[tsb * high_bytes(format) + g * 32 + reg * 4 + r % 4] |= (top & 1) << i,
-                                KFormat::Q6K => t.h[tsb * high_bytes(format) + g * 64 + (reg / 4) * 32 + (r % 4) * 8 + i] |= (top & 3) << (2 * (reg % 4)),
+                    let hp = tsb * hb + g * (hb / BLOCKS);
+                    for (i, &x) in vals.iter().enumerate() {
+                        let top = x >> 4;
+                        match format {
+                            KFormat::Q4K => {}
+                            KFormat::Q5K => t.h[hp + 4 * r + i / 8] |= (top & 1) << (i % 8),
+                            KFormat::Q6K => {
+                                let (at, bit) = top_at(r, i);
+                                t.h[hp + at] |= (top & 3) << bit;
                             }
                         }
                     }
@@ -227,31 +218,36 @@ impl KTiles {
         })
     }
 
-    /// Row `r` of `tile`, super-block `tsb` (absolute), value `v` (0..256) as stored unsigned.
+    /// Row `r` of super-block `tsb` (absolute), value `v` (0..256) as stored unsigned.
     fn raw(&self, tsb: usize, r: usize, v: usize) -> i32 {
         let (g, t) = (v / 32, v % 32);
-        let pair = self.q[tsb * VALUE_BYTES + g * TILE * 16 + register_byte((t % 16) / 8, r, t % 8)];
+        let pair = self.q[tsb * VALUE_BYTES + g * TILE * 16 + value_byte(r, t % 16)];
         let low = if t < 16 { pair & 0x0F } else { pair >> 4 } as i32;
-        let reg = high_word(t / 8, r);
+        let hb = high_bytes(self.format);
+        let hp = tsb * hb + g * (hb / BLOCKS);
         let top = match self.format {
             KFormat::Q4K => 0,
-            KFormat::Q5K => (self.h[tsb * high_bytes(self.format) + g * 32 + reg * 4 + r % 4] >> (t % 8)) & 1,
-            KFormat::Q6K => (self.h[tsb * high_bytes(self.format) + g * 64 + (reg / 4) * 32 + (r % 4) * 8 + t % 8] >> (2 * (reg % 4))) & 3,
+            KFormat::Q5K => (self.h[hp + 4 * r + t / 8] >> (t % 8)) & 1,
+            KFormat::Q6K => {
+                let (at, bit) = top_at(r, t);
+                (self.h[hp + at] >> bit) & 3
+            }
         } as i32;
         low | (top << 4)
     }
 
-    /// Slot `s`'s scale of row `r` (and Q4_K/Q5_K's min of 32-value block `s`).
+    /// Slot `s`'s scale of row `r`.
     fn scale(&self, tsb: usize, r: usize, s: usize) -> i32 {
-        self.sc[tsb * TILE * slots(self.format) + pair_slot(s, LANE_ROW[r])] as i32
+        self.sc[(tsb * slots(self.format) + s) * TILE + r] as i32
     }
 
+    /// Q4_K/Q5_K's min of 32-value block `s` of row `r`.
     fn min(&self, tsb: usize, r: usize, s: usize) -> i32 {
-        self.mn[tsb * TILE * 8 + pair_slot(s, LANE_ROW[r])] as i32
+        self.mn[tsb * TILE * 8 + pair_slot(s, r)] as i32
     }
 
     fn half(v: &[u16], tsb: usize, r: usize) -> f32 {
-        f16::from_bits(v[tsb * TILE + LANE_ROW[r]]).to_f32()
+        f16::from_bits(v[tsb * TILE + r]).to_f32()
     }
 
     /// Row `j` in f32, exactly as candle's dequantization computes it (`(d · sc) · q - dmin · m`,
@@ -278,19 +274,25 @@ impl KTiles {
         assert_eq!(x.len(), m * self.k);
         let pieces = crate::pool::map_rows(x, self.k, crate::tiles::QUANTIZE_PIECE, |x| KRows::quantize(x, self.k));
         let rows: Vec<KRow> = pieces.iter().flat_map(|p| (0..p.q.len() / self.k).map(|i| p.row(i))).collect();
-        crate::tiles::tiled_matmul(m, self.n, |tile, r| self.tile_group(tile, &rows[r]))
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::kernels::has_vnni() {
+                return crate::tiles::tiled_matmul(m, self.n, |tile, r| self.tile_group::<GROUP>(tile, &rows[r]));
+            }
+        }
+        crate::tiles::tiled_matmul(m, self.n, |tile, r| self.tile_group::<GROUP_AVX2>(tile, &rows[r]))
     }
 
-    fn tile_group(&self, tile: usize, rows: &[KRow]) -> [[f32; TILE]; GROUP] {
+    fn tile_group<const G: usize>(&self, tile: usize, rows: &[KRow]) -> [[f32; TILE]; G] {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::tiles::simd() {
-                // SAFETY: AVX2, FMA and F16C are present (checked); rows are k long and the
-                // tile holds k / 256 super-blocks.
-                return unsafe { avx2::group(self, tile, rows) };
+                // SAFETY: AVX2, FMA and F16C (and AVX-512 for `vnni`) are present (checked);
+                // rows are k long and the tile holds k / 256 super-blocks.
+                return unsafe { x86::group_with::<G>(self, tile, rows, crate::kernels::has_vnni()) };
             }
         }
-        let mut out = [[0f32; TILE]; GROUP];
+        let mut out = [[0f32; TILE]; G];
         for (o, i) in out.iter_mut().zip(rows) {
             *o = self.tile_portable(tile, *i);
         }
@@ -322,86 +324,26 @@ impl KTiles {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{high_bytes, slots, KTiles, BLOCKS, GROUP, LANE_ROW, TILE, VALUE_BYTES};
-    use crate::kquants::{KFormat, QK_K};
-    use crate::tiles::x86::prefetch_ahead;
+mod x86 {
+    use super::{high_bytes, slots, KTiles, BLOCKS, QK_K, TILE, VALUE_BYTES};
+    use crate::kquants::KFormat;
+    use crate::tiles::x86::{prefetch_ahead, values_256, values_512};
     use std::arch::x86_64::*;
 
-    /// Fifth bits for register `2C + h`: byte `8r + i` is 0x10 when bit `i` of byte `r` of the
-    /// word is set (spread the word's bytes, OR with every bit but bit `i`, compare).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn highs(word: u32) -> __m256i {
-        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-        let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, others), _mm256_set1_epi8(-1));
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-
-    /// A 32-value block's fifth bits (8 words at `words`, `super::high_word`'s layout) set as
-    /// 0x10 into its value registers.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_highs(w: &mut [[__m256i; 2]; 4], words: *const u32) {
-        for (c, wc) in w.iter_mut().enumerate() {
-            for (h, wh) in wc.iter_mut().enumerate() {
-                *wh = _mm256_or_si256(*wh, highs(std::ptr::read_unaligned(words.add(super::high_word(c, 4 * h)))));
-            }
-        }
-    }
-
-    /// A 4-bit block's 128 bytes as `[C][h]` registers of byte values (`C`: values
-    /// `8C..8C+8`, `h`: rows `4h..4h+4`).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn nibbles(qp: *const u8) -> [[__m256i; 2]; 4] {
-        let low = _mm256_set1_epi8(0x0F);
-        let mut w = [[_mm256_setzero_si256(); 2]; 4];
-        for reg in 0..4 {
-            // Register `2c + h` holds values `8c..` (low nibbles) and `8c + 16..` (high).
-            let (c, h) = (reg / 2, reg % 2);
-            let p = _mm256_loadu_si256(qp.add(reg * 32) as *const __m256i);
-            w[c][h] = _mm256_and_si256(p, low);
-            w[c + 2][h] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-        }
-        w
-    }
-
-    /// Per input row, the 8 lanes of its accumulator back in row order.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn lanes_to_rows<const R: usize, const G: usize>(acc: [__m256; R]) -> [[f32; TILE]; G] {
-        let mut out = [[0f32; TILE]; G];
-        for r in 0..R {
-            let mut lanes = [0f32; TILE];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            for (l, v) in lanes.iter().enumerate() {
-                out[r][LANE_ROW[l]] = *v;
-            }
-        }
-        out
-    }
-
-    pub(super) unsafe fn group(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
-        group_with(t, tile, rows, crate::kernels::has_vnni())
-    }
-
-    /// `group` on the given instruction set (`vnni` only where the CPU has it); the same
-    /// exact integer sums either way.
-    pub(super) unsafe fn group_with(t: &KTiles, tile: usize, rows: &[super::KRow], vnni: bool) -> [[f32; TILE]; GROUP] {
+    /// Rows against one tile on the given instruction set (`vnni` only where the CPU has
+    /// it); the same exact integer sums either way.
+    pub(super) unsafe fn group_with<const G: usize>(t: &KTiles, tile: usize, rows: &[super::KRow], vnni: bool) -> [[f32; TILE]; G] {
         macro_rules! by_rows {
             ($kernel:ident, $f:expr) => {
-                match rows.len() {
-                    8 => $kernel::<8, $f>(t, tile, rows),
-                    7 => $kernel::<7, $f>(t, tile, rows),
-                    6 => $kernel::<6, $f>(t, tile, rows),
-                    5 => $kernel::<5, $f>(t, tile, rows),
-                    4 => $kernel::<4, $f>(t, tile, rows),
-                    3 => $kernel::<3, $f>(t, tile, rows),
-                    2 => $kernel::<2, $f>(t, tile, rows),
-                    _ => $kernel::<1, $f>(t, tile, rows),
+                match rows.len().min(G) {
+                    8 => $kernel::<8, G, $f>(t, tile, rows),
+                    7 => $kernel::<7, G, $f>(t, tile, rows),
+                    6 => $kernel::<6, G, $f>(t, tile, rows),
+                    5 => $kernel::<5, G, $f>(t, tile, rows),
+                    4 => $kernel::<4, G, $f>(t, tile, rows),
+                    3 => $kernel::<3, G, $f>(t, tile, rows),
+                    2 => $kernel::<2, G, $f>(t, tile, rows),
+                    _ => $kernel::<1, G, $f>(t, tile, rows),
                 }
             };
         }
@@ -415,161 +357,183 @@ mod avx2 {
             };
         }
         if vnni {
-            by_format!(tile_rows_vnni)
+            by_format!(ktile_vnni)
         } else {
-            by_format!(tile_rows_avx2)
+            by_format!(ktile_avx2)
         }
     }
 
-    /// The shuffles that spread slot parity `par`'s scales of rows `4h..4h+4` over a value
-    /// register's lanes of `WIDTH` bytes (i16 for AVX2's pair sums, i32 for VNNI's quad
-    /// sums): each row's scale in the top byte of its lanes, the other bytes zero, so an
-    /// arithmetic shift right by `8 * (WIDTH - 1)` sign-extends it. `[h][par]`.
-    const fn patterns<const WIDTH: usize>() -> [[[i8; 32]; 2]; 2] {
-        let mut p = [[[-1i8; 32]; 2]; 2];
-        let mut h = 0;
-        while h < 2 {
-            let mut par = 0;
-            while par < 2 {
-                let mut i = WIDTH - 1;
-                while i < 32 {
-                    p[h][par][i] = (2 * LANE_ROW[4 * h + i / 8] + par) as i8;
-                    i += WIDTH;
+    /// Q6_K's top two bits of group `g` (0..8) as bits 4-5 of each byte, from the block's
+    /// register `g / 4` (bits `2 (g % 4)`: 16-bit shifts, the bits that cross a byte masked).
+    macro_rules! tops {
+        ($src:expr, $g:expr, $slli:ident, $srli:ident, $and:ident, $set1:ident) => {{
+            let src = $src;
+            let moved = match $g % 4 {
+                0 => $slli(src, 4),
+                1 => $slli(src, 2),
+                2 => src,
+                _ => $srli(src, 2),
+            };
+            $and(moved, $set1(0x30))
+        }};
+    }
+
+    /// AVX-512 VNNI: per 32-value block, the tile's values unpacked once; per row and slot
+    /// the slot's `vpdpbusd`s (Q6_K's from `-32 Σq`), times the 16 rows' scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    unsafe fn ktile_vnni<const R: usize, const G: usize, const BITS: u8>(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; G] {
+        let (nsb, ns, hb) = (t.k / QK_K, slots(t.format), high_bytes(t.format));
+        let xs: [super::KRow; R] = std::array::from_fn(|i| rows[i]);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for sb in 0..nsb {
+            let tsb = tile * nsb + sb;
+            let mut sums = [_mm512_setzero_si512(); R];
+            let scales = |s: usize| _mm512_cvtepi8_epi32(_mm_loadu_si128(t.sc.as_ptr().add((tsb * ns + s) * TILE) as *const __m128i));
+            for g in 0..BLOCKS {
+                let qp = t.q.as_ptr().add(tsb * VALUE_BYTES + g * TILE * 16);
+                prefetch_ahead(qp, TILE * 16);
+                let hp = t.h.as_ptr().wrapping_add(tsb * hb + g * (hb / BLOCKS));
+                let mut w = if BITS == 5 { values_512::<true, true>(qp, hp as *const u32) } else { values_512::<true, false>(qp, hp as *const u32) };
+                if BITS == 6 {
+                    let regs = [_mm512_loadu_si512(hp as *const _), _mm512_loadu_si512(hp.add(64) as *const _)];
+                    for (c, wc) in w.iter_mut().enumerate() {
+                        *wc = _mm512_or_si512(*wc, tops!(regs[c / 4], c, _mm512_slli_epi16, _mm512_srli_epi16, _mm512_and_si512, _mm512_set1_epi8));
+                    }
                 }
-                par += 1;
-            }
-            h += 1;
-        }
-        p
-    }
-
-    const PATTERNS_I16: [[[i8; 32]; 2]; 2] = patterns::<2>();
-    const PATTERNS_I32: [[[i8; 32]; 2]; 2] = patterns::<4>();
-
-    /// One slot's scaled sums as two exact i32 lanes per row, AVX2: the chunks' pair sums in
-    /// i16 (at most 4 · 2 · 31 · 127, or 2 · 2 · 63 · 127 for Q6_K's 16-value slots), times
-    /// the scales (i16 lanes) by `madd`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn slot_avx2<const N: usize>(w: [__m256i; N], x: [__m256i; N], pair: __m256i, pattern: __m256i) -> __m256i {
-        let mut s = _mm256_maddubs_epi16(w[0], x[0]);
-        for c in 1..N {
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[c], x[c]));
-        }
-        _mm256_madd_epi16(s, _mm256_srai_epi16(_mm256_shuffle_epi8(pair, pattern), 8))
-    }
-
-    /// The same with AVX-512 VNNI: quad sums by `vpdpbusd`, times the scales (i32 lanes).
-    #[inline]
-    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    unsafe fn slot_vnni<const N: usize>(w: [__m256i; N], x: [__m256i; N], pair: __m256i, pattern: __m256i) -> __m256i {
-        let mut s = _mm256_setzero_si256();
-        for c in 0..N {
-            s = _mm256_dpbusd_epi32(s, w[c], x[c]);
-        }
-        _mm256_mullo_epi32(s, _mm256_srai_epi32(_mm256_shuffle_epi8(pair, pattern), 24))
-    }
-
-    /// Per accumulator lane, `Σ_slots bytes[slot] · sums[slot]` over `pairs` pairs of slots:
-    /// the scales or mins (`pair_slot`'s layout, signed bytes) against the activations' block
-    /// sums, two slots per `madd` (exact in i32).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn pair_dot(bytes: *const i8, sums: *const i16, pairs: usize) -> __m256i {
-        let mut acc = _mm256_setzero_si256();
-        for pair in 0..pairs {
-            let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(bytes.add(pair * 16) as *const __m128i));
-            let s = _mm256_set1_epi32(std::ptr::read_unaligned(sums.add(2 * pair) as *const i32));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(b, s));
-        }
-        acc
-    }
-
-    /// One kernel body compiled per instruction set (`$slot`, `$patterns`). `BITS`: 4 (Q4_K),
-    /// 5 (Q5_K), 6 (Q6_K).
-    macro_rules! ktile_kernel {
-        ($name:ident, $features:literal, $slot:ident, $patterns:ident) => {
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize, const BITS: u8>(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; GROUP] {
-                let format = t.format;
-                let (nsb, ns, hb) = (t.k / QK_K, slots(format), high_bytes(format));
-                let patterns: [[__m256i; 2]; 2] = std::array::from_fn(|h| std::array::from_fn(|par| _mm256_loadu_si256($patterns[h][par].as_ptr() as *const __m256i)));
-                let xs: [super::KRow; R] = std::array::from_fn(|i| rows[i]);
-                let mut acc = [_mm256_setzero_ps(); R];
-                for sb in 0..nsb {
-                    let tsb = tile * nsb + sb;
-                    let mut sums = [[_mm256_setzero_si256(); 2]; R];
-                    let scp = t.sc.as_ptr().add(tsb * TILE * ns);
-                    for g in 0..BLOCKS {
-                        let qp = t.q.as_ptr().add(tsb * VALUE_BYTES + g * TILE * 16);
-                        prefetch_ahead(qp, TILE * 16);
-                        let mut w = nibbles(qp);
-                        if BITS == 5 {
-                            add_highs(&mut w, t.h.as_ptr().add(tsb * hb + g * 32) as *const u32);
-                        } else if BITS == 6 {
-                            let hp = t.h.as_ptr().add(tsb * hb + g * 64);
-                            let tops = [_mm256_loadu_si256(hp as *const __m256i), _mm256_loadu_si256(hp.add(32) as *const __m256i)];
-                            let mask = _mm256_set1_epi8(0x30);
-                            for (cc, wc) in w.iter_mut().enumerate() {
-                                for (h, wh) in wc.iter_mut().enumerate() {
-                                    let reg = 2 * cc + h;
-                                    let src = tops[reg / 4];
-                                    // Bits 2j, 2j+1 of each byte to bits 4, 5.
-                                    let moved = match reg % 4 {
-                                        0 => _mm256_slli_epi16(src, 4),
-                                        1 => _mm256_slli_epi16(src, 2),
-                                        2 => src,
-                                        _ => _mm256_srli_epi16(src, 2),
-                                    };
-                                    *wh = _mm256_or_si256(*wh, _mm256_and_si256(moved, mask));
-                                }
+                // The block's slots' scales (Q6_K: two slots of 16 values).
+                let sc = if BITS == 6 { [scales(2 * g), scales(2 * g + 1)] } else { [scales(g); 2] };
+                for r in 0..R {
+                    let xr = &xs[r];
+                    let xp = xr.q.as_ptr().add(sb * QK_K + g * 32) as *const i32;
+                    let x = |c: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(c)));
+                    if BITS == 6 {
+                        for (part, scp) in sc.iter().enumerate() {
+                            let s = 2 * g + part;
+                            let mut v = _mm512_set1_epi32(-32 * *xr.s16.get_unchecked(sb * 16 + s) as i32);
+                            for c in 4 * part..4 * part + 4 {
+                                v = _mm512_dpbusd_epi32(v, w[c], x(c));
                             }
+                            sums[r] = _mm512_add_epi32(sums[r], _mm512_mullo_epi32(v, *scp));
                         }
-                        // This block's slots' scale bytes (a pair of slots per 16 bytes, both halves of
-                        // the register): Q4_K/Q5_K one slot (32 values), Q6_K two (16 each).
-                        let pair = |s: usize| _mm256_broadcastsi128_si256(_mm_loadu_si128(scp.add((s / 2) * 16) as *const __m128i));
-                        for r in 0..R {
-                            let xp = xs[r].q.as_ptr().add(sb * QK_K + g * 32) as *const i64;
-                            let xc: [__m256i; 4] = std::array::from_fn(|c| _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(c))));
-                            for h in 0..2 {
-                                let s = if BITS == 6 {
-                                    let (lo, hi) = (2 * g, 2 * g + 1);
-                                    _mm256_add_epi32(
-                                        $slot::<2>([w[0][h], w[1][h]], [xc[0], xc[1]], pair(lo), patterns[h][lo % 2]),
-                                        $slot::<2>([w[2][h], w[3][h]], [xc[2], xc[3]], pair(hi), patterns[h][hi % 2]),
-                                    )
-                                } else {
-                                    $slot::<4>([w[0][h], w[1][h], w[2][h], w[3][h]], xc, pair(g), patterns[h][g % 2])
-                                };
-                                sums[r][h] = _mm256_add_epi32(sums[r][h], s);
-                            }
+                    } else {
+                        let (mut v, mut v2) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                        for c in 0..4 {
+                            v = _mm512_dpbusd_epi32(v, w[c], x(c));
+                            v2 = _mm512_dpbusd_epi32(v2, w[c + 4], x(c + 4));
+                        }
+                        sums[r] = _mm512_add_epi32(sums[r], _mm512_mullo_epi32(_mm512_add_epi32(v, v2), sc[0]));
+                    }
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr().add(tsb * TILE) as *const __m256i));
+            for r in 0..R {
+                let xr = &xs[r];
+                let dx = _mm512_set1_ps(*xr.d.get_unchecked(sb));
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(sums[r]), acc[r]);
+                if BITS != 6 {
+                    // Σ_32 m · Σq per row: the mins' slot pairs times the sums' pairs.
+                    let mut m = _mm512_setzero_si512();
+                    for pair in 0..4 {
+                        let mins = _mm512_cvtepi8_epi16(_mm256_loadu_si256(t.mn.as_ptr().add(tsb * TILE * 8 + pair * 2 * TILE) as *const __m256i));
+                        let s = _mm512_set1_epi32(std::ptr::read_unaligned(xr.s32.as_ptr().add(sb * 8 + 2 * pair) as *const i32));
+                        m = _mm512_add_epi32(m, _mm512_madd_epi16(mins, s));
+                    }
+                    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(t.dmin.as_ptr().add(tsb * TILE) as *const __m256i));
+                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), m)), acc[r]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE]; G];
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+        out
+    }
+
+    /// AVX2: the tile as two 8-row halves, one after the other (as `tiles.rs`). A slot's pair
+    /// sums are added in i16 while exact (Q4_K: 8 groups, at most 16 · 15 · 127; Q5_K: 4;
+    /// Q6_K: 2) and multiplied by the scales in `madd` (each row's scale in both i16 halves
+    /// of its lane); Q6_K's `-32 Σ sc Σq` is one more `madd` per slot.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ktile_avx2<const R: usize, const G: usize, const BITS: u8>(t: &KTiles, tile: usize, rows: &[super::KRow]) -> [[f32; TILE]; G] {
+        let (nsb, ns, hb) = (t.k / QK_K, slots(t.format), high_bytes(t.format));
+        let xs: [super::KRow; R] = std::array::from_fn(|i| rows[i]);
+        let mut out = [[0f32; TILE]; G];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for sb in 0..nsb {
+                let tsb = tile * nsb + sb;
+                let mut sums = [_mm256_setzero_si256(); R];
+                let scales = |s: usize| {
+                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(t.sc.as_ptr().add((tsb * ns + s) * TILE + 8 * half) as *const __m128i));
+                    _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16))
+                };
+                for g in 0..BLOCKS {
+                    let qp = t.q.as_ptr().add(tsb * VALUE_BYTES + g * TILE * 16);
+                    if half == 0 {
+                        prefetch_ahead(qp, TILE * 16);
+                    }
+                    let hp = t.h.as_ptr().wrapping_add(tsb * hb + g * (hb / BLOCKS));
+                    let (vq, vh) = (qp.add(32 * half), hp.wrapping_add(32 * half) as *const u32);
+                    let mut w = if BITS == 5 { values_256::<true, true>(vq, vh) } else { values_256::<true, false>(vq, vh) };
+                    if BITS == 6 {
+                        let regs = [_mm256_loadu_si256(hp.add(32 * half) as *const __m256i), _mm256_loadu_si256(hp.add(64 + 32 * half) as *const __m256i)];
+                        for (c, wc) in w.iter_mut().enumerate() {
+                            *wc = _mm256_or_si256(*wc, tops!(regs[c / 4], c, _mm256_slli_epi16, _mm256_srli_epi16, _mm256_and_si256, _mm256_set1_epi8));
                         }
                     }
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tsb * TILE) as *const __m128i));
+                    let sc = if BITS == 6 { [scales(2 * g), scales(2 * g + 1)] } else { [scales(g); 2] };
                     for r in 0..R {
                         let xr = &xs[r];
-                        let mut s = _mm256_hadd_epi32(sums[r][0], sums[r][1]);
+                        let xp = xr.q.as_ptr().add(sb * QK_K + g * 32) as *const i32;
+                        let x = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(c)));
+                        let run = |c0: usize, len: usize| {
+                            let mut p = _mm256_maddubs_epi16(w[c0], x(c0));
+                            for c in c0 + 1..c0 + len {
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], x(c)));
+                            }
+                            p
+                        };
+                        let mut s = sums[r];
                         if BITS == 6 {
-                            // Σ_slots sc · 32 · Σq, per lane: the scales' slot pairs times the sums' pairs.
-                            let c = pair_dot(scp, xr.s16.as_ptr().add(sb * 16), ns / 2);
-                            s = _mm256_sub_epi32(s, _mm256_slli_epi32(c, 5));
+                            for (part, scp) in sc.iter().enumerate() {
+                                let bias = _mm256_set1_epi16(-16 * *xr.s16.get_unchecked(sb * 16 + 2 * g + part));
+                                s = _mm256_add_epi32(s, _mm256_madd_epi16(run(4 * part, 2), *scp));
+                                s = _mm256_add_epi32(s, _mm256_madd_epi16(run(4 * part + 2, 2), *scp));
+                                s = _mm256_add_epi32(s, _mm256_madd_epi16(bias, *scp));
+                            }
+                        } else if BITS == 5 {
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(run(0, 4), sc[0]));
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(run(4, 4), sc[0]));
+                        } else {
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(run(0, 8), sc[0]));
                         }
-                        let dx = _mm256_set1_ps(*xr.d.get_unchecked(sb));
-                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s), acc[r]);
-                        if BITS != 6 {
-                            let m = pair_dot(t.mn.as_ptr().add(tsb * TILE * 8), xr.s32.as_ptr().add(sb * 8), 4);
-                            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(tsb * TILE) as *const __m128i));
-                            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), m)), acc[r]);
-                        }
+                        sums[r] = s;
                     }
                 }
-                lanes_to_rows(acc)
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(tsb * TILE + 8 * half) as *const __m128i));
+                for r in 0..R {
+                    let xr = &xs[r];
+                    let dx = _mm256_set1_ps(*xr.d.get_unchecked(sb));
+                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+                    if BITS != 6 {
+                        let mut m = _mm256_setzero_si256();
+                        for pair in 0..4 {
+                            let mins = _mm256_cvtepi8_epi16(_mm_loadu_si128(t.mn.as_ptr().add(tsb * TILE * 8 + pair * 2 * TILE + 16 * half) as *const __m128i));
+                            let s = _mm256_set1_epi32(std::ptr::read_unaligned(xr.s32.as_ptr().add(sb * 8 + 2 * pair) as *const i32));
+                            m = _mm256_add_epi32(m, _mm256_madd_epi16(mins, s));
+                        }
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(tsb * TILE + 8 * half) as *const __m128i));
+                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), m)), acc[r]);
+                    }
+                }
             }
-        };
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]);
+            }
+        }
+        out
     }
-
-    ktile_kernel!(tile_rows_avx2, "avx2,fma,f16c", slot_avx2, PATTERNS_I16);
-    ktile_kernel!(tile_rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", slot_vnni, PATTERNS_I32);
 }
 
 #[cfg(test)]
@@ -596,7 +560,7 @@ mod tests {
             let xq = KRows::quantize(&x, k);
             let rows: Vec<KRow> = (0..m).map(|i| xq.row(i)).collect();
             #[cfg(target_arch = "x86_64")]
-            let simd = |tile: usize, rows: &[KRow], vnni: bool| unsafe { avx2::group_with(&t, tile, rows, vnni) }.to_vec();
+            let simd = |tile: usize, rows: &[KRow], vnni: bool| unsafe { x86::group_with::<GROUP>(&t, tile, rows, vnni) }.to_vec();
             #[cfg(not(target_arch = "x86_64"))]
             let simd = |_: usize, _: &[KRow], _: bool| vec![];
             crate::tiles::tests::check_tiled(&format!("{format:?}"), (n, k, GROUP), (&x, &dense), &rows, simd, |tile, row| t.tile_portable(tile, row), |x, m| t.matmul_bt(x, m));
@@ -605,14 +569,15 @@ mod tests {
 
     #[test]
     fn concat_keeps_every_row() {
-        let (a, da) = random(KFormat::Q6K, 8, 256, 1);
+        let (a, da) = random(KFormat::Q6K, 16, 256, 1);
         let (b, db) = random(KFormat::Q6K, 3, 256, 2);
-        let (a, b) = (KTiles::new(KFormat::Q6K, &a, 8, 256).unwrap(), KTiles::new(KFormat::Q6K, &b, 3, 256).unwrap());
+        let (a, b) = (KTiles::new(KFormat::Q6K, &a, 16, 256).unwrap(), KTiles::new(KFormat::Q6K, &b, 3, 256).unwrap());
         let c = KTiles::concat(&[&a, &b]).unwrap();
         let mut row = vec![0f32; 256];
         for (j, want) in da.chunks(256).chain(db.chunks(256)).enumerate() {
             c.dequantize_row(j, &mut row);
             assert_eq!(row, want, "row {j}");
         }
+        assert!(KTiles::concat(&[&b, &a]).is_none(), "a part that does not fill its tiles can only come last");
     }
 }

@@ -248,6 +248,14 @@ impl Columns {
         // SAFETY: in bounds (checked: `cols` lies within `0..n`); no other task writes `j`.
         unsafe { *self.ptr.add(i * self.n + j) = v }
     }
+
+    /// Set `y[i, j..j + v.len()]`; those columns must be this task's.
+    #[inline]
+    pub fn set_run(&self, i: usize, j: usize, v: &[f32]) {
+        assert!(i < self.rows && self.cols.start <= j && j + v.len() <= self.cols.end);
+        // SAFETY: in bounds (checked: `cols` lies within `0..n`); no other task writes them.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i * self.n + j), v.len()) }
+    }
 }
 
 /// `y[m, n]` computed in blocks of `cols` output columns across the pool: `f(c0, c1, y)`
@@ -390,6 +398,15 @@ mod tests {
     #[should_panic]
     fn a_task_cannot_write_another_tasks_columns() {
         by_column_blocks(2, 130, 64, |_, c1, out| out.set(0, c1 % 130, 1.0));
+    }
+
+    /// Runs too: one reaching past the task's last column is stopped.
+    #[test]
+    fn a_run_stays_in_its_columns() {
+        let y = by_column_blocks(2, 130, 64, |c0, c1, out| out.set_run(1, c0, &vec![c0 as f32; c1 - c0]));
+        assert!(y[..130].iter().all(|v| *v == 0.0) && y[130..].iter().enumerate().all(|(j, v)| *v == (j / 64 * 64) as f32));
+        let past = std::panic::catch_unwind(|| by_column_blocks(1, 130, 64, |c0, c1, out| out.set_run(0, c0, &vec![0.0; c1 - c0 + 1])));
+        assert!(past.is_err());
     }
 
     #[test]

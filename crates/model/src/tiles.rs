@@ -249,7 +249,7 @@ impl Tiles {
 
 /// Where byte `p` of tile row `r`'s block values lies among the tile block's value bytes: in
 /// 64-byte register `p / 4`, at row slot `r` (four bytes a row).
-fn value_byte(r: usize, p: usize) -> usize {
+pub(crate) fn value_byte(r: usize, p: usize) -> usize {
     (p / 4) * 4 * TILE + 4 * r + p % 4
 }
 
@@ -269,13 +269,9 @@ pub(crate) fn tiled_matmul<const W: usize, const G: usize>(m: usize, n: usize, g
         for tile in c0 / W..c1.div_ceil(W) {
             for g in (0..m).step_by(G) {
                 let vals = group(tile, g..(g + G).min(m));
+                let j = tile * W;
                 for (i, row) in vals.iter().enumerate().take((m - g).min(G)) {
-                    for (r, v) in row.iter().enumerate() {
-                        let j = tile * W + r;
-                        if j < c1 {
-                            out.set(g + i, j, *v);
-                        }
-                    }
+                    out.set_run(g + i, j, &row[..W.min(c1 - j)]);
                 }
             }
         }
@@ -382,7 +378,7 @@ pub(crate) mod x86 {
     /// `4g..4g+4` of row `r` as unsigned bytes (Q8_0's signed values plus 128, an XOR).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn values_512<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m512i; 8] {
+    pub(crate) unsafe fn values_512<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m512i; 8] {
         let mut w = [_mm512_setzero_si512(); 8];
         if NIB {
             let low = _mm512_set1_epi8(0x0F);
@@ -519,7 +515,7 @@ pub(crate) mod x86 {
     /// spread over its lane, tested against bits `4(g % 2)..` per byte.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn values_256<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m256i; 8] {
+    pub(crate) unsafe fn values_256<const NIB: bool, const HIGH: bool>(qp: *const u8, hp: *const u32) -> [__m256i; 8] {
         let mut w = [_mm256_setzero_si256(); 8];
         if NIB {
             let low = _mm256_set1_epi8(0x0F);
