@@ -14,7 +14,7 @@
 //!   those of the f32 path (and of the reference tests).
 //! - integer (`tiles.rs` for the 32-weight formats, `ktiles.rs` for the K-quants; llama.cpp's
 //!   arithmetic, the default path, Q8_0 always): activations quantized to 8 bits, exact integer
-//!   sums per block, weights repacked into tiles of 8 interleaved rows.
+//!   sums per block, weights repacked into tiles of 16 interleaved rows.
 
 use crate::kquants::{KFormat, QK_K};
 use crate::ktiles::KTiles;
@@ -286,7 +286,7 @@ impl QMatrix {
 
 }
 
-/// The integer path's weights: tiles of 8 interleaved rows.
+/// The integer path's weights: tiles of 16 interleaved rows.
 #[derive(Debug)]
 enum Packed {
     Small(Tiles),
