@@ -11,6 +11,10 @@ mod replay;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Freed activation-sized blocks are kept for the next step's (`glassbox_model::alloc`).
+#[global_allocator]
+static ALLOC: glassbox_model::alloc::ReuseLarge = glassbox_model::alloc::ReuseLarge;
+
 #[derive(Parser)]
 #[command(name = "glassbox", version, about = "An LLM inference engine you can see inside")]
 struct Cli {

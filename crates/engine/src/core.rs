@@ -641,6 +641,8 @@ impl EngineCore {
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
         let step_started = Instant::now();
+        // Activation blocks freed in this step serve the next one's (until the engine idles).
+        glassbox_model::alloc::keep_freed();
         let _span = tracing::trace_span!("step", n = self.stats.steps + 1).entered();
         let t_step = self.profiler.is_some().then_some(step_started);
         let plan = self.sched.schedule();

@@ -410,8 +410,8 @@ mod x86 {
                         for (part, scp) in sc.iter().enumerate() {
                             let s = 2 * g + part;
                             let mut v = _mm512_set1_epi32(-32 * *xr.s16.get_unchecked(sb * 16 + s) as i32);
-                            for c in 4 * part..4 * part + 4 {
-                                v = _mm512_dpbusd_epi32(v, w[c], x(c));
+                            for (c, wc) in w.iter().enumerate().skip(4 * part).take(4) {
+                                v = _mm512_dpbusd_epi32(v, *wc, x(c));
                             }
                             sums[r] = _mm512_add_epi32(sums[r], _mm512_mullo_epi32(v, *scp));
                         }
@@ -489,8 +489,8 @@ mod x86 {
                         let x = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(c)));
                         let run = |c0: usize, len: usize| {
                             let mut p = _mm256_maddubs_epi16(w[c0], x(c0));
-                            for c in c0 + 1..c0 + len {
-                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], x(c)));
+                            for (c, wc) in w.iter().enumerate().skip(c0 + 1).take(len - 1) {
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*wc, x(c)));
                             }
                             p
                         };

@@ -1,6 +1,7 @@
 //! Models, layers, loading, tokenizers and chat templates. Everything tensor-shaped lives
 //! here; the engine sees a model through [`DecoderModel::forward`] and the hook traits.
 
+pub mod alloc;
 pub mod attention;
 pub mod batch;
 pub mod capture_file;

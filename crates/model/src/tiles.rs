@@ -489,8 +489,8 @@ pub(crate) mod x86 {
                         let run = if HIGH { 4 } else { 8 };
                         for part in (0..8).step_by(run) {
                             let mut p = _mm256_maddubs_epi16(w[part], x(part));
-                            for g in part + 1..part + run {
-                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[g], x(g)));
+                            for (g, wg) in w.iter().enumerate().skip(part + 1).take(run - 1) {
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*wg, x(g)));
                             }
                             s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
                         }
