@@ -97,9 +97,9 @@ fn class(layout: Layout) -> Layout {
         return layout;
     }
     let step = (1usize << (usize::BITS - 1 - size.leading_zeros())) / 8;
-    // SAFETY (of the unchecked constructor): the alignment is the original's, and the rounded
-    // size is below `isize::MAX` because the original is and the step is at most its eighth.
-    unsafe { Layout::from_size_align_unchecked(size.next_multiple_of(step), layout.align()) }
+    // A size too large to round (never a real allocation) keeps its own layout: `class` is
+    // still a function of the layout, which is all `dealloc` needs.
+    size.checked_next_multiple_of(step).and_then(|s| Layout::from_size_align(s, layout.align()).ok()).unwrap_or(layout)
 }
 
 // SAFETY: every block handed out is either fresh from `System` for the layout's class (at
@@ -171,6 +171,8 @@ mod tests {
         assert_eq!(class(l(MIN)).size(), MIN);
         assert_eq!(class(l(MIN + 1)).size(), MIN + MIN / 8);
         assert_eq!(class(l(184 << 20)).size(), 192 << 20);
+        let huge = Layout::from_size_align(isize::MAX as usize - 63, 64).unwrap();
+        assert_eq!(class(huge), huge, "a size that cannot be rounded keeps its layout");
         for size in [MIN, 3 * MIN + 7, 100 << 20, (1 << 30) - 1] {
             let c = class(l(size));
             assert!(c.size() >= size && c.size() - size <= size / 8 && c.align() == 64 && class(c) == c, "{size}");
