@@ -641,7 +641,7 @@ impl EngineCore {
     /// last step (rejections and aborts included).
     pub fn step(&mut self) -> Vec<EngineOutput> {
         let step_started = Instant::now();
-        // Activation blocks freed in this step serve the next one's (until the engine idles).
+        // Activation blocks freed in this step serve the next one's (until no work is left).
         glassbox_model::alloc::keep_freed();
         let _span = tracing::trace_span!("step", n = self.stats.steps + 1).entered();
         let t_step = self.profiler.is_some().then_some(step_started);
@@ -690,6 +690,10 @@ impl EngineCore {
             self.stats.step_tokens.observe(tokens as f64);
             self.stats.step_seconds.observe(step_started.elapsed().as_secs_f64());
             self.current_step = None;
+        }
+        if !self.sched.has_work() {
+            // Idle after this step: the activation blocks kept for reuse go back to the system.
+            glassbox_model::alloc::release();
         }
         std::mem::take(&mut self.outbox)
     }

@@ -87,8 +87,6 @@ fn run(core: &mut EngineCore, rx: Receiver<EngineCommand>, sink: &mut dyn FnMut(
     loop {
         // Block when there is nothing to do; wait (bounded) when the work cannot move.
         let first = if !core.has_work() {
-            // Idle: the activation blocks kept for the next step go back to the system.
-            glassbox_model::alloc::release();
             Some(rx.recv().unwrap_or(EngineCommand::Shutdown))
         } else if core.stalled() {
             match rx.recv_timeout(STALL_WAIT) {

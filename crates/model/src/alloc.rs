@@ -10,10 +10,11 @@
 //! shapes come back every step: this is the "reusable per-step buffers" of llama.cpp's compute
 //! graph, without threading buffers through every op.
 //!
-//! While the engine steps ([`keep_freed`] until [`release`]), blocks of at least [`MIN`] bytes are sized up to a class (eight per power of two, so a
-//! prefill of 1000 tokens reuses the blocks of one of 960) and kept on free, up to [`SLOTS`]
-//! blocks and [`CAP`] bytes (the oldest goes back to the system first); smaller ones go
-//! straight to the system allocator. Memory held is what recent steps freed, at most the cap.
+//! While the engine steps ([`keep_freed`] until [`release`]), blocks of at least [`MIN`]
+//! bytes are sized up to a class (eight per power of two, so a prefill of 1000 tokens reuses
+//! the blocks of one of 960) and kept on free, up to [`SLOTS`] blocks and [`CAP`] bytes (the
+//! oldest goes back to the system first); smaller ones go straight to the system allocator.
+//! Memory held is what recent steps freed, at most the cap.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,8 +66,8 @@ impl Cache {
     }
 }
 
-/// Whether freed blocks are kept: from an engine step on ([`keep_freed`]) until the engine is
-/// idle ([`release`]), so loading's temporaries never pile up in the cache.
+/// Whether freed blocks are kept: from an engine step on ([`keep_freed`]) until a step leaves
+/// no work ([`release`]), so loading's temporaries never pile up in the cache.
 static KEEP: AtomicBool = AtomicBool::new(false);
 
 /// Keep freed large blocks from now on (the engine calls it as a step starts).
@@ -75,8 +76,9 @@ pub fn keep_freed() {
 }
 
 /// Stop keeping freed blocks and give every kept one back to the system (the engine calls it
-/// when idle), so memory held between bursts is what the weights and KV cache take. A no-op
-/// when nothing is kept (or [`ReuseLarge`] is not the global allocator).
+/// after a step that leaves no work), so memory held between bursts is what the weights and
+/// KV cache take. A no-op when nothing is kept (or [`ReuseLarge`] is not the global
+/// allocator).
 pub fn release() {
     KEEP.store(false, Ordering::Relaxed);
     let mut c = cache();
@@ -118,14 +120,15 @@ unsafe impl GlobalAlloc for ReuseLarge {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let layout = class(layout);
-        if layout.size() >= MIN {
-            if let Some(p) = cache().take(layout) {
+        let class = class(layout);
+        if class.size() >= MIN {
+            if let Some(p) = cache().take(class) {
+                // The bytes asked for; the class's rounding beyond them is never read.
                 std::ptr::write_bytes(p, 0, layout.size());
                 return p;
             }
         }
-        System.alloc_zeroed(layout)
+        System.alloc_zeroed(class)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
