@@ -2,7 +2,7 @@
 //! `[num_blocks, block_size, kv_heads * head_dim]`, in f32 or f16 (`KvDtype`). Attention
 //! reads it through block tables.
 
-use glassbox_model::batch::{KvCache, KvRows, KvView, SeqSpan};
+use glassbox_model::batch::{KvCache, KvRows, KvView, Rows, SeqSpan};
 use glassbox_model::{ModelError, Result};
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -121,15 +121,20 @@ impl PagedKv<'_> {
 }
 
 impl KvCache for PagedKv<'_> {
-    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &[f32], v: &[f32]) -> Result<()> {
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: Rows, v: Rows) -> Result<()> {
         let (bs, row) = (self.store.block_size, self.store.row);
-        let table = self.table(seq.key)?.to_vec();
+        if k.width() != row || v.width() != row || k.len() < seq.len || v.len() < seq.len {
+            return Err(ModelError::BadConfig(format!("kv rows of {} and {} values for a cache of {row}", k.width(), v.width())));
+        }
+        // The tables are borrowed apart from the store, so no copy of this one.
+        let tables: &HashMap<u64, Vec<u32>> = self.tables;
+        let table = tables.get(&seq.key).ok_or_else(|| ModelError::BadConfig(format!("no block table for sequence {}", seq.key)))?;
         for i in 0..seq.len {
             let p = seq.pos + i;
             let b = *table.get(p / bs).ok_or_else(|| ModelError::BadConfig(format!("position {p} has no block")))? as usize;
             let o = (b * bs + p % bs) * row;
-            self.store.k[layer].store(o, &k[i * row..(i + 1) * row]);
-            self.store.v[layer].store(o, &v[i * row..(i + 1) * row]);
+            self.store.k[layer].store(o, k.row(i));
+            self.store.v[layer].store(o, v.row(i));
         }
         Ok(())
     }

@@ -16,8 +16,42 @@ fn stories() -> Arc<LoadedModel> {
     M.get_or_init(|| Arc::new(load(&ModelSource::HfDir(dir()), LoadOptions::default()).unwrap())).clone()
 }
 
+/// stories260K with its matrices in Q8_0: the integer kernels, whose inputs the norms
+/// quantize in their own pass.
+fn stories_q8() -> Arc<LoadedModel> {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    static M: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let src = std::fs::read(dir().join("stories260K.gguf")).unwrap();
+        let mut cursor = std::io::Cursor::new(&src[..]);
+        let content = gguf_file::Content::read(&mut cursor).unwrap();
+        let tensors: Vec<(String, QTensor)> = content
+            .tensor_infos
+            .keys()
+            .map(|name| {
+                let dense = content.tensor(&mut cursor, name, &candle_core::Device::Cpu).unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
+                // Rows that fit the blocks (the MLP's 172-wide down projection stays f32).
+                let fits = dense.rank() == 2 && dense.dim(1).unwrap().is_multiple_of(32);
+                let dtype = if fits { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+                (name.clone(), QTensor::quantize(&dense, dtype).unwrap())
+            })
+            .collect();
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stories260K-q8_0-steering.gguf");
+        let mut out = std::fs::File::create(&path).unwrap();
+        let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut out, &meta, &ts).unwrap();
+        Arc::new(load(&ModelSource::Gguf(path), LoadOptions::default()).unwrap())
+    })
+    .clone()
+}
+
 fn llm() -> LLM {
-    LLM::from_model(stories(), EngineConfig { kv_cache_memory: KvMemory::Bytes(64 << 20), block_size: 4, ..Default::default() }).unwrap()
+    llm_of(stories())
+}
+
+fn llm_of(model: Arc<LoadedModel>) -> LLM {
+    LLM::from_model(model, EngineConfig { kv_cache_memory: KvMemory::Bytes(64 << 20), block_size: 4, ..Default::default() }).unwrap()
 }
 
 /// Sampled (seeded) with logprobs, so "bitwise unchanged" covers the distributions too.
@@ -54,6 +88,32 @@ fn a_zero_steer_changes_nothing_and_a_real_one_changes_only_its_request() {
     assert!(!same(&plain[1], &steered[1]), "a real steer changed nothing");
     for i in [0, 2, 3] {
         assert!(same(&plain[i], &steered[i]), "steering request 1 changed request {i}");
+    }
+}
+
+/// The sites the model rewrites in place or hands to projections pre-quantized (the norms'
+/// outputs; q, k and v before and after rotation): a zero steer, which hands back a
+/// replacement equal to the rows, changes nothing; a real one changes only its request.
+#[test]
+fn steering_in_place_sites_lands_where_the_rows_came_from() {
+    let (d, kv) = (64, 32);
+    for (model, label) in [(stories(), "f32"), (stories_q8(), "Q8_0")] {
+        let plain = llm_of(model.clone()).generate_requests(batch(None));
+        for (site, width) in [(Site::Ln1, d), (Site::Ln2, d), (Site::Q, d), (Site::K, kv), (Site::V, kv), (Site::RotQ, d), (Site::RotK, kv)] {
+            let hook = HookName::block(2, site);
+            let zero = llm_of(model.clone()).generate_requests(batch(Some(vec![add(hook, vec![0.0; width], 1.0, SteerPositions::All)])));
+            for (a, b) in plain.iter().zip(&zero) {
+                assert!(same(a, b), "{label} {hook}: a zero steer changed request {}", a.id);
+            }
+            let push: Vec<f32> = (0..width).map(|i| if i % 3 == 0 { 2.0 } else { -1.0 }).collect();
+            // Generated positions only: one vector added to every key would shift each score of
+            // a query by the same amount, which the softmax takes back out.
+            let steered = llm_of(model.clone()).generate_requests(batch(Some(vec![add(hook, push, 3.0, SteerPositions::Generated)])));
+            assert!(!same(&plain[1], &steered[1]), "{label} {hook}: a real steer changed nothing");
+            for i in [0, 2, 3] {
+                assert!(same(&plain[i], &steered[i]), "{label} {hook}: steering request 1 changed request {i}");
+            }
+        }
     }
 }
 

@@ -286,10 +286,10 @@ pub struct AttnShape {
     pub softcap: Option<f32>,
 }
 
-/// One sequence's part of a step: `t` query rows (`[t, heads, head_dim]`) at positions
+/// One sequence's part of a step: `t` query rows (`heads * head_dim` each) at positions
 /// `pos..pos+t`, and its keys and values (those of the step included).
 pub struct SeqQueries<'a> {
-    pub q: &'a [f32],
+    pub q: crate::batch::Rows<'a>,
     pub pos: usize,
     pub t: usize,
     pub kv: KvView<'a>,
@@ -355,7 +355,7 @@ pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOu
             probs.clear();
             probs.resize(keys * n_heads, 0.0);
             kv_row.resize(dh, 0.0);
-            let qr = &q[(r * h + heads.start) * dh..(r * h + heads.end) * dh];
+            let qr = &q.row(r)[heads.start * dh..heads.end * dh];
             scores(qr, dh, kv.k, offsets, s.scale, kv_row, probs);
             softmax_columns(probs, n_heads, s.softcap, stats);
             for (c, chunk) in out.chunks_mut(4 * dh).enumerate() {
@@ -385,6 +385,7 @@ pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::Rows;
     use crate::kernels::tests::data;
 
     /// The register-blocked value sum is the scalar loop, bitwise, for every head count and
@@ -429,8 +430,8 @@ mod tests {
         let run = |k: KvRows, v: KvRows| {
             // A prompt chunk and then one decoded row, as two sequences of a step.
             let seqs = [
-                SeqQueries { q: &q[..(t - 1) * h * dh], pos: 0, t: t - 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
-                SeqQueries { q: &q[(t - 1) * h * dh..], pos: t - 1, t: 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
+                SeqQueries { q: Rows::contiguous(&q[..(t - 1) * h * dh], h * dh), pos: 0, t: t - 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
+                SeqQueries { q: Rows::contiguous(&q[(t - 1) * h * dh..], h * dh), pos: t - 1, t: 1, kv: KvView { k, v, block_table: &table, block_size: usize::MAX, row } },
             ];
             attention(&seqs, &shape, false).z
         };
@@ -456,7 +457,7 @@ mod tests {
         let view = || KvView { k: KvRows::F32(&ks), v: KvRows::F32(&vs), block_table: &table, block_size: 4, row };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: 0.3, window: None, softcap: None };
         let one = |q: &[f32], pos: usize, t: usize, shape: &AttnShape| {
-            let out = attention(&[SeqQueries { q, pos, t, kv: view() }], shape, true);
+            let out = attention(&[SeqQueries { q: Rows::contiguous(q, shape.heads * shape.head_dim), pos, t, kv: view() }], shape, true);
             (out.z, out.probs.into_iter().next().flatten().unwrap())
         };
         let (whole, probs) = one(&q, 0, t, &shape);
@@ -469,7 +470,7 @@ mod tests {
         // Both chunks in one call (as two sequences of one step): the same rows, the same
         // probabilities.
         let both = attention(
-            &[SeqQueries { q: &q[..3 * h * dh], pos: 0, t: 3, kv: view() }, SeqQueries { q: &q[3 * h * dh..], pos: 3, t: t - 3, kv: view() }],
+            &[SeqQueries { q: Rows::contiguous(&q[..3 * h * dh], h * dh), pos: 0, t: 3, kv: view() }, SeqQueries { q: Rows::contiguous(&q[3 * h * dh..], h * dh), pos: 3, t: t - 3, kv: view() }],
             &shape,
             true,
         );

@@ -74,11 +74,58 @@ impl BatchLayout {
     }
 }
 
+/// `len` rows of `width` values, `stride` apart from the start of `data`: a column range of a
+/// wider row-major buffer (k within a fused q/k/v projection's rows), read without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    width: usize,
+    len: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Columns `cols` of every row of `buf` (rows of `stride` values).
+    pub fn columns(buf: &'a [f32], stride: usize, cols: Range<usize>) -> Rows<'a> {
+        assert!(cols.start <= cols.end && cols.end <= stride, "columns {cols:?} outside rows of {stride}");
+        let len = buf.len() / stride.max(1);
+        Rows { data: &buf[cols.start.min(buf.len())..], stride, width: cols.len(), len }
+    }
+
+    /// Rows of `width` values one after another.
+    pub fn contiguous(buf: &'a [f32], width: usize) -> Rows<'a> {
+        Rows::columns(buf, width, 0..width)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        assert!(i < self.len, "row {i} of {}", self.len);
+        &self.data[i * self.stride..i * self.stride + self.width]
+    }
+
+    /// Rows `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> Rows<'a> {
+        assert!(start + len <= self.len, "rows {start}..{} of {}", start + len, self.len);
+        Rows { data: &self.data[(start * self.stride).min(self.data.len())..], stride: self.stride, width: self.width, len }
+    }
+}
+
 /// Where attention keeps keys and values. Implementations: [`ContiguousKvCache`] here, the
 /// paged cache in the engine.
 pub trait KvCache {
-    /// Store one step's keys and values (`[len, kv_heads * head_dim]`, row-major) at `seq.pos..`.
-    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &[f32], v: &[f32]) -> Result<()>;
+    /// Store one step's keys and values (`seq.len` rows of `kv_heads * head_dim`) at `seq.pos..`.
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: Rows, v: Rows) -> Result<()>;
     /// The keys and values of positions `0..seq.ctx_len()`.
     fn view(&self, layer: usize, seq: &SeqSpan) -> Result<KvView<'_>>;
 }
@@ -101,16 +148,18 @@ impl ContiguousKvCache {
 }
 
 impl KvCache for ContiguousKvCache {
-    fn write(&mut self, layer: usize, seq: &SeqSpan, k: &[f32], v: &[f32]) -> Result<()> {
-        let width = k.len() / seq.len.max(1);
+    fn write(&mut self, layer: usize, seq: &SeqSpan, k: Rows, v: Rows) -> Result<()> {
+        let width = k.width();
         let entry = self.data.entry((seq.key, layer)).or_default();
         if entry.0.len() < seq.pos * width {
-            return Err(ModelError::BadConfig(format!("kv cache gap: writing position {} after {}", seq.pos, entry.0.len() / width)));
+            return Err(ModelError::BadConfig(format!("kv cache gap: writing position {} after {}", seq.pos, entry.0.len() / width.max(1))));
         }
         entry.0.truncate(seq.pos * width);
         entry.1.truncate(seq.pos * width);
-        entry.0.extend_from_slice(k);
-        entry.1.extend_from_slice(v);
+        for i in 0..k.len().min(v.len()) {
+            entry.0.extend_from_slice(k.row(i));
+            entry.1.extend_from_slice(v.row(i));
+        }
         Ok(())
     }
 

@@ -7,6 +7,8 @@ use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::attention::{attention, AttnOut, AttnShape, SeqQueries};
+use crate::heads::{Part, QkvRows};
+use crate::qkernels::{Needs, QInput};
 use crate::layers::{activate, add, Norm, Rope};
 use crate::moe::Moe;
 use crate::weights::{to_vec, Linear, LinearWeight, Table, Vb};
@@ -292,8 +294,9 @@ impl Block {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let x = ctx.hook(name(Site::ResidPre), x)?;
-        let h = ctx.timed(l, "attn_norm", || self.ln1.forward(&x))?;
-        let h = ctx.hook(name(Site::Ln1), h)?;
+        // The norms quantize their output for the projections that read it, in their pass.
+        let h = ctx.timed(l, "attn_norm", || self.ln1.forward_input(&x, self.attn.needs()))?;
+        let h = ctx.hook_input(name(Site::Ln1), h)?;
         let mut a = self.attn.forward(&h, layer, cfg, self.sliding, rope, ctx)?;
         if let Some(n) = &self.ln1_post {
             let normed = ctx.timed(l, "post_attn_norm", || n.forward(&a))?;
@@ -302,8 +305,8 @@ impl Block {
         let a = ctx.hook(name(Site::AttnOut), a)?;
         // Parallel blocks (GPT-NeoX) feed the MLP from the block's input, and add both at once.
         let mid = if cfg.parallel_residual { None } else { Some(ctx.hook(name(Site::ResidMid), add(&x, &a)?)?) };
-        let h = ctx.timed(l, "mlp_norm", || self.ln2.forward(mid.as_ref().unwrap_or(&x)))?;
-        let h = ctx.hook(name(Site::Ln2), h)?;
+        let h = ctx.timed(l, "mlp_norm", || self.ln2.forward_input(mid.as_ref().unwrap_or(&x), self.mlp.needs()))?;
+        let h = ctx.hook_input(name(Site::Ln2), h)?;
         let mut m = self.mlp.forward(&h, layer, ctx)?;
         if let Some(n) = &self.ln2_post {
             let normed = ctx.timed(l, "post_mlp_norm", || n.forward(&m))?;
@@ -320,77 +323,82 @@ impl Block {
 }
 
 impl Attention {
-    fn project(&self, x: &Tensor, n: usize, cfg: &ModelConfig, layer: usize, ctx: &mut ForwardCtx) -> Result<(Tensor, Tensor, Tensor)> {
-        let l = Some(layer);
-        let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    /// The 8-bit forms of the input the q/k/v projections read.
+    fn needs(&self) -> Needs {
         match &self.qkv {
-            Qkv::Split { q, k, v } => Ok((
-                ctx.timed(l, "q_proj", || Ok(q.forward(x)?.reshape((n, h, dh))?))?,
-                ctx.timed(l, "k_proj", || Ok(k.forward(x)?.reshape((n, kvh, dh))?))?,
-                ctx.timed(l, "v_proj", || Ok(v.forward(x)?.reshape((n, kvh, dh))?))?,
-            )),
-            Qkv::Fused(w) => ctx.timed(l, "qkv_proj", || {
-                let y = w.forward(x)?;
-                let part = |start: usize, heads: usize| -> Result<Tensor> { Ok(y.narrow(1, start * dh, heads * dh)?.contiguous()?.reshape((n, heads, dh))?) };
-                Ok((part(0, h)?, part(h, kvh)?, part(h + kvh, kvh)?))
-            }),
+            Qkv::Split { q, k, v } => q.needs().and(k.needs()).and(v.needs()),
+            Qkv::Fused(w) => w.needs(),
         }
     }
 
-    fn forward(&self, x: &Tensor, layer: usize, cfg: &ModelConfig, sliding: bool, rope: CosSin, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn project(&self, x: &QInput, n: usize, cfg: &ModelConfig, layer: usize, ctx: &mut ForwardCtx) -> Result<QkvRows> {
+        let l = Some(layer);
+        let heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        match &self.qkv {
+            Qkv::Split { q, k, v } => {
+                let q = ctx.timed(l, "q_proj", || q.forward_rows(x))?;
+                let k = ctx.timed(l, "k_proj", || k.forward_rows(x))?;
+                let v = ctx.timed(l, "v_proj", || v.forward_rows(x))?;
+                QkvRows::split(q, k, v, n, heads)
+            }
+            Qkv::Fused(w) => QkvRows::fused(ctx.timed(l, "qkv_proj", || w.forward_rows(x))?, n, heads),
+        }
+    }
+
+    /// q, k and v stay in the projections' rows from here to the cache (`heads.rs`): the
+    /// norms, clamps and rotations rewrite them in place, the cache and attention read them
+    /// with a stride; the hooks asked for see tensors made from them.
+    fn forward(&self, x: &QInput, layer: usize, cfg: &ModelConfig, sliding: bool, rope: CosSin, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let n = ctx.layout.n_tokens();
         let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (q, k, v) = self.project(x, n, cfg, layer, ctx)?;
-        let q = ctx.hook(name(Site::Q), q)?;
-        let k = ctx.hook(name(Site::K), k)?;
-        let v = ctx.hook(name(Site::V), v)?;
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => {
-                let whole = cfg.qk_norm_whole();
-                // Per head, or over the whole projection (OLMoE), back in heads either way.
-                let norm = |n: &Norm, t: &Tensor| -> Result<Tensor> {
-                    if !whole {
-                        return n.forward(t);
-                    }
-                    let dims = t.dims3()?;
-                    Ok(n.forward(&t.reshape((dims.0, dims.1 * dims.2))?)?.reshape(dims)?)
-                };
-                let (q, k) = ctx.timed(l, "qk_norm", || Ok((norm(qn, &q)?, norm(kn, &k)?)))?;
-                (ctx.hook(name(Site::QNormed), q)?, ctx.hook(name(Site::KNormed), k)?)
+        let mut qkv = self.project(x, n, cfg, layer, ctx)?;
+        for (part, site) in [(Part::Q, Site::Q), (Part::K, Site::K), (Part::V, Site::V)] {
+            qkv.hook(ctx, name(site), part)?;
+        }
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            // Per head, or over the whole projection (OLMoE).
+            let (qw, kw) = if cfg.qk_norm_whole() { (h * dh, kvh * dh) } else { (dh, dh) };
+            ctx.timed(l, "qk_norm", || {
+                qkv.norm(Part::Q, qn, qw)?;
+                qkv.norm(Part::K, kn, kw)
+            })?;
+            qkv.hook(ctx, name(Site::QNormed), Part::Q)?;
+            qkv.hook(ctx, name(Site::KNormed), Part::K)?;
+        }
+        // OLMoE clamps after its norms (transformers' order): candle's `clamp`, max then min.
+        if let Some(c) = cfg.qkv_clip {
+            for part in [Part::Q, Part::K, Part::V] {
+                qkv.for_each_row(part, |_, row| row.iter_mut().for_each(|v| *v = v.max(-c).min(c)));
             }
-            _ => (q, k),
-        };
-        // OLMoE clamps after its norms (transformers' order).
-        let (q, k, v) = match cfg.qkv_clip {
-            Some(c) => (q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?),
-            None => (q, k, v),
-        };
-        let (q, k) = match rope {
-            Some((cos, sin)) => {
-                let (q, k) = ctx.timed(l, "rope", || Ok((Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?)))?;
-                (ctx.hook(name(Site::RotQ), q)?, ctx.hook(name(Site::RotK), k)?)
-            }
-            None => (q, k),
-        };
+        }
+        if let Some((cos, sin)) = rope {
+            let half = cos.len() / n.max(1);
+            ctx.timed(l, "rope", || {
+                for part in [Part::Q, Part::K] {
+                    qkv.for_each_row(part, |i, row| Rope::rotate(row, dh, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]));
+                }
+                Ok(())
+            })?;
+            qkv.hook(ctx, name(Site::RotQ), Part::Q)?;
+            qkv.hook(ctx, name(Site::RotK), Part::K)?;
+        }
         let window = if sliding { cfg.sliding_window } else { None };
         let shape = AttnShape { heads: h, kv_heads: kvh, head_dim: dh, scale: cfg.attn_scale, window, softcap: cfg.attn_softcap };
         let want_pattern = ctx.wants(name(Site::Pattern));
         let t = ctx.start();
-        let (qf, kf, vf) = (to_vec(&q)?, to_vec(&k)?, to_vec(&v)?);
-        let (qrow, kvrow) = (h * dh, kvh * dh);
+        let (q, k, v) = (qkv.rows(Part::Q), qkv.rows(Part::K), qkv.rows(Part::V));
         // The step's keys and values go into the cache first; then every sequence's queries
         // in one attention loop.
         for seq in &ctx.layout.seqs {
-            let rows = seq.start * kvrow..(seq.start + seq.len) * kvrow;
-            ctx.cache.write(layer, seq, &kf[rows.clone()], &vf[rows])?;
+            ctx.cache.write(layer, seq, k.slice(seq.start, seq.len), v.slice(seq.start, seq.len))?;
         }
         let seqs = ctx
             .layout
             .seqs
             .iter()
-            .map(|seq| Ok(SeqQueries { q: &qf[seq.start * qrow..(seq.start + seq.len) * qrow], pos: seq.pos, t: seq.len, kv: ctx.cache.view(layer, seq)? }))
+            .map(|seq| Ok(SeqQueries { q: q.slice(seq.start, seq.len), pos: seq.pos, t: seq.len, kv: ctx.cache.view(layer, seq)? }))
             .collect::<Result<Vec<_>>>()?;
         let AttnOut { z, probs } = attention(&seqs, &shape, want_pattern);
         drop(seqs);
@@ -409,10 +417,22 @@ impl Attention {
 }
 
 impl Ffn {
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, x: &QInput, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
         match self {
             Ffn::Dense(m) => m.forward(x, layer, ctx),
-            Ffn::Experts(m) => m.forward(x, layer, ctx),
+            Ffn::Experts(m) => m.forward(x.tensor(), layer, ctx),
+        }
+    }
+
+    /// The 8-bit forms of the input the projections read (the experts take f32 rows: each
+    /// expert's rows are picked per step).
+    fn needs(&self) -> Needs {
+        match self {
+            Ffn::Dense(m) => match &m.input {
+                MlpIn::Gated { gate, up } => gate.needs().and(up.needs()),
+                MlpIn::GatedFused(w) | MlpIn::Plain(w) => w.needs(),
+            },
+            Ffn::Experts(_) => Needs::default(),
         }
     }
 }
@@ -434,25 +454,25 @@ impl Mlp {
         Ok(Mlp { input, down: mp.linear("down_proj", ff, d, bias)?, act: cfg.activation })
     }
 
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn forward(&self, x: &QInput, layer: usize, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let name = |site| HookName::block(layer, site);
         let l = Some(layer);
         let (gate, up) = match &self.input {
             // No hook on gate or up: SiLU and the product straight from the fused output.
             MlpIn::GatedFused(w) if self.act == Activation::Silu && !ctx.wants(name(Site::MlpPre)) && !ctx.wants(name(Site::MlpPreLinear)) => {
-                let y = ctx.timed(l, "gate_up_proj", || w.forward(x))?;
+                let y = ctx.timed(l, "gate_up_proj", || w.forward_input(x))?;
                 let post = ctx.timed(l, "act", || crate::layers::silu_mul_halves(&y))?;
                 return self.finish(post, layer, ctx);
             }
             MlpIn::Plain(up) => {
-                let pre = ctx.timed(l, "up_proj", || up.forward(x))?;
+                let pre = ctx.timed(l, "up_proj", || up.forward_input(x))?;
                 let pre = ctx.hook(name(Site::MlpPre), pre)?;
                 let post = ctx.timed(l, "act", || activate(self.act, &pre))?;
                 return self.finish(post, layer, ctx);
             }
-            MlpIn::Gated { gate, up } => (ctx.timed(l, "gate_proj", || gate.forward(x))?, ctx.timed(l, "up_proj", || up.forward(x))?),
+            MlpIn::Gated { gate, up } => (ctx.timed(l, "gate_proj", || gate.forward_input(x))?, ctx.timed(l, "up_proj", || up.forward_input(x))?),
             MlpIn::GatedFused(w) => ctx.timed(l, "gate_up_proj", || {
-                let y = w.forward(x)?;
+                let y = w.forward_input(x)?;
                 let half = y.dim(1)? / 2;
                 Ok((y.narrow(1, 0, half)?.contiguous()?, y.narrow(1, half, half)?.contiguous()?))
             })?,

@@ -8,6 +8,7 @@
 use crate::batch::{BatchLayout, KvCache};
 use crate::error::Result;
 use crate::hooks::{HookHandler, HookRows, HookSet};
+use crate::qkernels::QInput;
 use candle_core::Tensor;
 use glassbox_protocol::HookName;
 use std::time::Instant;
@@ -65,7 +66,29 @@ impl<'a> ForwardCtx<'a> {
         if !self.active.contains(name) {
             return Ok(x);
         }
-        self.call(name, x, HookRows::Batch)
+        Ok(self.call(name, &x, HookRows::Batch)?.unwrap_or(x))
+    }
+
+    /// A hook over a projection input: when a handler replaces it, the replacement's 8-bit
+    /// forms are made afresh.
+    #[inline]
+    pub fn hook_input(&mut self, name: HookName, x: QInput) -> Result<QInput> {
+        if !self.active.contains(name) {
+            return Ok(x);
+        }
+        Ok(match self.call(name, x.tensor(), HookRows::Batch)? {
+            Some(r) => QInput::new(r),
+            None => x,
+        })
+    }
+
+    /// A hook over the step's rows whose caller keeps them elsewhere (q, k and v in place):
+    /// the handler's replacement, if any. Only for names the caller checked with `wants`.
+    pub fn hook_replace(&mut self, name: HookName, x: Tensor) -> Result<Option<Tensor>> {
+        if !self.active.contains(name) {
+            return Ok(None);
+        }
+        self.call(name, &x, HookRows::Batch)
     }
 
     /// A hook over one sequence's tensor (attention patterns).
@@ -74,15 +97,16 @@ impl<'a> ForwardCtx<'a> {
         if !self.active.contains(name) {
             return Ok(x);
         }
-        self.call(name, x, HookRows::Seq(seq))
+        Ok(self.call(name, &x, HookRows::Seq(seq))?.unwrap_or(x))
     }
 
+    /// The handler's replacement for `x`, if it gives one.
     #[cold]
-    fn call(&mut self, name: HookName, x: Tensor, rows: HookRows) -> Result<Tensor> {
+    fn call(&mut self, name: HookName, x: &Tensor, rows: HookRows) -> Result<Option<Tensor>> {
         let t = self.start();
         let out = match &mut self.handler {
-            Some(h) => h.on_hook(name, &x, rows, self.layout)?.unwrap_or(x),
-            None => x,
+            Some(h) => h.on_hook(name, x, rows, self.layout)?,
+            None => None,
         };
         if let (Some(ops), Some(start)) = (&mut self.ops, t) {
             ops.push(OpSpan { layer: name.layer.map(|l| l as usize), op: "hook", hook: Some(name), start, end: Instant::now() });

@@ -57,22 +57,40 @@ pub struct KRows {
 
 impl KRows {
     pub fn quantize(x: &[f32], k: usize) -> KRows {
-        let blocks = x.len() / QK_K;
-        let mut r = KRows { k, q: Vec::with_capacity(x.len()), d: Vec::with_capacity(blocks), s16: Vec::with_capacity(blocks * 16), s32: Vec::with_capacity(blocks * 8) };
+        let mut r = KRows::with_capacity(k, x.len() / k.max(1));
+        for row in x.chunks_exact(k) {
+            r.push(row);
+        }
+        r
+    }
+
+    /// Room for `rows` rows of `k` values.
+    pub fn with_capacity(k: usize, rows: usize) -> KRows {
+        let blocks = rows * (k / QK_K);
+        KRows { k, q: Vec::with_capacity(rows * k), d: Vec::with_capacity(blocks), s16: Vec::with_capacity(blocks * 16), s32: Vec::with_capacity(blocks * 8) }
+    }
+
+    /// Quantize one more row (`k` values).
+    pub fn push(&mut self, x: &[f32]) {
+        debug_assert_eq!(x.len(), self.k);
         for b in x.chunks_exact(QK_K) {
             let d = crate::tiles::max_abs(b) / 127.0;
             let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let start = r.q.len();
-            r.q.resize(start + QK_K, 0);
-            for (c, q) in b.chunks_exact(16).zip(r.q[start..].chunks_exact_mut(16)) {
-                r.s16.push(crate::tiles::quantize_values(c, inv, q) as i16);
+            let start = self.q.len();
+            self.q.resize(start + QK_K, 0);
+            for (c, q) in b.chunks_exact(16).zip(self.q[start..].chunks_exact_mut(16)) {
+                self.s16.push(crate::tiles::quantize_values(c, inv, q) as i16);
             }
-            for pair in r.s16[r.s16.len() - 16..].chunks_exact(2) {
-                r.s32.push(pair[0] + pair[1]);
+            for pair in self.s16[self.s16.len() - 16..].chunks_exact(2) {
+                self.s32.push(pair[0] + pair[1]);
             }
-            r.d.push(d);
+            self.d.push(d);
         }
-        r
+    }
+
+    /// `x` (`[m, k]`) quantized in pieces of rows across the pool when there are many.
+    pub fn quantize_pieces(x: &[f32], k: usize) -> Vec<KRows> {
+        crate::pool::map_rows(x, k, crate::tiles::QUANTIZE_PIECE, |x| KRows::quantize(x, k))
     }
 
     fn row(&self, i: usize) -> KRow<'_> {
@@ -272,8 +290,14 @@ impl KTiles {
     /// `y[m, n] = x[m, k] · wᵀ`, tiles split across threads.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        let pieces = crate::pool::map_rows(x, self.k, crate::tiles::QUANTIZE_PIECE, |x| KRows::quantize(x, self.k));
+        self.matmul_quantized(&KRows::quantize_pieces(x, self.k))
+    }
+
+    /// The product with input rows already quantized (pieces of rows, in order).
+    pub fn matmul_quantized(&self, pieces: &[KRows]) -> Vec<f32> {
+        assert!(pieces.iter().all(|p| p.k == self.k), "input rows of another width");
         let rows: Vec<KRow> = pieces.iter().flat_map(|p| (0..p.q.len() / self.k).map(|i| p.row(i))).collect();
+        let m = rows.len();
         #[cfg(target_arch = "x86_64")]
         {
             if crate::kernels::has_vnni() {

@@ -2,6 +2,9 @@
 
 use crate::config::{Activation, NormKind, RopeScaling};
 use crate::error::Result;
+use crate::ktiles::KRows;
+use crate::qkernels::{Needs, QInput};
+use crate::tiles::QRows;
 use crate::weights::Vb;
 use candle_core::{Device, Tensor};
 
@@ -29,29 +32,64 @@ impl RmsNorm {
     /// eps)`, then `x / m · w` (candle's own runs on its own thread pool, which spun beside
     /// ours: 6% of a 32-sequence decode step).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_input(x, Needs::default())?.into_tensor())
+    }
+
+    /// [`RmsNorm::forward`], and the 8-bit forms `needs` asks for made from each row right
+    /// after it is normalized (while it is in L1): the one quantization of this output for
+    /// every projection that reads it.
+    pub fn forward_input(&self, x: &Tensor, needs: Needs) -> Result<QInput> {
         let n = self.weight.len();
         let shape = x.shape().clone();
         if n == 0 || x.dims().last() != Some(&n) {
             return Err(crate::error::ModelError::BadConfig(format!("rms norm of width {n} over a tensor of shape {shape:?}")));
         }
-        let out = crate::weights::with_f32(x, |x| {
+        let (out, pieces) = crate::weights::with_f32(x, |x| {
             let mut out = vec![0f32; x.len()];
-            crate::pool::for_each_rows(&mut out, n, PAR_MIN, |first, piece| {
+            let pieces = crate::pool::map_rows_mut(&mut out, n, PAR_MIN, |first, piece| {
+                let rows = piece.len() / n;
+                let mut small = needs.small.then(|| QRows::with_capacity(n, rows));
+                let mut kq = needs.k.then(|| KRows::with_capacity(n, rows));
                 for (r, dst) in piece.chunks_exact_mut(n).enumerate() {
-                    let src = &x[(first + r) * n..(first + r + 1) * n];
-                    let mut sum2 = 0f32;
-                    for &v in src {
-                        sum2 += v * v;
+                    self.normalize(&x[(first + r) * n..(first + r + 1) * n], dst);
+                    if let Some(q) = &mut small {
+                        q.push(dst);
                     }
-                    let m = (sum2 / n as f32 + self.eps).sqrt();
-                    for ((d, s), w) in dst.iter_mut().zip(src).zip(&self.weight) {
-                        *d = *s / m * *w;
+                    if let Some(q) = &mut kq {
+                        q.push(dst);
                     }
                 }
+                (small, kq)
             });
-            out
+            (out, pieces)
         })?;
-        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+        let (small, kq): (Vec<_>, Vec<_>) = pieces.into_iter().unzip();
+        let (small, kq) = (small.into_iter().collect::<Option<Vec<_>>>(), kq.into_iter().collect::<Option<Vec<_>>>());
+        Ok(QInput::quantized(Tensor::from_vec(out, shape, &Device::Cpu)?, small, kq))
+    }
+
+    /// One row: `Σ x²` in element order, `m = sqrt(Σ/n + eps)`, then `x / m · w`.
+    fn normalize(&self, src: &[f32], dst: &mut [f32]) {
+        let m = self.divisor(src);
+        for ((d, s), w) in dst.iter_mut().zip(src).zip(&self.weight) {
+            *d = *s / m * *w;
+        }
+    }
+
+    /// [`RmsNorm::normalize`] of one row in place (q and k norms).
+    pub fn normalize_in_place(&self, x: &mut [f32]) {
+        let m = self.divisor(x);
+        for (v, w) in x.iter_mut().zip(&self.weight) {
+            *v = *v / m * *w;
+        }
+    }
+
+    fn divisor(&self, x: &[f32]) -> f32 {
+        let mut sum2 = 0f32;
+        for &v in x {
+            sum2 += v * v;
+        }
+        (sum2 / self.weight.len() as f32 + self.eps).sqrt()
     }
 }
 
@@ -75,6 +113,15 @@ impl Norm {
         match self {
             Norm::Rms(n) => n.forward(x),
             Norm::Layer { weight, bias, eps } => Ok(candle_nn::ops::layer_norm(x, weight, bias, *eps)?),
+        }
+    }
+
+    /// [`Norm::forward`] for projections that read the output in the forms `needs` asks for
+    /// (made in the norm's pass for RMS norms).
+    pub fn forward_input(&self, x: &Tensor, needs: Needs) -> Result<QInput> {
+        match self {
+            Norm::Rms(n) => n.forward_input(x, needs),
+            Norm::Layer { .. } => Ok(QInput::new(self.forward(x)?)),
         }
     }
 }
@@ -214,27 +261,20 @@ impl Rope {
         (cos, sin)
     }
 
-    /// Rotate `x` (`[n, heads, head_dim]`) by per-row cos/sin (`[n, rotary_dim/2]`).
-    pub fn apply(x: &Tensor, cos: &[f32], sin: &[f32]) -> Result<Tensor> {
-        // One pass over the rows instead of eight tensor ops (narrows, broadcast products, a
-        // difference, a sum, a concatenation): the same products, difference and sum per
-        // element, so the same numbers (`x1·cos - x2·sin`, `x2·cos + x1·sin`, each rounded).
-        let (n, heads, head_dim) = x.dims3()?;
-        let half = cos.len() / n.max(1);
-        let mut v = crate::weights::to_vec(x)?;
-        for (r, row) in v.chunks_exact_mut(heads * head_dim).enumerate().take(n) {
-            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
-            for head in row.chunks_exact_mut(head_dim) {
-                let (x1, rest) = head.split_at_mut(half);
-                let x2 = &mut rest[..half];
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * c[i] - b * s[i];
-                    x2[i] = b * c[i] + a * s[i];
-                }
+    /// Rotate one row's heads (`head_dim` values each) in place by the row's cos and sin
+    /// (`rotary_dim / 2` values each): `x1·cos - x2·sin` and `x2·cos + x1·sin` per pair, each
+    /// product and sum rounded (Hugging Face's `rotate_half` arithmetic).
+    pub fn rotate(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for head in row.chunks_exact_mut(head_dim.max(1)) {
+            let (x1, rest) = head.split_at_mut(half);
+            let x2 = &mut rest[..half];
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * cos[i] - b * sin[i];
+                x2[i] = b * cos[i] + a * sin[i];
             }
         }
-        Ok(Tensor::from_vec(v, (n, heads, head_dim), &Device::Cpu)?)
     }
 }
 
@@ -256,6 +296,28 @@ mod tests {
             assert!(same(&norm.forward(&x).unwrap(), &candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap()), "norm {rows}x{d}");
             let y = (x.clone() * 0.37).unwrap();
             assert!(same(&add(&x, &y).unwrap(), &(&x + &y).unwrap()), "add {rows}x{d}");
+        }
+    }
+
+    /// The norm's fused quantization is the one a projection makes of the norm's output:
+    /// the same products bitwise, for the 32-value and the 256-value forms, one row (on the
+    /// caller) and many (pieces on the pool).
+    #[test]
+    fn fused_norm_quantize_is_quantizing_the_output() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use crate::qkernels::{QInput, QMatrix};
+        let (n, d) = (24, 512);
+        let norm = RmsNorm { weight: crate::kernels::tests::data(d, 8), eps: 1e-6 };
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&Tensor::from_vec(crate::kernels::tests::data(n * d, 2), (n, d), &Device::Cpu).unwrap(), dtype).unwrap();
+            let w = QMatrix::new(QMatrix::format_of(dtype).unwrap(), &q.data().unwrap(), n, d, true).unwrap();
+            for rows in [1, 100] {
+                let x = Tensor::from_vec(crate::kernels::tests::data(rows * d, 7).iter().map(|v| v * 3.0).collect::<Vec<_>>(), (rows, d), &Device::Cpu).unwrap();
+                let fused = norm.forward_input(&x, w.needs()).unwrap();
+                let later = QInput::new(norm.forward(&x).unwrap());
+                let (a, b) = (w.matmul_input(&fused).unwrap(), w.matmul_input(&later).unwrap());
+                assert!(a.len() == rows * n && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?}, {rows} rows");
+            }
         }
     }
 

@@ -11,6 +11,7 @@ pub mod decoder;
 pub mod error;
 pub mod fetch;
 pub mod forward;
+pub mod heads;
 pub mod hooks;
 pub mod kernels;
 pub mod kquants;

@@ -302,13 +302,26 @@ fn row_pieces(len: usize, row: usize, min_elems: usize) -> (usize, usize) {
 /// least `min_elems` elements a piece: small outputs (a decode step's one row) stay on the
 /// caller, large ones spread over the pool, a few pieces per thread.
 pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    map_rows_mut(out, row, min_elems, f);
+}
+
+/// [`for_each_rows`] where each piece also gives back a value: the values in row order.
+pub fn map_rows_mut<T: Send>(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) -> T + Sync) -> Vec<T> {
     let row = row.max(1);
     let (rows, per) = row_pieces(out.len(), row, min_elems);
     if rows <= per {
-        return f(0, out);
+        return vec![f(0, out)];
     }
     let ranges: Vec<std::ops::Range<usize>> = (0..rows).step_by(per).map(|r| r * row..(r + per).min(rows) * row).collect();
-    for_each_slice(out, &ranges, |i, piece| f(i * per, piece));
+    let slots: Vec<Mutex<Option<T>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
+    for_each_slice(out, &ranges, |i, piece| {
+        let v = f(i * per, piece);
+        if let Ok(mut slot) = slots[i].lock() {
+            *slot = Some(v);
+        }
+    });
+    // Every task ran (a panic would have been re-raised above), so every slot is filled.
+    slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
 }
 
 /// `f` over `x` cut into pieces of whole rows (`row` elements each, at least `min_elems` a

@@ -16,9 +16,12 @@
 //!   arithmetic, the default path, Q8_0 always): activations quantized to 8 bits, exact integer
 //!   sums per block, weights repacked into tiles of 16 interleaved rows.
 
+use crate::error::Result;
 use crate::kquants::{KFormat, QK_K};
-use crate::ktiles::KTiles;
-use crate::tiles::Tiles;
+use crate::ktiles::{KRows, KTiles};
+use crate::tiles::{QRows, Tiles};
+use candle_core::Tensor;
+use std::cell::OnceCell;
 use half::f16;
 use crate::pool::Columns;
 
@@ -77,6 +80,68 @@ impl QFormat {
             QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => QK / 2,
             QFormat::K(f) => f.block_bytes(),
         }
+    }
+}
+
+/// Which 8-bit forms of an input the projections that read it take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Blocks of 32 (`tiles.rs`).
+    pub small: bool,
+    /// Super-blocks of 256 (`ktiles.rs`).
+    pub k: bool,
+}
+
+impl Needs {
+    pub fn and(self, other: Needs) -> Needs {
+        Needs { small: self.small || other.small, k: self.k || other.k }
+    }
+}
+
+/// One activation (`[m, k]` f32 rows) as the projections that read it take it: the f32 rows
+/// and their 8-bit forms, each quantized at most once however many projections read it (q,
+/// k and v in formats of their own; gate and up). A norm fills the forms its readers need
+/// while each row is still in cache (`RmsNorm::forward_input`); any other is made on first
+/// use. The quantization is per row and block, so where it happens changes no number.
+pub struct QInput {
+    x: Tensor,
+    small: OnceCell<Vec<QRows>>,
+    kq: OnceCell<Vec<KRows>>,
+}
+
+impl QInput {
+    /// Rows to be quantized on first use.
+    pub fn new(x: Tensor) -> QInput {
+        QInput { x, small: OnceCell::new(), kq: OnceCell::new() }
+    }
+
+    /// Rows with 8-bit forms already made from them (pieces of rows, in order).
+    pub fn quantized(x: Tensor, small: Option<Vec<QRows>>, kq: Option<Vec<KRows>>) -> QInput {
+        QInput { x, small: small.map(OnceCell::from).unwrap_or_default(), kq: kq.map(OnceCell::from).unwrap_or_default() }
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.x
+    }
+
+    pub fn into_tensor(self) -> Tensor {
+        self.x
+    }
+
+    fn small(&self, k: usize) -> Result<&[QRows]> {
+        if self.small.get().is_none() {
+            let q = crate::weights::with_f32(&self.x, |x| QRows::quantize_pieces(x, k))?;
+            let _ = self.small.set(q);
+        }
+        Ok(self.small.get().map(Vec::as_slice).unwrap_or_default())
+    }
+
+    fn kquant(&self, k: usize) -> Result<&[KRows]> {
+        if self.kq.get().is_none() {
+            let q = crate::weights::with_f32(&self.x, |x| KRows::quantize_pieces(x, k))?;
+            let _ = self.kq.set(q);
+        }
+        Ok(self.kq.get().map(Vec::as_slice).unwrap_or_default())
     }
 }
 
@@ -211,6 +276,27 @@ impl QMatrix {
             G::Q6K => QFormat::K(KFormat::Q6K),
             _ => return None,
         })
+    }
+
+    /// The 8-bit form of the input this matrix's kernel reads (none: f32).
+    pub fn needs(&self) -> Needs {
+        match &self.tiles {
+            Some(Packed::Small(_)) => Needs { small: true, k: false },
+            Some(Packed::K(_)) => Needs { small: false, k: true },
+            None => Needs::default(),
+        }
+    }
+
+    /// `y[m, n] = x[m, k] · wᵀ`, with the input's 8-bit form made once (`QInput`).
+    pub fn matmul_input(&self, x: &QInput) -> Result<Vec<f32>> {
+        match &self.tiles {
+            Some(Packed::Small(t)) => Ok(t.matmul_quantized(x.small(self.k)?)),
+            Some(Packed::K(t)) => Ok(t.matmul_quantized(x.kquant(self.k)?)),
+            None => {
+                let m = x.x.dim(0)?;
+                crate::weights::with_f32(&x.x, |v| self.matmul_bt(v, m))
+            }
+        }
     }
 
     /// `y[m, n] = x[m, k] · wᵀ`.

@@ -63,20 +63,39 @@ pub struct QRows {
 
 impl QRows {
     pub fn quantize(x: &[f32], k: usize) -> QRows {
-        let blocks = x.len() / QK;
-        let mut r = QRows { k, q: Vec::with_capacity(x.len()), d: Vec::with_capacity(blocks), sum: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks) };
+        let mut r = QRows::with_capacity(k, x.len() / k.max(1));
+        for row in x.chunks_exact(k) {
+            r.push(row);
+        }
+        r
+    }
+
+    /// Room for `rows` rows of `k` values.
+    pub fn with_capacity(k: usize, rows: usize) -> QRows {
+        let blocks = rows * (k / QK);
+        QRows { k, q: Vec::with_capacity(rows * k), d: Vec::with_capacity(blocks), sum: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks) }
+    }
+
+    /// Quantize one more row (`k` values).
+    pub fn push(&mut self, x: &[f32]) {
+        debug_assert_eq!(x.len(), self.k);
         for b in x.chunks_exact(QK) {
             let scale = max_abs(b) / 127.0;
             let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             let d = f16::from_f32(scale).to_f32();
-            let start = r.q.len();
-            r.q.resize(start + QK, 0);
-            let sum = quantize_values(b, inv, &mut r.q[start..]);
-            r.d.push(d);
-            r.sum.push(sum);
-            r.s.push(d * sum as f32);
+            let start = self.q.len();
+            self.q.resize(start + QK, 0);
+            let sum = quantize_values(b, inv, &mut self.q[start..]);
+            self.d.push(d);
+            self.sum.push(sum);
+            self.s.push(d * sum as f32);
         }
-        r
+    }
+
+    /// `x` (`[m, k]`) quantized in pieces of rows across the pool when there are many (each
+    /// block alone, so the same bytes as whole).
+    pub fn quantize_pieces(x: &[f32], k: usize) -> Vec<QRows> {
+        crate::pool::map_rows(x, k, QUANTIZE_PIECE, |x| QRows::quantize(x, k))
     }
 
     fn row(&self, i: usize) -> XRow<'_> {
@@ -197,10 +216,14 @@ impl Tiles {
     /// `y[m, n] = x[m, k] · wᵀ`, tiles split across threads.
     pub fn matmul_bt(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k);
-        // Quantized in pieces of rows across the pool when there are many (each block alone,
-        // so the same bytes).
-        let pieces = crate::pool::map_rows(x, self.k, QUANTIZE_PIECE, |x| QRows::quantize(x, self.k));
+        self.matmul_quantized(&QRows::quantize_pieces(x, self.k))
+    }
+
+    /// The product with input rows already quantized (pieces of rows, in order).
+    pub fn matmul_quantized(&self, pieces: &[QRows]) -> Vec<f32> {
+        assert!(pieces.iter().all(|p| p.k == self.k), "input rows of another width");
         let rows: Vec<XRow> = pieces.iter().flat_map(|p| (0..p.q.len() / self.k).map(|i| p.row(i))).collect();
+        let m = rows.len();
         #[cfg(target_arch = "x86_64")]
         {
             if crate::kernels::has_vnni() {

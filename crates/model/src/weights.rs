@@ -6,7 +6,7 @@ use crate::error::{ModelError, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
-use crate::qkernels::{QFormat, QMatrix};
+use crate::qkernels::{Needs, QFormat, QInput, QMatrix};
 use std::sync::Arc;
 
 /// Where tensors come from.
@@ -455,26 +455,75 @@ pub enum LinearWeight {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
+        self.forward_input(&QInput::new(x.clone()))
+    }
+
+    /// [`Linear::forward`] of an input that other projections read too (quantized once).
+    pub fn forward_input(&self, x: &QInput) -> Result<Tensor> {
+        if let LinearWeight::Quant { .. } = &self.weight {
+            return self.forward_candle(x.tensor());
+        }
+        let (m, k) = x.tensor().dims2()?;
+        let y = self.forward_rows(x)?;
+        Ok(Tensor::from_vec(y, (m, self.out_features(k)), &Device::Cpu)?)
+    }
+
+    /// The output rows, row-major, in a buffer of their own (the attention layer works on
+    /// them in place).
+    pub fn forward_rows(&self, x: &QInput) -> Result<Vec<f32>> {
+        let mut y = match &self.weight {
             LinearWeight::Dense(w) => {
-                let (m, k) = x.dims2()?;
-                let n = w.len() / k;
-                let out = with_f32(x, |x| crate::kernels::matmul_bt(x, w, m, k, n))?;
-                Tensor::from_vec(out, (m, n), &Device::Cpu)?
+                let (m, k) = x.tensor().dims2()?;
+                let n = w.len() / k.max(1);
+                with_f32(x.tensor(), |x| crate::kernels::matmul_bt(x, w, m, k, n))?
             }
-            LinearWeight::Blocks(w) => {
-                let m = x.dim(0)?;
-                Tensor::from_vec(with_f32(x, |x| w.matmul_bt(x, m))?, (m, w.out_features()), &Device::Cpu)?
-            }
-            LinearWeight::Quant { q, rowwise: false, .. } => q.forward(x)?,
-            LinearWeight::Quant { q, rowwise: true, out } => {
-                let rows = (0..x.dim(0)?).map(|i| q.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
-                if rows.is_empty() {
-                    // `cat` of nothing is an error; zero rows in give zero rows out.
-                    Tensor::zeros((0, *out), DType::F32, &Device::Cpu)?
-                } else {
-                    Tensor::cat(&rows, 0)?
+            LinearWeight::Blocks(w) => w.matmul_input(x)?,
+            // candle's kernels (Q2_K, Q3_K) add their bias themselves.
+            LinearWeight::Quant { .. } => return to_vec(&self.forward_candle(x.tensor())?),
+        };
+        if let Some(b) = &self.bias {
+            // `y + b` per element, as candle's broadcast add.
+            let b = to_vec(b)?;
+            for row in y.chunks_exact_mut(b.len().max(1)) {
+                for (v, b) in row.iter_mut().zip(&b) {
+                    *v += b;
                 }
+            }
+        }
+        Ok(y)
+    }
+
+    /// The 8-bit form of the input the kernel reads (none: f32).
+    pub fn needs(&self) -> Needs {
+        match &self.weight {
+            LinearWeight::Blocks(w) => w.needs(),
+            _ => Needs::default(),
+        }
+    }
+
+    /// Outputs per row for inputs of width `k`.
+    fn out_features(&self, k: usize) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.len() / k.max(1),
+            LinearWeight::Blocks(w) => w.out_features(),
+            LinearWeight::Quant { out, .. } => *out,
+        }
+    }
+
+    /// candle's quantized matmul (the formats without a kernel of ours), bias included.
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        let LinearWeight::Quant { q, rowwise, out } = &self.weight else {
+            return Err(ModelError::BadConfig("not a candle-quantized weight".into()));
+        };
+        let y = if !rowwise {
+            q.forward(x)?
+        } else {
+            let rows = (0..x.dim(0)?).map(|i| q.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+            if rows.is_empty() {
+                // `cat` of nothing is an error; zero rows in give zero rows out.
+                Tensor::zeros((0, *out), DType::F32, &Device::Cpu)?
+            } else {
+                Tensor::cat(&rows, 0)?
             }
         };
         Ok(match &self.bias {
