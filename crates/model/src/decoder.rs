@@ -1,7 +1,9 @@
 //! One generic decoder for every supported architecture; [`ModelConfig`] switches the parts.
 //!
 //! Architecture invariant: every activation named in HOOKS.md passes through exactly one
-//! `ctx.hook(..)` call here, and a hook that nobody asked for returns its input untouched.
+//! hook call here (`ctx.hook`, `ctx.hook_input` for a norm's pre-quantized output,
+//! `QkvRows::hook` for q, k and v kept in place), and a hook that nobody asked for leaves
+//! its activation untouched.
 
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{ModelError, Result};
