@@ -205,6 +205,83 @@ pub fn dot_group(rows: &[&[f32]], w: &[f32]) -> [f32; 4] {
     out
 }
 
+/// 16-bit float weights (`bf16`: bfloat16, else IEEE half; little-endian bytes) widened
+/// into `out`, exactly (every 16-bit value has an f32 twin).
+pub fn widen_half(bf16: bool, w: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(w.chunks_exact(2)) {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        *o = if bf16 { f32::from_bits((bits as u32) << 16) } else { half::f16::from_bits(bits).to_f32() };
+    }
+}
+
+/// [`dot_group`] against a weight row of 16-bit floats (`w`: little-endian bytes): each
+/// weight widened exactly in registers, then [`dot_group`]'s arithmetic, so each result is
+/// bitwise `dot(row, widened w)`.
+pub fn dot_group_half(rows: &[&[f32]], w: &[u8], bf16: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::tiles::simd() {
+            // SAFETY: AVX2, FMA and F16C are present (checked); rows are w.len() / 2 long.
+            unsafe {
+                return match (rows.len(), bf16) {
+                    (4, false) => dot_rows_half_avx2::<4, false>([rows[0], rows[1], rows[2], rows[3]], w),
+                    (4, true) => dot_rows_half_avx2::<4, true>([rows[0], rows[1], rows[2], rows[3]], w),
+                    (3, false) => pad4(dot_rows_half_avx2::<3, false>([rows[0], rows[1], rows[2]], w)),
+                    (3, true) => pad4(dot_rows_half_avx2::<3, true>([rows[0], rows[1], rows[2]], w)),
+                    (2, false) => pad4(dot_rows_half_avx2::<2, false>([rows[0], rows[1]], w)),
+                    (2, true) => pad4(dot_rows_half_avx2::<2, true>([rows[0], rows[1]], w)),
+                    (_, false) => pad4(dot_rows_half_avx2::<1, false>([rows[0]], w)),
+                    (_, true) => pad4(dot_rows_half_avx2::<1, true>([rows[0]], w)),
+                };
+            }
+        }
+    }
+    let mut wide = vec![0f32; w.len() / 2];
+    widen_half(bf16, w, &mut wide);
+    dot_group(rows, &wide)
+}
+
+fn pad4<const R: usize>(v: [f32; R]) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    out[..R].copy_from_slice(&v);
+    out
+}
+
+/// [`dot_rows_avx2`] over 16-bit weights: eight at a time widened (`vcvtph2ps`; bfloat16 by a
+/// 16-bit shift), the same FMAs, tail and reduction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_half_avx2<const R: usize, const BF16: bool>(xs: [&[f32]; R], w: &[u8]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let n = w.len() / 2;
+    let chunks = n / 16;
+    let pw = w.as_ptr();
+    let widen = |p: *const u8| {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        } else {
+            _mm256_cvtph_ps(h)
+        }
+    };
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for c in 0..chunks {
+        let o = c * 16;
+        fma_chunk16(&mut acc, &xs, o, widen(pw.add(2 * o)), widen(pw.add(2 * o + 16)));
+    }
+    let mut tail_w = [0f32; 16];
+    widen_half(BF16, &w[chunks * 32..], &mut tail_w[..n - chunks * 16]);
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut tail = 0f32;
+        for i in chunks * 16..n {
+            tail = xs[r][i].mul_add(tail_w[i - chunks * 16], tail);
+        }
+        out[r] = reduce_lanes(acc[r], tail);
+    }
+    out
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`. Batch invariant: `y[i, j]` is `dot(x_i, w_j)` whatever `m`.
 /// Work is split over output columns, so the weights stream through each core once per call.
 pub fn matmul_bt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

@@ -41,6 +41,10 @@ pub enum QFormat {
     Q5_1,
     /// The K-quants (256 per super-block, `kquants.rs`), kept in the file's own bytes.
     K(KFormat),
+    /// 16-bit floats (GGUF F16/BF16, half-precision safetensors), kept as they are: widened
+    /// exactly in registers, with the f32 kernel's arithmetic (`kernels::dot_group_half`).
+    F16,
+    BF16,
 }
 
 impl QFormat {
@@ -52,6 +56,7 @@ impl QFormat {
             QFormat::Q5_0 => 6 + QK / 2,
             QFormat::Q5_1 => 8 + QK / 2,
             QFormat::K(f) => f.block_bytes(),
+            QFormat::F16 | QFormat::BF16 => 2,
         }
     }
 
@@ -68,6 +73,7 @@ impl QFormat {
     fn block_len(self) -> usize {
         match self {
             QFormat::K(_) => QK_K,
+            QFormat::F16 | QFormat::BF16 => 1,
             _ => QK,
         }
     }
@@ -79,6 +85,7 @@ impl QFormat {
             QFormat::Q8_0 => QK,
             QFormat::Q4_1 | QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q5_1 => QK / 2,
             QFormat::K(f) => f.block_bytes(),
+            QFormat::F16 | QFormat::BF16 => 2,
         }
     }
 }
@@ -176,6 +183,9 @@ impl QMatrix {
         if !k.is_multiple_of(len) || data.len() != n * (k / len) * format.block_bytes() {
             return None;
         }
+        if matches!(format, QFormat::F16 | QFormat::BF16) {
+            return Some(QMatrix { format, d: vec![], m: vec![], h: vec![], tiles: None, q: data.to_vec(), n, k });
+        }
         if integer || format == QFormat::Q8_0 {
             let tiles = Some(match format {
                 QFormat::K(f) => Packed::K(KTiles::new(f, data, n, k)?),
@@ -208,8 +218,8 @@ impl QMatrix {
                     h.push(word(b, 4));
                     q.extend_from_slice(&b[8..]);
                 }
-                // Q8_0 is tiles and K-quants keep the file's bytes (returned above).
-                QFormat::Q8_0 | QFormat::K(_) => return None,
+                // Q8_0 is tiles; K-quants and 16-bit floats keep the file's bytes (returned above).
+                QFormat::Q8_0 | QFormat::K(_) | QFormat::F16 | QFormat::BF16 => return None,
             }
         }
         Some(QMatrix { format, d, m, h, tiles: None, q, n, k })
@@ -258,6 +268,7 @@ impl QMatrix {
                     crate::kquants::dequantize_block(f, blk, o);
                 }
             }
+            QFormat::F16 | QFormat::BF16 => crate::kernels::widen_half(self.format == QFormat::BF16, &self.q[j * 2 * self.k..(j + 1) * 2 * self.k], out),
             _ => dequantize_small(&self.small_row(j), out),
         }
     }
@@ -274,6 +285,8 @@ impl QMatrix {
             G::Q4K => QFormat::K(KFormat::Q4K),
             G::Q5K => QFormat::K(KFormat::Q5K),
             G::Q6K => QFormat::K(KFormat::Q6K),
+            G::F16 => QFormat::F16,
+            G::BF16 => QFormat::BF16,
             _ => return None,
         })
     }
@@ -307,8 +320,36 @@ impl QMatrix {
         }
         match self.format {
             QFormat::K(f) => self.matmul_kquant(f, x, m),
+            QFormat::F16 | QFormat::BF16 => self.matmul_half(x, m),
             _ => self.matmul_dequantized(x, m),
         }
+    }
+
+    /// 16-bit float weights: each row widened in registers (or into f32 without AVX2), the
+    /// f32 kernel's arithmetic either way, so bitwise the product over the widened matrix at
+    /// half its bytes.
+    fn matmul_half(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let bf16 = self.format == QFormat::BF16;
+        let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
+        let wrow = |j: usize| &self.q[j * 2 * self.k..(j + 1) * 2 * self.k];
+        crate::pool::by_column_blocks(m, self.n, 64, |c0, c1, out| {
+            exact_block(&rows, (c0, c1), out, self.k, |r: &[&[f32]], j| crate::kernels::dot_group_half(r, wrow(j), bf16), |j, wr| crate::kernels::widen_half(bf16, wrow(j), wr))
+        })
+    }
+
+    /// Row `r` moved to row `to(r)` (GPT-NeoX's interleaved q/k/v, undone at load): for the
+    /// formats kept as whole rows of bytes (16-bit floats).
+    pub fn permute_rows(&self, to: impl Fn(usize) -> usize) -> Option<QMatrix> {
+        if !matches!(self.format, QFormat::F16 | QFormat::BF16) {
+            return None;
+        }
+        let row = 2 * self.k;
+        let mut q = vec![0u8; self.q.len()];
+        for r in 0..self.n {
+            let t = to(r);
+            q.get_mut(t * row..(t + 1) * row)?.copy_from_slice(&self.q[r * row..(r + 1) * row]);
+        }
+        Some(QMatrix { format: self.format, d: vec![], m: vec![], h: vec![], tiles: None, q, n: self.n, k: self.k })
     }
 
     /// K-quants: each weight row expanded in registers (AVX2) or dequantized per column block
@@ -581,7 +622,7 @@ pub(crate) mod tests {
                         *o = d.to_f32() * *q as f32 + m.to_f32();
                     }
                 }
-                QFormat::K(_) | QFormat::Q5_0 | QFormat::Q5_1 => unreachable!("this format's test data comes from candle's quantizer"),
+                QFormat::K(_) | QFormat::Q5_0 | QFormat::Q5_1 | QFormat::F16 | QFormat::BF16 => unreachable!("this format's test data comes from candle's quantizer"),
             }
         }
         (QMatrix::new(format, &data, n, k, false).unwrap(), dense)
@@ -648,6 +689,32 @@ pub(crate) mod tests {
             }
             assert!(ours.iter().zip(&dense).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: dequantization");
             check(&w, &dense, m, true, &format!("{format:?}"));
+        }
+    }
+
+    /// 16-bit float weights: rows read back as candle widens them, and products bitwise the
+    /// f32 kernel's over the widened matrix (a k with a tail past the 16-chunks, one row and
+    /// a batch), batch invariant; GPT-NeoX's row permutation moves whole rows.
+    #[test]
+    fn half_weights_are_the_f32_path_bitwise() {
+        use candle_core::{DType, Device, Tensor};
+        for (dtype, format) in [(DType::F16, QFormat::F16), (DType::BF16, QFormat::BF16)] {
+            for (n, k, m) in [(70, 256, 6), (9, 37, 5)] {
+                let t = Tensor::from_vec(random_x(n, k, 5), (n, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let dense: Vec<f32> = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let bytes: Vec<u8> = match dtype {
+                    DType::F16 => t.flatten_all().unwrap().to_vec1::<f16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    _ => t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                };
+                let w = QMatrix::new(format, &bytes, n, k, true).unwrap();
+                let mut row = vec![0f32; k];
+                w.dequantize_row(3, &mut row);
+                assert_eq!(row, dense[3 * k..4 * k], "{format:?}");
+                check(&w, &dense, m, true, &format!("{format:?} {n}x{k}"));
+                let p = w.permute_rows(|r| n - 1 - r).unwrap();
+                p.dequantize_row(n - 1, &mut row);
+                assert_eq!(row, dense[..k], "{format:?} permuted");
+            }
         }
     }
 

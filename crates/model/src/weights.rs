@@ -122,15 +122,37 @@ impl<'a> Vb<'a> {
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.full(name);
         let t = match self.files {
-            WeightFiles::Safetensors { st, arch, .. } => {
-                let name = hf_file_name(*arch, &full, |n| st.get(n).is_ok())
-                    .ok_or_else(|| ModelError::MissingWeight(hf_file_name(*arch, &full, |_| true).unwrap_or(full.clone())))?;
-                hf_layout(*arch, &full, st.load(&name, &Device::Cpu)?.to_dtype(DType::F32)?)?
-            }
+            WeightFiles::Safetensors { .. } => self.stored(&full)?.to_dtype(DType::F32)?,
             WeightFiles::Gguf { .. } => self.qtensor(&full)?.dequantize(&Device::Cpu)?,
         };
         check_shape(&full, t.dims(), shape)?;
         Ok(t)
+    }
+
+    /// A safetensors tensor in the file's own dtype, in Hugging Face's layout.
+    fn stored(&self, full: &str) -> Result<Tensor> {
+        let WeightFiles::Safetensors { st, arch, .. } = self.files else {
+            unreachable!("stored is only called for safetensors files")
+        };
+        let name = hf_file_name(*arch, full, |n| st.get(n).is_ok())
+            .ok_or_else(|| ModelError::MissingWeight(hf_file_name(*arch, full, |_| true).unwrap_or(full.to_string())))?;
+        hf_layout(*arch, full, st.load(&name, &Device::Cpu)?)
+    }
+
+    /// A safetensors matrix `[rows, cols]` stored in f16 or bf16, kept in its 16 bits
+    /// (`QFormat::F16`/`BF16`: half the memory of f32, the same numbers); `None` for other
+    /// dtypes.
+    fn half_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Option<QMatrix>> {
+        let full = self.full(name);
+        let t = self.stored(&full)?;
+        check_shape(&full, t.dims(), &[rows, cols])?;
+        let t = t.flatten_all()?;
+        let (format, bytes): (QFormat, Vec<u8>) = match t.dtype() {
+            DType::F16 => (QFormat::F16, t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::BF16 => (QFormat::BF16, t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            _ => return Ok(None),
+        };
+        Ok(QMatrix::new(format, &bytes, rows, cols, false))
     }
 
     fn qtensor(&self, full: &str) -> Result<QTensor> {
@@ -177,7 +199,10 @@ impl<'a> Vb<'a> {
         let bias = if bias { Some(lin.tensor("bias", &[out])?) } else { None };
         let full = lin.full("weight");
         let weight = match self.files {
-            WeightFiles::Safetensors { .. } => LinearWeight::Dense(Arc::new(to_vec(&lin.tensor("weight", &[out, inp])?)?)),
+            WeightFiles::Safetensors { .. } => match lin.half_matrix("weight", out, inp)? {
+                Some(m) => LinearWeight::Blocks(Arc::new(m)),
+                None => LinearWeight::Dense(Arc::new(to_vec(&lin.tensor("weight", &[out, inp])?)?)),
+            },
             WeightFiles::Gguf { arch, .. } => {
                 let q = self.qtensor(&full)?;
                 check_shape(&full, q.shape().dims(), &[out, inp])?;
@@ -196,11 +221,12 @@ impl<'a> Vb<'a> {
     /// the default path may quantize activations to 8 bits (as llama.cpp does).
     fn weight_from_blocks(&self, q: QTensor, out: usize, inp: usize) -> Result<LinearWeight> {
         let dequantize = self.opts.dequantize;
-        // By default every format of ours runs integer dots over 8-bit activations, weights
-        // in tiles of 8 interleaved rows (`tiles.rs`, `ktiles.rs`). On the exact path the
-        // 4/5-bit formats and the K-quants are expanded in registers with the f32 kernel's
+        // By default every quantized format of ours runs integer dots over 8-bit activations,
+        // weights in tiles of 16 interleaved rows (`tiles.rs`, `ktiles.rs`). On the exact path
+        // the 4/5-bit formats and the K-quants are expanded in registers with the f32 kernel's
         // arithmetic, bitwise the dequantized product, from a fifth to a third of the f32
-        // bytes; Q8_0 is dense there.
+        // bytes; Q8_0 is dense there. F16 and BF16 are always expanded in registers (exact on
+        // both paths, half the f32 bytes).
         let ours = QMatrix::format_of(q.dtype()).filter(|f| !(dequantize && *f == QFormat::Q8_0));
         Ok(if let Some(m) = ours.and_then(|f| blocks(&q, f, out, inp, !dequantize)) {
             LinearWeight::Blocks(Arc::new(m))
@@ -224,6 +250,9 @@ impl<'a> Vb<'a> {
                 return Ok(Table::Blocks(Arc::new(m)));
             }
             return Ok(Table::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?)));
+        }
+        if let Some(m) = lin.half_matrix("weight", rows, cols)? {
+            return Ok(Table::Blocks(Arc::new(m)));
         }
         Ok(Table::Dense(Arc::new(to_vec(&lin.tensor("weight", &[rows, cols])?)?)))
     }
@@ -448,8 +477,8 @@ pub enum LinearWeight {
     /// GGUF blocks; candle quantizes the activations to 8 bits as llama.cpp does.
     /// `rowwise`: call once per row, for batch invariance. `out`: output width.
     Quant { q: QMatMul, rowwise: bool, out: usize },
-    /// GGUF blocks through our own kernels (`qkernels.rs`: weights read once per call,
-    /// integer SIMD, batch invariant).
+    /// GGUF blocks, or 16-bit floats from GGUF or safetensors, through our own kernels
+    /// (`qkernels.rs`: weights read once per call, batch invariant).
     Blocks(Arc<QMatrix>),
 }
 
@@ -559,14 +588,21 @@ impl Linear {
 
     /// Move row `r` of a dense weight (and its bias) to row `to(r)`. Load-time only.
     fn permute_rows(self, cols: usize, to: impl Fn(usize) -> usize) -> Result<Linear> {
-        let LinearWeight::Dense(w) = &self.weight else {
-            return Err(ModelError::BadConfig("only dense weights can be reordered".into()));
+        let (weight, rows) = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let rows = w.len() / cols;
+                let mut out = vec![0f32; w.len()];
+                for r in 0..rows {
+                    out[to(r) * cols..(to(r) + 1) * cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
+                }
+                (LinearWeight::Dense(Arc::new(out)), rows)
+            }
+            LinearWeight::Blocks(m) => match m.permute_rows(&to) {
+                Some(p) => (LinearWeight::Blocks(Arc::new(p)), m.out_features()),
+                None => return Err(ModelError::BadConfig("only dense and 16-bit weights can be reordered".into())),
+            },
+            LinearWeight::Quant { .. } => return Err(ModelError::BadConfig("only dense and 16-bit weights can be reordered".into())),
         };
-        let rows = w.len() / cols;
-        let mut out = vec![0f32; w.len()];
-        for r in 0..rows {
-            out[to(r) * cols..(to(r) + 1) * cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
-        }
         let bias = match &self.bias {
             Some(b) => {
                 let b = to_vec(b)?;
@@ -578,7 +614,7 @@ impl Linear {
             }
             None => None,
         };
-        Ok(Linear { weight: LinearWeight::Dense(Arc::new(out)), bias })
+        Ok(Linear { weight, bias })
     }
 
     pub fn dense(data: Arc<Vec<f32>>) -> Self {

@@ -22,8 +22,8 @@ pub struct KernelArgs {
     /// Input rows per call, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
     pub m: Vec<usize>,
-    /// Formats, comma-separated: f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (the exact
-    /// path; Q8_0 is always integer), the same with an `i` suffix for the default integer path
+    /// Formats, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k
+    /// (the exact path; Q8_0 is always integer), the same with an `i` suffix for the default integer path
     /// (q4_0i, q4_ki, ...); and
     /// candle-q8_0, candle-q4_0, candle-q4_k, candle-q5_k, candle-q6_k for candle's kernels
     /// run one row per call (how batch invariance has to run them).
@@ -61,6 +61,8 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
     let integer = name.ends_with('i');
     let (dtype, ours) = match name.trim_end_matches('i') {
         "f32" => return Ok((Kernel::Dense(w), n * k * 4)),
+        "f16" => (GgmlDType::F16, QFormat::F16),
+        "bf16" => (GgmlDType::BF16, QFormat::BF16),
         "q8_0" => (GgmlDType::Q8_0, QFormat::Q8_0),
         "q4_0" => (GgmlDType::Q4_0, QFormat::Q4_0),
         "q4_1" => (GgmlDType::Q4_1, QFormat::Q4_1),
@@ -69,7 +71,7 @@ fn build(name: &str, n: usize, k: usize) -> Result<(Kernel, usize)> {
         "q4_k" => (GgmlDType::Q4K, QFormat::K(KFormat::Q4K)),
         "q5_k" => (GgmlDType::Q5K, QFormat::K(KFormat::Q5K)),
         "q6_k" => (GgmlDType::Q6K, QFormat::K(KFormat::Q6K)),
-        other => bail!("unknown format `{other}` (f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; an `i` suffix for the integer path)"),
+        other => bail!("unknown format `{other}` (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; an `i` suffix for the integer path)"),
     };
     let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu)?, dtype)?;
     let data = q.data()?;
@@ -82,9 +84,9 @@ pub fn run(a: KernelArgs) -> Result<()> {
         bail!("--n, --k, --m and --reps must be positive");
     }
     for name in &a.format {
-        // K-quants hold 256 weights per block, the others 32.
+        // K-quants hold 256 weights per block, the other quantized formats 32.
         let block = if name.trim_end_matches('i').ends_with("_k") { 256 } else { 32 };
-        if name != "f32" && !a.k.is_multiple_of(block) {
+        if !["f32", "f16", "bf16"].contains(&name.as_str()) && !a.k.is_multiple_of(block) {
             bail!("{name} needs --k to be a multiple of {block} ({} is not)", a.k);
         }
     }
