@@ -178,10 +178,18 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
+/// Keys per lane group of the softmax's sums: key `i` of a head adds into partial sum
+/// `i % SUM_LANES`.
+const SUM_LANES: usize = 8;
+
 /// Softmax of each column of `p` (`[keys][heads]`, `heads` wide), soft-capped first when
-/// asked: per head, max, then `exp(x - max)` and their sum, then `· 1/sum`, each in key
-/// order. The heads advance together, row by row; each head's numbers are those of a loop
-/// over its column alone. `stats`: room for the per-head maxima and sums.
+/// asked: per head, the max, `exp(x - max)` (`kernels::exp_in_place`, the whole block at
+/// once), their sum, then `· 1/sum`. The sum runs in eight partial sums (key `i` into partial
+/// `i % 8`, in key order), then the fixed tree `((s0+s4)+(s2+s6))+((s1+s5)+(s3+s7))`: a
+/// head's numbers depend only on its column and its length, never on how many heads share the
+/// block (the parts attention splits a group into depend on the batch), and one head's column
+/// runs as eight independent chains instead of one (the single chain of the max and the sum
+/// was most of a batch-1 decode's softmax time). `stats`: room for the maxima and partials.
 fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>, stats: &mut Vec<f32>) {
     if heads == 0 {
         return;
@@ -190,24 +198,42 @@ fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>, stats: &mu
         p.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
     }
     stats.clear();
-    stats.resize(heads, f32::NEG_INFINITY);
-    stats.resize(2 * heads, 0.0);
-    let (max, sum) = stats.split_at_mut(heads);
-    for row in p.chunks_exact(heads) {
-        for (m, &x) in max.iter_mut().zip(row) {
+    stats.resize(SUM_LANES * heads, f32::NEG_INFINITY);
+    stats.resize(2 * SUM_LANES * heads, 0.0);
+    let (max, sum) = stats.split_at_mut(SUM_LANES * heads);
+    // Maxima in the same lanes (exact in any order), then folded into lane 0.
+    let lanes = SUM_LANES * heads;
+    for block in p.chunks(lanes) {
+        for (m, &x) in max.iter_mut().zip(block) {
             *m = m.max(x);
         }
     }
-    for row in p.chunks_exact_mut(heads) {
-        for ((e, m), s) in row.iter_mut().zip(&*max).zip(sum.iter_mut()) {
-            *e = (*e - m).exp();
-            *s += *e;
+    for l in 1..SUM_LANES {
+        for h in 0..heads {
+            max[h] = max[h].max(max[l * heads + h]);
         }
     }
-    // The sums become their inverses.
-    sum.iter_mut().for_each(|s| *s = 1.0 / *s);
+    let max = &max[..heads];
     for row in p.chunks_exact_mut(heads) {
-        for (e, i) in row.iter_mut().zip(&*sum) {
+        for (e, m) in row.iter_mut().zip(max) {
+            *e -= m;
+        }
+    }
+    crate::kernels::exp_in_place(p);
+    for block in p.chunks(lanes) {
+        for (s, e) in sum.iter_mut().zip(block) {
+            *s += e;
+        }
+    }
+    // Per head the fixed tree over its eight partials, then the inverse, into partial 0's
+    // place (no other head reads it).
+    for h in 0..heads {
+        let l = |i: usize| sum[i * heads + h];
+        sum[h] = 1.0 / (((l(0) + l(4)) + (l(2) + l(6))) + ((l(1) + l(5)) + (l(3) + l(7))));
+    }
+    let inv = &sum[..heads];
+    for row in p.chunks_exact_mut(heads) {
+        for (e, i) in row.iter_mut().zip(inv) {
             *e *= i;
         }
     }
@@ -387,6 +413,29 @@ mod tests {
     use super::*;
     use crate::batch::Rows;
     use crate::kernels::tests::data;
+
+    /// A head's softmax is the same bitwise whatever heads share its block (the parts of a
+    /// group depend on the batch), sums to one, and keeps the order of its scores.
+    #[test]
+    fn softmax_of_a_head_does_not_depend_on_its_neighbours() {
+        let mut stats = vec![];
+        for (keys, heads) in [(1, 1), (7, 3), (8, 2), (37, 4), (300, 8), (513, 3)] {
+            let block: Vec<f32> = data(keys * heads, keys as u32).iter().map(|x| x * 30.0).collect();
+            let mut all = block.clone();
+            softmax_columns(&mut all, heads, None, &mut stats);
+            for h in 0..heads {
+                let mut alone: Vec<f32> = block.iter().skip(h).step_by(heads).copied().collect();
+                softmax_columns(&mut alone, 1, None, &mut stats);
+                let got: Vec<f32> = all.iter().skip(h).step_by(heads).copied().collect();
+                assert!(got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()), "{keys} keys, head {h} of {heads}");
+                let total: f32 = alone.iter().sum();
+                assert!((total - 1.0).abs() < 1e-5, "{keys} keys: sums to {total}");
+                let col: Vec<f32> = block.iter().skip(h).step_by(heads).copied().collect();
+                let top = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+                assert_eq!(top(&alone), top(&col));
+            }
+        }
+    }
 
     /// The register-blocked value sum is the scalar loop, bitwise, for every head count and
     /// head size (including ones it leaves to the scalar loop) and more keys than a block.
