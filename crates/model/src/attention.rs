@@ -3,8 +3,9 @@
 //! chunked). One task per (row, KV head) on the compute pool: the heads sharing a KV head
 //! read each key and value row once.
 //!
-//! Scores are `kernels::dot(q, k) * scale`; values are added as `z += p * v` per element, a
-//! multiply then an add. Key and value rows are prefetched ahead: at long contexts attention
+//! Scores are `kernels::dot(q, k) * scale`; the softmax's max and sum run in eight fixed
+//! lanes of keys and its `exp` is `kernels::exp_in_place` (one polynomial on every path);
+//! values are added as `z += p * v` per element, a multiply then an add. Key and value rows are prefetched ahead: at long contexts attention
 //! is bound by reading the cache. The cache holds f32 or f16 rows (`KvRows`); f16 is
 //! converted exactly on read, so the arithmetic is the same.
 
@@ -331,9 +332,9 @@ pub struct AttnOut {
 }
 
 /// Causal attention for every sequence of a step, in one loop over the compute pool.
-/// Each (row, head) is computed alone: scores in key order, max, exp, sum in key order,
-/// then the weighted sum of values in key order; so a row's numbers depend neither on the
-/// other sequences nor on how its prompt was chunked.
+/// Each (row, head) is computed alone: scores in key order, max, exp and sum in fixed lanes
+/// of keys (`softmax_columns`), then the weighted sum of values in key order; so a row's
+/// numbers depend neither on the other sequences nor on how its prompt was chunked.
 pub fn attention(seqs: &[SeqQueries], s: &AttnShape, want_probs: bool) -> AttnOut {
     let (h, dh) = (s.heads, s.head_dim);
     let group = h / s.kv_heads;
