@@ -275,19 +275,58 @@ pub fn by_column_blocks(m: usize, n: usize, cols: usize, f: impl Fn(usize, usize
 /// `out` and not overlap (checked: a task never sees another's elements); elements outside
 /// every range are left as they were.
 pub fn for_each_slice(out: &mut [f32], ranges: &[std::ops::Range<usize>], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let mut sorted: Vec<&std::ops::Range<usize>> = ranges.iter().collect();
-    sorted.sort_by_key(|r| r.start);
-    let disjoint = sorted.windows(2).all(|w| w[0].end <= w[1].start);
-    assert!(disjoint && ranges.iter().all(|r| r.start <= r.end && r.end <= out.len()), "for_each_slice: ranges overlap or lie outside the output");
-    // The address as an integer, so the closure is `Sync`.
-    let ptr = out.as_mut_ptr() as usize;
-    Pool::global().run(ranges.len(), |i| {
-        let r = &ranges[i];
-        // SAFETY: `r` lies within `out` and overlaps no other task's range (checked above), and
-        // `out` is borrowed mutably for the whole loop, so this slice is the only access.
-        let part = unsafe { std::slice::from_raw_parts_mut((ptr as *mut f32).add(r.start), r.end - r.start) };
-        f(i, part);
+    let pieces = Pieces::new(out, ranges);
+    // SAFETY: the pool runs each task once, so each piece is handed out once.
+    Pool::global().run(ranges.len(), |i| f(i, unsafe { pieces.piece(i) }));
+}
+
+/// [`for_each_slice`] where each task also gives back a value: the values in range order.
+fn map_slices<T: Send>(out: &mut [f32], ranges: &[std::ops::Range<usize>], f: impl Fn(usize, &mut [f32]) -> T + Sync) -> Vec<T> {
+    let pieces = Pieces::new(out, ranges);
+    // SAFETY: the pool runs each task once, so each piece is handed out once.
+    map_tasks(ranges.len(), |i| f(i, unsafe { pieces.piece(i) }))
+}
+
+/// `out` cut into `ranges` for the pool's tasks, checked once to lie within `out` and not to
+/// overlap, so a task never sees another's elements.
+struct Pieces<'a> {
+    /// The address as an integer, so the pieces are `Sync`.
+    ptr: usize,
+    ranges: &'a [std::ops::Range<usize>],
+    /// `out` stays borrowed mutably while the pieces live.
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(out: &'a mut [f32], ranges: &'a [std::ops::Range<usize>]) -> Pieces<'a> {
+        let mut sorted: Vec<&std::ops::Range<usize>> = ranges.iter().collect();
+        sorted.sort_by_key(|r| r.start);
+        let disjoint = sorted.windows(2).all(|w| w[0].end <= w[1].start);
+        assert!(disjoint && ranges.iter().all(|r| r.start <= r.end && r.end <= out.len()), "for_each_slice: ranges overlap or lie outside the output");
+        Pieces { ptr: out.as_mut_ptr() as usize, ranges, _out: std::marker::PhantomData }
+    }
+
+    /// Piece `i`.
+    /// SAFETY: the caller asks for each `i` at most once while the pieces live.
+    unsafe fn piece(&self, i: usize) -> &'a mut [f32] {
+        let r = &self.ranges[i];
+        // SAFETY: `r` lies within `out` and overlaps no other range (checked in `new`), `out`
+        // is borrowed mutably for `'a`, and this piece is handed out once (the caller's promise).
+        unsafe { std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(r.start), r.end - r.start) }
+    }
+}
+
+/// `f(i)` for every task `i < tasks` across the pool; the results in task order.
+fn map_tasks<T: Send>(tasks: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<Mutex<Option<T>>> = (0..tasks).map(|_| Mutex::new(None)).collect();
+    Pool::global().run(tasks, |i| {
+        let v = f(i);
+        if let Ok(mut slot) = slots[i].lock() {
+            *slot = Some(v);
+        }
     });
+    // Every task ran (a panic would have been re-raised above), so every slot is filled.
+    slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
 }
 
 /// How `len` elements of `row`-element rows are cut for the pool: (rows, rows per piece),
@@ -302,26 +341,26 @@ fn row_pieces(len: usize, row: usize, min_elems: usize) -> (usize, usize) {
 /// least `min_elems` elements a piece: small outputs (a decode step's one row) stay on the
 /// caller, large ones spread over the pool, a few pieces per thread.
 pub fn for_each_rows(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    map_rows_mut(out, row, min_elems, f);
+    match row_ranges(out.len(), row, min_elems) {
+        None => f(0, out),
+        Some((per, ranges)) => for_each_slice(out, &ranges, |i, piece| f(i * per, piece)),
+    }
 }
 
 /// [`for_each_rows`] where each piece also gives back a value: the values in row order.
 pub fn map_rows_mut<T: Send>(out: &mut [f32], row: usize, min_elems: usize, f: impl Fn(usize, &mut [f32]) -> T + Sync) -> Vec<T> {
-    let row = row.max(1);
-    let (rows, per) = row_pieces(out.len(), row, min_elems);
-    if rows <= per {
-        return vec![f(0, out)];
+    match row_ranges(out.len(), row, min_elems) {
+        None => vec![f(0, out)],
+        Some((per, ranges)) => map_slices(out, &ranges, |i, piece| f(i * per, piece)),
     }
-    let ranges: Vec<std::ops::Range<usize>> = (0..rows).step_by(per).map(|r| r * row..(r + per).min(rows) * row).collect();
-    let slots: Vec<Mutex<Option<T>>> = ranges.iter().map(|_| Mutex::new(None)).collect();
-    for_each_slice(out, &ranges, |i, piece| {
-        let v = f(i * per, piece);
-        if let Ok(mut slot) = slots[i].lock() {
-            *slot = Some(v);
-        }
-    });
-    // Every task ran (a panic would have been re-raised above), so every slot is filled.
-    slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
+}
+
+/// `len` elements of `row`-element rows cut for the pool as `row_pieces` says: `None` when
+/// one piece takes them all (it stays on the caller), else the rows per piece and the pieces.
+fn row_ranges(len: usize, row: usize, min_elems: usize) -> Option<(usize, Vec<std::ops::Range<usize>>)> {
+    let row = row.max(1);
+    let (rows, per) = row_pieces(len, row, min_elems);
+    (rows > per).then(|| (per, (0..rows).step_by(per).map(|r| r * row..(r + per).min(rows) * row).collect()))
 }
 
 /// `f` over `x` cut into pieces of whole rows (`row` elements each, at least `min_elems` a
@@ -332,16 +371,7 @@ pub fn map_rows<T: Send>(x: &[f32], row: usize, min_elems: usize, f: impl Fn(&[f
     if rows <= per {
         return vec![f(x)];
     }
-    let slots: Vec<Mutex<Option<T>>> = (0..rows.div_ceil(per)).map(|_| Mutex::new(None)).collect();
-    Pool::global().run(slots.len(), |i| {
-        let piece = &x[i * per * row..((i + 1) * per).min(rows) * row];
-        let out = f(piece);
-        if let Ok(mut slot) = slots[i].lock() {
-            *slot = Some(out);
-        }
-    });
-    // Every task ran (a panic would have been re-raised above), so every slot is filled.
-    slots.into_iter().filter_map(|s| s.into_inner().ok().flatten()).collect()
+    map_tasks(rows.div_ceil(per), |i| f(&x[i * per * row..((i + 1) * per).min(rows) * row]))
 }
 
 #[cfg(test)]
