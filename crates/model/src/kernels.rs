@@ -185,15 +185,9 @@ pub fn dot_group(rows: &[&[f32]], w: &[f32]) -> [f32; 4] {
             unsafe {
                 return match rows.len() {
                     4 => dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], w),
-                    3 => {
-                        let r = dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w);
-                        [r[0], r[1], r[2], 0.0]
-                    }
-                    2 => {
-                        let r = dot_rows_avx2::<2>([rows[0], rows[1]], w);
-                        [r[0], r[1], 0.0, 0.0]
-                    }
-                    _ => [dot_rows_avx2::<1>([rows[0]], w)[0], 0.0, 0.0, 0.0],
+                    3 => pad4(dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w)),
+                    2 => pad4(dot_rows_avx2::<2>([rows[0], rows[1]], w)),
+                    _ => pad4(dot_rows_avx2::<1>([rows[0]], w)),
                 };
             }
         }
@@ -311,7 +305,8 @@ pub fn dot_group_half(rows: &[&[f32]], w: &[u8], bf16: bool) -> [f32; 4] {
     dot_group(rows, &wide)
 }
 
-fn pad4<const R: usize>(v: [f32; R]) -> [f32; 4] {
+/// `R` (at most 4) results of a group of rows in the 4 slots a group returns, the rest zero.
+pub(crate) fn pad4<const R: usize>(v: [f32; R]) -> [f32; 4] {
     let mut out = [0f32; 4];
     out[..R].copy_from_slice(&v);
     out

@@ -268,7 +268,7 @@ impl QMatrix {
                     crate::kquants::dequantize_block(f, blk, o);
                 }
             }
-            QFormat::F16 | QFormat::BF16 => crate::kernels::widen_half(self.format == QFormat::BF16, &self.q[j * 2 * self.k..(j + 1) * 2 * self.k], out),
+            QFormat::F16 | QFormat::BF16 => crate::kernels::widen_half(self.format == QFormat::BF16, self.half_row(j), out),
             _ => dequantize_small(&self.small_row(j), out),
         }
     }
@@ -331,10 +331,14 @@ impl QMatrix {
     fn matmul_half(&self, x: &[f32], m: usize) -> Vec<f32> {
         let bf16 = self.format == QFormat::BF16;
         let rows: Vec<&[f32]> = x.chunks_exact(self.k).collect();
-        let wrow = |j: usize| &self.q[j * 2 * self.k..(j + 1) * 2 * self.k];
         crate::pool::by_column_blocks(m, self.n, 64, |c0, c1, out| {
-            exact_block(&rows, (c0, c1), out, self.k, |r: &[&[f32]], j| crate::kernels::dot_group_half(r, wrow(j), bf16), |j, wr| crate::kernels::widen_half(bf16, wrow(j), wr))
+            exact_block(&rows, (c0, c1), out, self.k, |r: &[&[f32]], j| crate::kernels::dot_group_half(r, self.half_row(j), bf16), |j, wr| crate::kernels::widen_half(bf16, self.half_row(j), wr))
         })
+    }
+
+    /// Row `j` of a 16-bit float matrix: `2k` bytes.
+    fn half_row(&self, j: usize) -> &[u8] {
+        &self.q[j * 2 * self.k..(j + 1) * 2 * self.k]
     }
 
     /// Row `r` moved to row `to(r)` (GPT-NeoX's interleaved q/k/v, undone at load): for the
@@ -347,7 +351,7 @@ impl QMatrix {
         let mut q = vec![0u8; self.q.len()];
         for r in 0..self.n {
             let t = to(r);
-            q.get_mut(t * row..(t + 1) * row)?.copy_from_slice(&self.q[r * row..(r + 1) * row]);
+            q.get_mut(t * row..(t + 1) * row)?.copy_from_slice(self.half_row(r));
         }
         Some(QMatrix { format: self.format, d: vec![], m: vec![], h: vec![], tiles: None, q, n: self.n, k: self.k })
     }
@@ -366,9 +370,9 @@ impl QMatrix {
                     use crate::kquants::dot_rows_avx2 as dot;
                     match r.len() {
                         4 => dot::<4>(format, [r[0], r[1], r[2], r[3]], wrow(j)),
-                        3 => pad(dot::<3>(format, [r[0], r[1], r[2]], wrow(j))),
-                        2 => pad(dot::<2>(format, [r[0], r[1]], wrow(j))),
-                        _ => pad(dot::<1>(format, [r[0]], wrow(j))),
+                        3 => crate::kernels::pad4(dot::<3>(format, [r[0], r[1], r[2]], wrow(j))),
+                        2 => crate::kernels::pad4(dot::<2>(format, [r[0], r[1]], wrow(j))),
+                        _ => crate::kernels::pad4(dot::<1>(format, [r[0]], wrow(j))),
                     }
                 }
             }, |j, wr| {
@@ -523,9 +527,9 @@ fn dequantize_small(w: &SmallRow, out: &mut [f32]) {
 unsafe fn small_dot_group_avx2(rows: &[&[f32]], w: &SmallRow) -> [f32; 4] {
     match rows.len() {
         4 => small_dot_rows_avx2::<4>([rows[0], rows[1], rows[2], rows[3]], w),
-        3 => pad(small_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w)),
-        2 => pad(small_dot_rows_avx2::<2>([rows[0], rows[1]], w)),
-        _ => pad(small_dot_rows_avx2::<1>([rows[0]], w)),
+        3 => crate::kernels::pad4(small_dot_rows_avx2::<3>([rows[0], rows[1], rows[2]], w)),
+        2 => crate::kernels::pad4(small_dot_rows_avx2::<2>([rows[0], rows[1]], w)),
+        _ => crate::kernels::pad4(small_dot_rows_avx2::<1>([rows[0]], w)),
     }
 }
 
@@ -573,11 +577,6 @@ unsafe fn small_chunk_avx2(w: &SmallRow, b: usize, c: usize) -> (std::arch::x86_
 }
 
 
-fn pad<const R: usize>(v: [f32; R]) -> [f32; GROUP] {
-    let mut out = [0f32; GROUP];
-    out[..R].copy_from_slice(&v);
-    out
-}
 
 
 #[cfg(test)]
