@@ -139,20 +139,21 @@ impl<'a> Vb<'a> {
         hf_layout(*arch, full, st.load(&name, &Device::Cpu)?)
     }
 
-    /// A safetensors matrix `[rows, cols]` stored in f16 or bf16, kept in its 16 bits
-    /// (`QFormat::F16`/`BF16`: half the memory of f32, the same numbers); `None` for other
-    /// dtypes.
-    fn half_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Option<QMatrix>> {
+    /// A safetensors matrix `[rows, cols]`, read once: in f16 or bf16 kept in its 16 bits
+    /// (`QFormat::F16`/`BF16`: half the memory of f32, the same numbers), else in f32.
+    fn stored_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<StoredMatrix> {
         let full = self.full(name);
         let t = self.stored(&full)?;
         check_shape(&full, t.dims(), &[rows, cols])?;
-        let t = t.flatten_all()?;
+        let flat = t.flatten_all()?;
         let (format, bytes): (QFormat, Vec<u8>) = match t.dtype() {
-            DType::F16 => (QFormat::F16, t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::BF16 => (QFormat::BF16, t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            _ => return Ok(None),
+            DType::F16 => (QFormat::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::BF16 => (QFormat::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            _ => return Ok(StoredMatrix::F32(Arc::new(to_vec(&t)?))),
         };
-        Ok(QMatrix::new(format, &bytes, rows, cols, false))
+        QMatrix::new(format, &bytes, rows, cols, false)
+            .map(|m| StoredMatrix::Half(Arc::new(m)))
+            .ok_or_else(|| ModelError::BadConfig(format!("{full}: {} bytes of {format:?} for [{rows}, {cols}]", bytes.len())))
     }
 
     fn qtensor(&self, full: &str) -> Result<QTensor> {
@@ -199,9 +200,9 @@ impl<'a> Vb<'a> {
         let bias = if bias { Some(lin.tensor("bias", &[out])?) } else { None };
         let full = lin.full("weight");
         let weight = match self.files {
-            WeightFiles::Safetensors { .. } => match lin.half_matrix("weight", out, inp)? {
-                Some(m) => LinearWeight::Blocks(Arc::new(m)),
-                None => LinearWeight::Dense(Arc::new(to_vec(&lin.tensor("weight", &[out, inp])?)?)),
+            WeightFiles::Safetensors { .. } => match lin.stored_matrix("weight", out, inp)? {
+                StoredMatrix::Half(m) => LinearWeight::Blocks(m),
+                StoredMatrix::F32(w) => LinearWeight::Dense(w),
             },
             WeightFiles::Gguf { arch, .. } => {
                 let q = self.qtensor(&full)?;
@@ -251,10 +252,10 @@ impl<'a> Vb<'a> {
             }
             return Ok(Table::Dense(Arc::new(to_vec(&q.dequantize(&Device::Cpu)?)?)));
         }
-        if let Some(m) = lin.half_matrix("weight", rows, cols)? {
-            return Ok(Table::Blocks(Arc::new(m)));
-        }
-        Ok(Table::Dense(Arc::new(to_vec(&lin.tensor("weight", &[rows, cols])?)?)))
+        Ok(match lin.stored_matrix("weight", rows, cols)? {
+            StoredMatrix::Half(m) => Table::Blocks(m),
+            StoredMatrix::F32(w) => Table::Dense(w),
+        })
     }
 
     /// One projection of each of `n` experts, `[out, inp]` each: `experts.{e}.{name}` in
@@ -440,6 +441,12 @@ fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
 /// batch size, so the engine feeds them one row at a time when invariance is on.
 fn candle_has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q8K)
+}
+
+/// A safetensors matrix as it is kept: 16-bit floats as they are, anything else in f32.
+enum StoredMatrix {
+    Half(Arc<QMatrix>),
+    F32(Arc<Vec<f32>>),
 }
 
 /// A table read by rows (token embeddings), shared with the output projection when tied.
