@@ -114,9 +114,12 @@ pub struct PagedKv<'a> {
     tables: &'a HashMap<u64, Vec<u32>>,
 }
 
-impl PagedKv<'_> {
-    fn table(&self, key: u64) -> Result<&[u32]> {
-        self.tables.get(&key).map(Vec::as_slice).ok_or_else(|| ModelError::BadConfig(format!("no block table for sequence {key}")))
+impl<'a> PagedKv<'a> {
+    /// Sequence `key`'s block table, borrowed from the tables (not from the store, which
+    /// `write` changes meanwhile).
+    fn table(&self, key: u64) -> Result<&'a [u32]> {
+        let tables: &'a HashMap<u64, Vec<u32>> = self.tables;
+        tables.get(&key).map(Vec::as_slice).ok_or_else(|| ModelError::BadConfig(format!("no block table for sequence {key}")))
     }
 }
 
@@ -126,9 +129,7 @@ impl KvCache for PagedKv<'_> {
         if k.width() != row || v.width() != row || k.len() < seq.len || v.len() < seq.len {
             return Err(ModelError::BadConfig(format!("kv rows of {} and {} values for a cache of {row}", k.width(), v.width())));
         }
-        // The tables are borrowed apart from the store, so no copy of this one.
-        let tables: &HashMap<u64, Vec<u32>> = self.tables;
-        let table = tables.get(&seq.key).ok_or_else(|| ModelError::BadConfig(format!("no block table for sequence {}", seq.key)))?;
+        let table = self.table(seq.key)?;
         for i in 0..seq.len {
             let p = seq.pos + i;
             let b = *table.get(p / bs).ok_or_else(|| ModelError::BadConfig(format!("position {p} has no block")))? as usize;
