@@ -1,13 +1,14 @@
 //! Attention over the paged KV cache: causal, per sequence, each (row, head) computed alone
-//! in key order (so a row's numbers never depend on the batch or on how a prompt was
-//! chunked). One task per (row, KV head) on the compute pool: the heads sharing a KV head
+//! in a fixed order over its keys (so a row's numbers never depend on the batch or on how a
+//! prompt was chunked). One task per (row, KV head) on the compute pool: the heads sharing a KV head
 //! read each key and value row once.
 //!
 //! Scores are `kernels::dot(q, k) * scale`; the softmax's max and sum run in eight fixed
 //! lanes of keys and its `exp` is `kernels::exp_in_place` (one polynomial on every path);
-//! values are added as `z += p * v` per element, a multiply then an add. Key and value rows are prefetched ahead: at long contexts attention
-//! is bound by reading the cache. The cache holds f32 or f16 rows (`KvRows`); f16 is
-//! converted exactly on read, so the arithmetic is the same.
+//! values are added as `z += p * v` per element, a multiply then an add. Key and value rows
+//! are prefetched ahead: at long contexts attention is bound by reading the cache. The cache
+//! holds f32 or f16 rows (`KvRows`); f16 is converted exactly on read, so the arithmetic is
+//! the same.
 
 use crate::kernels::dot_group;
 
@@ -199,11 +200,11 @@ fn softmax_columns(p: &mut [f32], heads: usize, softcap: Option<f32>, stats: &mu
         p.iter_mut().for_each(|e| *e = cap * (*e / cap).tanh());
     }
     stats.clear();
-    stats.resize(SUM_LANES * heads, f32::NEG_INFINITY);
-    stats.resize(2 * SUM_LANES * heads, 0.0);
-    let (max, sum) = stats.split_at_mut(SUM_LANES * heads);
-    // Maxima in the same lanes (exact in any order), then folded into lane 0.
     let lanes = SUM_LANES * heads;
+    stats.resize(lanes, f32::NEG_INFINITY);
+    stats.resize(2 * lanes, 0.0);
+    let (max, sum) = stats.split_at_mut(lanes);
+    // Maxima in the same lanes (exact in any order), then folded into lane 0.
     for block in p.chunks(lanes) {
         for (m, &x) in max.iter_mut().zip(block) {
             *m = m.max(x);

@@ -430,10 +430,7 @@ impl Ffn {
     /// expert's rows are picked per step).
     fn needs(&self) -> Needs {
         match self {
-            Ffn::Dense(m) => match &m.input {
-                MlpIn::Gated { gate, up } => gate.needs().and(up.needs()),
-                MlpIn::GatedFused(w) | MlpIn::Plain(w) => w.needs(),
-            },
+            Ffn::Dense(m) => m.needs(),
             Ffn::Experts(_) => Needs::default(),
         }
     }
@@ -483,6 +480,14 @@ impl Mlp {
         let up = ctx.hook(name(Site::MlpPreLinear), up)?;
         let post = ctx.timed(l, "act", || Ok((activate(self.act, &gate)? * up)?))?;
         self.finish(post, layer, ctx)
+    }
+
+    /// The 8-bit forms of the input the input projections read.
+    fn needs(&self) -> Needs {
+        match &self.input {
+            MlpIn::Gated { gate, up } => gate.needs().and(up.needs()),
+            MlpIn::GatedFused(w) | MlpIn::Plain(w) => w.needs(),
+        }
     }
 
     /// `hook_post`, then the down projection.
